@@ -1,0 +1,21 @@
+"""Errors that pktjax raises for bad input: each names the problem and the fix."""
+
+
+class PktjaxError(Exception):
+    """Base class for pktjax's user-facing errors."""
+
+
+class CheckpointError(PktjaxError, ValueError):
+    """A checkpoint folder or file cannot be read as the model it claims to be."""
+
+
+class ConfigError(PktjaxError, ValueError):
+    """A model or run configuration is missing, inconsistent or unsupported."""
+
+
+class DataError(PktjaxError, ValueError):
+    """A data split or example is missing or malformed."""
+
+
+class PairError(PktjaxError, ValueError):
+    """A teacher and student cannot be paired (vocabulary, size or module mismatch)."""

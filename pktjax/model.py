@@ -1,0 +1,284 @@
+"""The decoder: pure functions over a parameter pytree (Llama-2/3, Qwen2/2.5, Mistral).
+
+Parameters (``[out_features, in_features]`` as in Hugging Face; layers stacked on a leading axis ``L``)::
+
+    params = {
+      "embed":      [V, d],
+      "final_norm": [d],
+      "lm_head":    [V, d]            # absent when cfg.tie_word_embeddings
+      "layers": {
+        "input_norm": [L, d],  "post_attn_norm": [L, d],
+        "q_proj": [L, H*hd, d],  "k_proj": [L, KV*hd, d],  "v_proj": [L, KV*hd, d],  "o_proj": [L, d, H*hd],
+        "q_bias": [L, H*hd],  "k_bias": [L, KV*hd],  "v_bias": [L, KV*hd],      # only when cfg.attention_bias
+        "gate_proj": [L, f, d],  "up_proj": [L, f, d],  "down_proj": [L, d, f],
+      },
+    }
+
+A LoRA pytree (see :mod:`pktjax.lora`) mirrors it: ``lora["layers"][name] = {"a": [L, r, in], "b": [L, out, r]}``
+and ``lora["embed"|"lm_head"] = {"a": [r, in], "b": [out, r]}``; the forward adds ``scale * B A x`` without
+merging.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import chex
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from pktjax.config import ModelConfig
+
+Params = dict[str, Any]
+ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_PROJ = ("gate_proj", "up_proj", "down_proj")
+LINEAR_NAMES = ATTN_PROJ + MLP_PROJ
+_NEG = -1e30  # finite "minus infinity": a fully masked row stays finite
+
+
+@struct.dataclass
+class Trace:
+    """What LaTen's attribution reads at the last position, per layer (SPEC §3.1). ``B`` = batch.
+
+    h [L, B, d] layer input; a [L, B, d] attention output (after o_proj); r [L, B, d] = h + a;
+    ffn_out [L, B, d]; coeff [L, B, f] = act(gate) * up; head_last_key [L, B, H*hd] = alpha_{last->last} v_last
+    per head; head_all_keys [L, B, H*hd] = sum_t alpha_{last->t} v_t per head; output [B, d] last layer output.
+    """
+
+    h: jax.Array
+    a: jax.Array
+    r: jax.Array
+    ffn_out: jax.Array
+    coeff: jax.Array
+    head_last_key: jax.Array
+    head_all_keys: jax.Array
+    output: jax.Array
+
+
+@struct.dataclass
+class LoraSpec:
+    """How a LoRA pytree is applied: ``scale = alpha / r`` and input dropout (training only)."""
+
+    scale: float = struct.field(pytree_node=False, default=1.0)
+    dropout: float = struct.field(pytree_node=False, default=0.0)
+    rng: jax.Array | None = None
+
+
+def _dot(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
+    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+    return jnp.einsum(eq, a, b, precision=precision)
+
+
+def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
+    """RMSNorm as ``transformers`` computes it: statistics in float32, scale in the input dtype."""
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps)
+    return weight * x32.astype(x.dtype)
+
+
+def rope_cos_sin(cfg: ModelConfig, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``positions [B, T]`` -> ``cos, sin [B, T, hd]`` (float32, halves repeated as in ``transformers``)."""
+    inv = jnp.asarray(cfg.inv_freq(), dtype=jnp.float32)
+    ang = positions.astype(jnp.float32)[..., None] * inv
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``x [B, T, heads, hd]`` rotated by ``cos, sin [B, T, hd]`` (rotate-half convention)."""
+    half = x.shape[-1] // 2
+    rot = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    c, s = cos[:, :, None, :].astype(x.dtype), sin[:, :, None, :].astype(x.dtype)
+    return x * c + rot * s
+
+
+def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
+    """Left-padding aware positions: ``cumsum(mask) - 1``, pads at 0 (what ``generate`` does)."""
+    return jnp.maximum(jnp.cumsum(attention_mask.astype(jnp.int32), axis=-1) - 1, 0)
+
+
+def _dropout(x: jax.Array, spec: LoraSpec | None, salt: int) -> jax.Array:
+    if spec is None or spec.dropout == 0.0 or spec.rng is None:
+        return x
+    keep = jax.random.bernoulli(jax.random.fold_in(spec.rng, salt), 1.0 - spec.dropout, x.shape)
+    return jnp.where(keep, x / (1.0 - spec.dropout), 0).astype(x.dtype)
+
+
+def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, lora: dict | None = None,
+           spec: LoraSpec | None = None, salt: int = 0) -> jax.Array:
+    """``x [..., in] @ w[out, in].T (+ bias) (+ scale * B A dropout(x))``."""
+    y = _dot("...i,oi->...o", x, w)
+    if bias is not None:
+        y = y + bias
+    if lora is not None:
+        xa = _dot("...i,ri->...r", _dropout(x, spec, salt), lora["a"].astype(x.dtype))
+        y = y + (spec.scale if spec else 1.0) * _dot("...r,or->...o", xa, lora["b"].astype(x.dtype))
+    return y
+
+
+def embed(params: Params, input_ids: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None) -> jax.Array:
+    x = jnp.take(params["embed"], input_ids, axis=0)
+    if lora is not None and "embed" in lora:
+        a = jnp.take(lora["embed"]["a"].T, input_ids, axis=0).astype(x.dtype)  # [B, T, r]
+        x = x + (spec.scale if spec else 1.0) * _dot("...r,or->...o", a, lora["embed"]["b"].astype(x.dtype))
+    return x
+
+
+def unembed(params: Params, cfg: ModelConfig, x: jax.Array, lora: dict | None = None,
+            spec: LoraSpec | None = None) -> jax.Array:
+    """Final norm then vocabulary projection: ``x [..., d] -> logits [..., V]`` in float32."""
+    x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
+    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    head_lora = lora.get("lm_head") if lora is not None else None
+    return linear(x, w, lora=head_lora, spec=spec, salt=10_000).astype(jnp.float32)
+
+
+def attention_mask_bias(cfg: ModelConfig, q_slots: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Additive bias ``[B, 1, Tq, S]``: query at slot ``q_slots[t]`` sees key slot ``j`` iff ``j <= slot``,
+    ``key_mask[b, j]`` and (Mistral) ``slot - j < sliding_window``."""
+    j = jnp.arange(key_mask.shape[-1])
+    ok = (j[None, :] <= q_slots[:, None])[None] & (key_mask[:, None, :] > 0)
+    if cfg.sliding_window is not None:
+        ok = ok & ((q_slots[:, None] - j[None, :]) < cfg.sliding_window)[None]
+    return jnp.where(ok, 0.0, _NEG)[:, None].astype(jnp.float32)
+
+
+def _layer_lora(lora: dict | None, name: str) -> dict | None:
+    if lora is None:
+        return None
+    return lora.get("layers", {}).get(name)
+
+
+def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
+              cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+              lora: dict | None = None, spec: LoraSpec | None = None):
+    """Self-attention of one layer. ``x [B, T, d]``; returns ``(out [B, T, d], ctx [B, T, H, hd],
+    probs [B, H, T, S], v [B, S, KV, hd], new_cache)``."""
+    b, t, _ = x.shape
+    hd, n_kv, group = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
+
+    def proj(name, salt):
+        return linear(x, lp[name], lp.get(name.replace("proj", "bias")), _layer_lora(lora, name), spec, salt)
+
+    q = apply_rope(proj("q_proj", 1).reshape(b, t, cfg.num_heads, hd), cos, sin)
+    k = apply_rope(proj("k_proj", 2).reshape(b, t, n_kv, hd), cos, sin)
+    v = proj("v_proj", 3).reshape(b, t, n_kv, hd)
+    new_cache = None
+    if cache is not None:
+        k_cache, v_cache, index = cache
+        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
+        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        new_cache = (k, v)
+    qg = q.reshape(b, t, n_kv, group, hd)
+    scores = _dot("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
+    scores = scores + bias[:, :, None]
+    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+    ctx = _dot("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
+    out = linear(ctx.reshape(b, t, cfg.q_dim), lp["o_proj"], lora=_layer_lora(lora, "o_proj"), spec=spec, salt=4)
+    return out, ctx, probs.reshape(b, cfg.num_heads, t, -1), v, new_cache
+
+
+def mlp(lp: Params, x: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None):
+    """SwiGLU FFN: returns ``(out [B, T, d], coeff [B, T, f])`` with ``coeff = silu(gate) * up``."""
+    gate = linear(x, lp["gate_proj"], lora=_layer_lora(lora, "gate_proj"), spec=spec, salt=5)
+    up = linear(x, lp["up_proj"], lora=_layer_lora(lora, "up_proj"), spec=spec, salt=6)
+    coeff = jax.nn.silu(gate) * up
+    return linear(coeff, lp["down_proj"], lora=_layer_lora(lora, "down_proj"), spec=spec, salt=7), coeff
+
+
+def _fold_layer(spec: LoraSpec | None, i: jax.Array) -> LoraSpec | None:
+    if spec is None or spec.rng is None:
+        return spec
+    return spec.replace(rng=jax.random.fold_in(spec.rng, i))
+
+
+def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, *, capture: bool,
+                cache: dict | None = None, lora: dict | None = None, spec: LoraSpec | None = None):
+    """``lax.scan`` over the stacked layers; returns ``(x, per-layer capture or None, new kv cache or None)``."""
+    layer_lora = None if lora is None else lora.get("layers")
+    xs: dict[str, Any] = {"p": params["layers"], "i": jnp.arange(cfg.num_layers)}
+    if layer_lora:
+        xs["lora"] = layer_lora
+    if cache is not None:
+        xs["k"], xs["v"] = cache["k"], cache["v"]
+
+    def step(h, inp):
+        lp, lspec = inp["p"], _fold_layer(spec, inp["i"])
+        ll = {"layers": inp["lora"]} if "lora" in inp else None
+        kv = (inp["k"], inp["v"], cache["index"]) if cache is not None else None
+        normed = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
+        a, ctx, probs, v, new_kv = attention(lp, cfg, normed, cos, sin, bias, kv, ll, lspec)
+        r = h + a
+        f, coeff = mlp(lp, rms_norm(r, lp["post_attn_norm"], cfg.rms_norm_eps), ll, lspec)
+        out = r + f
+        ys: dict[str, Any] = {}
+        if new_kv is not None:
+            ys["k"], ys["v"] = new_kv
+        if capture:
+            ys["trace"] = _last_position(cfg, h, a, r, f, coeff, ctx, probs, v)
+        return out, ys
+
+    x, ys = jax.lax.scan(step, x, xs)
+    return x, ys.get("trace"), ({"k": ys["k"], "v": ys["v"]} if cache is not None else None)
+
+
+def _last_position(cfg, h, a, r, f, coeff, ctx, probs, v) -> dict[str, jax.Array]:
+    b = h.shape[0]
+    group = cfg.num_heads // cfg.num_kv_heads
+    alpha_last = probs[:, :, -1, -1]  # [B, H] weight of the last query on the last key
+    v_last = jnp.repeat(v[:, -1], group, axis=1)  # [B, H, hd]: head k reads kv-head k // group
+    return {
+        "h": h[:, -1], "a": a[:, -1], "r": r[:, -1], "ffn_out": f[:, -1], "coeff": coeff[:, -1],
+        "head_last_key": (alpha_last[..., None] * v_last).reshape(b, cfg.q_dim),
+        "head_all_keys": ctx[:, -1].reshape(b, cfg.q_dim),
+    }
+
+
+def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+            *, capture: bool = False, lora: dict | None = None, lora_spec: LoraSpec | None = None,
+            return_hidden: bool = False):
+    """Logits ``[B, T, V]`` (float32) for ``input_ids [B, T]``; left padding through ``attention_mask [B, T]``.
+
+    ``capture=True`` returns ``(logits, Trace)`` (last-position internals for attribution). ``return_hidden``
+    returns the last layer's output ``[B, T, d]`` before the final norm instead of logits. Jit it with
+    ``cfg`` static (``jax.jit(forward, static_argnums=1)``) or call it inside a jitted function.
+    """
+    chex.assert_rank(input_ids, 2)
+    if attention_mask is None:
+        attention_mask = jnp.ones_like(input_ids)
+    chex.assert_equal_shape([input_ids, attention_mask])
+    positions = positions_from_mask(attention_mask)
+    cos, sin = rope_cos_sin(cfg, positions)
+    bias = attention_mask_bias(cfg, jnp.arange(input_ids.shape[1]), attention_mask)
+    x = embed(params, input_ids, lora, lora_spec)
+    x, trace, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=lora_spec)
+    if return_hidden:
+        return x
+    logits = unembed(params, cfg, x, lora, lora_spec)
+    if not capture:
+        return logits
+    return logits, Trace(output=x[:, -1], **trace)
+
+
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
+    """An empty KV cache: ``k, v [L, B, max_len, KV, hd]`` and ``index`` (next free slot)."""
+    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
+    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+
+
+def forward_cached(params: Params, cfg: ModelConfig, input_ids: jax.Array, positions: jax.Array,
+                   key_mask: jax.Array, cache: dict[str, jax.Array], lora: dict | None = None,
+                   lora_spec: LoraSpec | None = None):
+    """One prefill or decode step with a KV cache.
+
+    ``input_ids, positions [B, T]`` are written at cache slots ``index .. index+T``; ``key_mask [B, max_len]``
+    marks valid slots (left padding of the prompt = 0). Returns ``(logits [B, T, V], new cache)``.
+    """
+    t = input_ids.shape[1]
+    cos, sin = rope_cos_sin(cfg, positions)
+    bias = attention_mask_bias(cfg, cache["index"] + jnp.arange(t), key_mask)
+    x = embed(params, input_ids, lora, lora_spec)
+    x, _, kv = _run_layers(params, cfg, x, cos, sin, bias, capture=False, cache=cache, lora=lora, spec=lora_spec)
+    logits = unembed(params, cfg, x, lora, lora_spec)
+    return logits, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + t}

@@ -1,0 +1,28 @@
+"""Shared fixtures: tiny random checkpoints of each family, built once per test session."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import pytest  # noqa: E402
+
+from tests import tiny  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """``tiny_dir(family, **kw) -> Path``: a cached tiny checkpoint folder (float32 safetensors)."""
+    cache: dict = {}
+
+    def make(family: str, seed: int = 0, **kw):
+        key = (family, seed, tuple(sorted(kw.items())))
+        if key not in cache:
+            folder = tmp_path_factory.mktemp(f"{family}-{seed}")
+            cache[key] = tiny.build(family, folder, seed=seed, **kw)
+        return cache[key]
+
+    return make
