@@ -193,9 +193,16 @@ def _fold_layer(spec: LoraSpec | None, i: jax.Array) -> LoraSpec | None:
     return spec.replace(rng=jax.random.fold_in(spec.rng, i))
 
 
+MODULE_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "coeff")
+
+
 def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, *, capture: bool,
-                cache: dict | None = None, lora: dict | None = None, spec: LoraSpec | None = None):
-    """``lax.scan`` over the stacked layers; returns ``(x, per-layer capture or None, new kv cache or None)``."""
+                cache: dict | None = None, lora: dict | None = None, spec: LoraSpec | None = None,
+                modules: tuple[str, ...] = ()):
+    """``lax.scan`` over the stacked layers; returns ``(x, per-layer capture or None, new kv cache or None)``.
+
+    ``modules`` names module outputs to collect at every position (``capture`` holds them under ``"modules"``).
+    """
     layer_lora = None if lora is None else lora.get("layers")
     xs: dict[str, Any] = {"p": params["layers"], "i": jnp.arange(cfg.num_layers)}
     if layer_lora:
@@ -217,10 +224,30 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
             ys["k"], ys["v"] = new_kv
         if capture:
             ys["trace"] = _last_position(cfg, h, a, r, f, coeff, ctx, probs, v)
+        if modules:
+            ys["modules"] = _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, ll, lspec)
         return out, ys
 
     x, ys = jax.lax.scan(step, x, xs)
-    return x, ys.get("trace"), ({"k": ys["k"], "v": ys["v"]} if cache is not None else None)
+    captured = ys.get("trace") if not modules else {**ys.get("trace", {}), "modules": ys["modules"]}
+    return x, captured, ({"k": ys["k"], "v": ys["v"]} if cache is not None else None)
+
+
+def _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, ll, spec) -> dict[str, jax.Array]:
+    """Outputs ``[B, T, out]`` of the named modules (recomputed for the cheap projections)."""
+    known = {"o_proj": a, "down_proj": f, "coeff": coeff}
+    out = {}
+    for name in modules:
+        if name in known:
+            out[name] = known[name]
+        elif name in ("q_proj", "k_proj", "v_proj"):
+            out[name] = linear(normed, lp[name], lp.get(name.replace("proj", "bias")), _layer_lora(ll, name), spec)
+        elif name in ("gate_proj", "up_proj"):
+            x2 = rms_norm(r, lp["post_attn_norm"], cfg.rms_norm_eps)
+            out[name] = linear(x2, lp[name], lora=_layer_lora(ll, name), spec=spec)
+        else:
+            raise ValueError(f"unknown module {name!r}; choose from {MODULE_OUTPUTS}.")
+    return out
 
 
 def _last_position(cfg, h, a, r, f, coeff, ctx, probs, v) -> dict[str, jax.Array]:
@@ -237,11 +264,13 @@ def _last_position(cfg, h, a, r, f, coeff, ctx, probs, v) -> dict[str, jax.Array
 
 def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
             *, capture: bool = False, lora: dict | None = None, lora_spec: LoraSpec | None = None,
-            return_hidden: bool = False):
+            return_hidden: bool = False, modules: tuple[str, ...] = ()):
     """Logits ``[B, T, V]`` (float32) for ``input_ids [B, T]``; left padding through ``attention_mask [B, T]``.
 
-    ``capture=True`` returns ``(logits, Trace)`` (last-position internals for attribution). ``return_hidden``
-    returns the last layer's output ``[B, T, d]`` before the final norm instead of logits. Jit it with
+    ``capture=True`` returns ``(logits, Trace)`` (last-position internals for attribution). ``modules`` (e.g.
+    ``("up_proj", "down_proj", "v_proj", "o_proj")``) returns ``(logits, {name: [L, B, T, out]})``, the outputs of
+    those modules at every position. ``return_hidden`` returns the last layer's output ``[B, T, d]`` before the
+    final norm instead of logits. Jit it with
     ``cfg`` static (``jax.jit(forward, static_argnums=1)``) or call it inside a jitted function.
     """
     chex.assert_rank(input_ids, 2)
@@ -252,13 +281,16 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_ma
     cos, sin = rope_cos_sin(cfg, positions)
     bias = attention_mask_bias(cfg, jnp.arange(input_ids.shape[1]), attention_mask)
     x = embed(params, input_ids, lora, lora_spec)
-    x, trace, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=lora_spec)
+    x, captured, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=lora_spec,
+                                 modules=tuple(modules))
     if return_hidden:
         return x
     logits = unembed(params, cfg, x, lora, lora_spec)
+    if modules:
+        return logits, captured["modules"]
     if not capture:
         return logits
-    return logits, Trace(output=x[:, -1], **trace)
+    return logits, Trace(output=x[:, -1], **captured)
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
