@@ -6,6 +6,8 @@ from pathlib import Path
 
 import torch
 
+from pktjax.tiny import build_tokenizer
+
 FAMILIES = ("llama2", "llama3", "qwen2", "mistral")
 VOCAB = 260  # the byte-level test tokenizer: 4 specials + 256 bytes
 
@@ -50,21 +52,6 @@ def build(family: str, folder: Path, seed: int = 0, **kw) -> Path:
     model.save_pretrained(folder, safe_serialization=True)
     build_tokenizer().save_pretrained(folder)
     return folder
-
-
-def build_tokenizer():
-    """A byte-level tokenizer (no merges) of 260 tokens: ``<unk> <s> </s> <pad>`` then the 256 bytes."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "<pad>": 3}
-    for i, ch in enumerate(sorted(pre_tokenizers.ByteLevel.alphabet())):
-        vocab[ch] = 4 + i
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
-    tok.decoder = decoders.ByteLevel()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
 
 
 def torch_model(folder: Path):
