@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Iterator, Protocol
 
@@ -131,6 +132,9 @@ class SafetensorsSource:
     def get(self, name: str) -> np.ndarray:
         return self._file(name).get(name)
 
+    def location(self, name: str) -> str:
+        return str(self._file(name).path)
+
 
 def _np_dtype(dtype: Any) -> np.dtype:
     return np.dtype(ml_dtypes.bfloat16) if jnp.dtype(dtype) == jnp.bfloat16 else np.dtype(jnp.dtype(dtype).name)
@@ -139,8 +143,9 @@ def _np_dtype(dtype: Any) -> np.dtype:
 def _checked(source: TensorSource, name: str, want: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
     got = source.shape(name)
     if tuple(got) != tuple(want):
-        raise CheckpointError(f"{source.path}: tensor {name!r} has shape {list(got)} but the config implies "
-                              f"{list(want)}. The weights do not belong to this config.json.")
+        where = source.location(name) if hasattr(source, "location") else source.path
+        raise CheckpointError(f"{where}: tensor {name!r} has shape {list(got)} but the config implies "
+                              f"{list(want)}. The weights do not belong to this config.")
     return source.get(name).astype(dtype, copy=False)
 
 
@@ -170,7 +175,7 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype=jnp.float32
 def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     """Load a checkpoint folder (``config.json`` + safetensors) or a ``.gguf`` file into a :class:`Model`."""
     path = Path(path).expanduser()
-    if path.suffix == ".gguf" or (path.is_file() and path.read_bytes()[:4] == b"GGUF"):
+    if path.suffix == ".gguf" or _is_gguf(path):
         from pktjax.gguf_io import load_gguf
 
         cfg, source = load_gguf(path)
@@ -184,6 +189,13 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
     params = params_from_source(cfg, source, dtype)
     return Model(params=params, config=cfg.__class__(**{**cfg.__dict__, "torch_dtype": jnp.dtype(dtype).name}),
                  source=str(path))
+
+
+def _is_gguf(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as fh:
+        return fh.read(4) == b"GGUF"
 
 
 def _to_numpy(x: jax.Array) -> np.ndarray:
@@ -262,4 +274,7 @@ def _copy_tokenizer(source: str | None, dest: Path) -> None:
     elif src.suffix == ".gguf":
         from pktjax.tokenizer import load_tokenizer
 
-        load_tokenizer(src).save_pretrained(dest)
+        try:
+            load_tokenizer(src).save_pretrained(dest)
+        except CheckpointError as e:  # the weights are still worth saving
+            warnings.warn(f"saving without a tokenizer: {e}", stacklevel=3)

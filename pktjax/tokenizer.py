@@ -14,7 +14,12 @@ def load_tokenizer(path: str | os.PathLike):
 
     path = Path(path).expanduser()
     if path.is_file() and path.suffix == ".gguf":
-        return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        try:
+            return AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+        except Exception as e:  # transformers' GGUF path fails in many library-specific ways
+            raise CheckpointError(f"{path}: cannot build a tokenizer from this GGUF file's metadata "
+                                  f"({type(e).__name__}: {e}). Load the tokenizer from the model's Hugging Face "
+                                  "folder instead.") from None
     if not path.is_dir():
         raise CheckpointError(f"{path}: no such checkpoint folder or .gguf file for a tokenizer.")
     try:
