@@ -1,0 +1,118 @@
+"""Figures of the neural-incompatibility analysis (:mod:`pktjax.analysis`), written as PNG and PDF.
+
+Uses matplotlib's object-oriented API with the Agg canvas, so it never opens a window and never changes the
+caller's pyplot backend.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pktjax.analysis import heatmap_summary, triangle_mask
+
+_INIT_COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:purple")
+_COMPARISONS = (("vs_original", "original", "-", "o"), ("vs_remaining", "remaining", "--", "s"))
+
+
+def _figure(width: float, height: float):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save(fig, stem: Path, dpi: int) -> list[Path]:
+    stem = Path(stem)
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    paths = [stem.with_suffix(".png"), stem.with_suffix(".pdf")]
+    fig.savefig(paths[0], dpi=dpi)
+    fig.savefig(paths[1])
+    return paths
+
+
+def plot_parametric(results: dict[str, dict[str, dict[str, np.ndarray]]], stem: str | Path,
+                    dpi: int = 110) -> list[Path]:
+    """Per-layer cosine curves, one panel per module.
+
+    ``results``: ``{init name: {module: {"vs_remaining": [L], "vs_original": [L]}}}`` (e.g. PiSSA and Seeking).
+    Solid lines: LoRA init vs the original weight; dashed: vs the remaining weight; the legend gives each mean.
+    Writes ``stem.png`` and ``stem.pdf`` and returns their paths.
+    """
+    modules = list(dict.fromkeys(m for per in results.values() for m in per))
+    cols = min(len(modules), 2)
+    rows = -(-len(modules) // cols)
+    fig = _figure(5.6 * cols, (3.0 + 0.32 * 2 * len(results)) * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, module in zip(axes, modules):
+        for colour, (init, per) in zip(_INIT_COLOURS, results.items()):
+            if module in per:
+                _curves(ax, per[module], init, colour)
+        ax.axhline(0.0, color="0.6", lw=0.8, zorder=0)
+        ax.set(title=module, xlabel="student layer", ylabel="cosine similarity")
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.2), ncols=2, frameon=False)
+    for ax in axes[len(modules):]:
+        ax.set_visible(False)
+    fig.suptitle("Cosine of the LoRA initialisation BA with the student's weights, per layer")
+    return _save(fig, stem, dpi)
+
+
+def _curves(ax, res: dict[str, np.ndarray], init: str, colour: str) -> None:
+    for key, label, style, marker in _COMPARISONS:
+        y = np.asarray(res[key])
+        ax.plot(np.arange(len(y)), y, style, color=colour, marker=marker, ms=3, lw=1.4,
+                label=f"{init} LoRA vs {label} (mean {round(float(y.mean()), 3) + 0.0:+.3f})")
+
+
+def plot_heatmaps(mats: dict[str, np.ndarray], stem: str | Path, metric: str = "cka", *,
+                  teacher_label: str = "teacher", student_label: str = "student", triangle: bool = True,
+                  dpi: int = 110) -> list[Path]:
+    """Layer-by-layer heatmaps ``[L_S, L_T]`` (rows: student layers, columns: teacher layers), one per module,
+    each with its mean and std in a corner box. ``triangle`` shows only cells with teacher index ≥ student
+    index. Colours span [0, 1] for CKA and [−1, 1] for the cosine metric. Writes ``stem.png`` and ``stem.pdf``."""
+    n = len(mats)
+    cols = min(n, 2)
+    rows = -(-n // cols)
+    ls, lt = next(iter(mats.values())).shape
+    panel_w, panel_h = 3.2 + 0.12 * lt, 2.4 + 0.12 * ls
+    fig = _figure(panel_w * cols, panel_h * rows)
+    axes = fig.subplots(rows, cols, squeeze=False).ravel()
+    for ax, (module, mat) in zip(axes, mats.items()):
+        _heatmap(fig, ax, np.asarray(mat, np.float64), module, metric, teacher_label, student_label, triangle)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    fig.suptitle(_METRIC_TITLES.get(metric, metric) + " of module outputs, per layer pair")
+    return _save(fig, stem, dpi)
+
+
+_METRIC_TITLES = {"cka": "Linear CKA", "cosine": "Mean cosine of token-similarity profiles"}
+
+
+def _heatmap(fig, ax, mat, module, metric, teacher_label, student_label, triangle) -> None:
+    shown = np.where(triangle_mask(mat.shape), mat, np.nan) if triangle else mat
+    from matplotlib import colormaps
+
+    name, lo = ("viridis", 0.0) if metric == "cka" else ("RdBu_r", -1.0)
+    cmap = colormaps[name].with_extremes(bad="0.88")  # hidden cells in grey, apart from any value
+    im = ax.imshow(shown, cmap=cmap, vmin=lo, vmax=1.0, aspect="auto", interpolation="nearest")
+    fig.colorbar(im, ax=ax, shrink=0.9, label=metric)
+    ax.set(title=f"{student_label} vs {teacher_label}: {module}", xlabel=f"{teacher_label} layer",
+           ylabel=f"{student_label} layer")
+    _integer_ticks(ax, mat.shape)
+    s = heatmap_summary(mat, triangle)
+    # With the triangle shown, the lower-left corner is empty: the box goes there.
+    xy, ha, va = ((0.03, 0.04), "left", "bottom") if triangle else ((0.97, 0.96), "right", "top")
+    ax.text(*xy, f"mean {s['mean']:.3f}\nstd  {s['std']:.3f}", transform=ax.transAxes, ha=ha, va=va,
+            fontsize=9, family="monospace", bbox=dict(boxstyle="round", facecolor="white", alpha=0.9))
+
+
+def _integer_ticks(ax, shape: tuple[int, int]) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=10, integer=True))
