@@ -1,0 +1,67 @@
+"""``pktjax seeking extract``: Seeking's extraction (SPEC §4) from a teacher into a LoRA of the student's shape."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("seeking", help="Seeking (Post-Align PKT): extract teacher knowledge as a student LoRA")
+    seeking = p.add_subparsers(dest="seeking_command", required=True)
+    e = seeking.add_parser("extract", help="sensitivity on seed examples, layer and sub-matrix selection, SVD")
+    e.add_argument("--teacher", required=True, help="teacher checkpoint folder or .gguf (the larger model)")
+    e.add_argument("--student", required=True, help="student checkpoint folder or .gguf (only its config is read)")
+    e.add_argument("--task", required=True, help="gsm | mmlu | super_ni | lima (the shipped seed samples) or a JSONL")
+    e.add_argument("--out", required=True, help="new folder for the extracted adapter (PEFT format)")
+    e.add_argument("--rank", type=int, default=16, help="SVD rank r of the extracted factors")
+    add_targets_argument(e)
+    e.add_argument("--samples", type=int, default=32, help="seed examples to read (the shipped files hold 32)")
+    e.add_argument("--cutoff-len", type=int, default=2048, help="tokens per seed example at most")
+    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="teacher weights' dtype")
+    e.set_defaults(func=_extract)
+
+
+def add_targets_argument(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--targets", nargs="+", default=None,
+                   help="modules to adapt among q_proj k_proj v_proj o_proj gate_proj up_proj down_proj embed_tokens "
+                        "lm_head (default: all nine)")
+
+
+def _extract(args: argparse.Namespace) -> int:
+    from pktjax.train_aligner import peek_config
+
+    cut = extract_to(args.teacher, args.student, peek_config(args.student), args.task, args.out, rank=args.rank,
+                     targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len, dtype=args.dtype)
+    print(f"teacher layers {cut['layers']} -> student layers 0..{len(cut['layers']) - 1}")
+    print(f"extracted rank-{args.rank} adapter in {args.out}; train on it with "
+          f"'pktjax lora train --init seeking:{args.out} ...'")
+    return 0
+
+
+def extract_to(teacher: str, student: str, student_cfg, task: str, out, *, rank: int, targets=None,
+               samples: int = 32, cutoff_len: int = 2048, dtype: str = "float32") -> dict:
+    """Extract from checkpoint paths into the adapter folder ``out`` (+ ``extraction.json``); returns the plan."""
+    from pathlib import Path
+
+    import jax.numpy as jnp
+
+    from pktjax.checkpoint import load_model
+    from pktjax.data import read_jsonl
+    from pktjax.lora import TARGETS, check_targets, export_peft
+    from pktjax.seeking import extract_for_examples, task_file
+    from pktjax.tokenizer import load_tokenizer
+    from pktjax.train_aligner import check_tokenizers
+
+    targets = check_targets(targets or TARGETS)
+    tokenizer = load_tokenizer(teacher)
+    check_tokenizers(tokenizer, load_tokenizer(student))
+    examples = read_jsonl(task_file(task, "sample"), limit=samples)
+    lora, cut = extract_for_examples(load_model(teacher, dtype=getattr(jnp, dtype)), student_cfg, tokenizer,
+                                     examples, rank, targets=targets, cutoff_len=cutoff_len)
+    folder = export_peft(lora, student_cfg, out, alpha=rank, base_model=str(student))
+    info = {"teacher": str(teacher), "student": str(student), "task": str(task), "samples": len(examples),
+            "rank": rank, "teacher_layers": cut["layers"],
+            "windows": {t: [list(w) for w in ws] for t, ws in cut["windows"].items()}}
+    (Path(folder) / "extraction.json").write_text(json.dumps(info, indent=2))
+    return cut

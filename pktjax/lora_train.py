@@ -1,0 +1,288 @@
+"""LoRA fine-tuning with Optax, as the Seeking authors train their students (SPEC §4).
+
+AdamW (β 0.9/0.999, ε 1e-8) with a linear warmup over ``ceil(0.03 · steps)`` steps then linear decay to zero,
+gradient clipping at global norm 1, batches of 64 examples built from micro-batches with gradient accumulation,
+LoRA dropout 0.05, loss on the response tokens only (Seeking tokenization). The loss of a batch is the mean
+cross-entropy over all its response tokens, so the gradient does not depend on how the batch is split.
+
+Inside each batch the examples are sorted by length and every micro-batch is left-padded to a multiple of
+``bucket`` tokens, so one compiled step serves each bucket shape. Orbax checkpoints (adapter, optimizer state,
+step) are written after every epoch and at the end; a run restarted on the same folder resumes from the latest
+one and ends with the same adapter as an uninterrupted run. Metrics go to ``metrics.jsonl``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from pktjax.config import ModelConfig
+from pktjax.data import Batch, Tokenized, bucket_length, iter_chunks, pad_left
+from pktjax.errors import ConfigError
+from pktjax.lora import LoRA, rank_of, scale_of
+from pktjax.losses import token_cross_entropy
+from pktjax.model import LoraSpec, forward
+
+Params = dict[str, Any]
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CONFIG_FILE = "train_config.json"
+METRICS_FILE = "metrics.jsonl"
+_EMPTY = Tokenized(np.zeros(0, np.int32), np.zeros(0, np.int32))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of a LoRA run (the Seeking authors' defaults)."""
+
+    rank: int = 16
+    alpha: float = 16.0
+    dropout: float = 0.05
+    lr: float = 3e-4
+    epochs: int = 3
+    batch_size: int = 64
+    micro_batch: int = 8
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    cutoff_len: int = 2048
+    bucket: int = 64
+    dtype: str = "float32"  # compute dtype of the frozen base weights; the adapter stays float32
+    seed: int = 1
+    save_every: int = 0  # extra checkpoints every N optimizer steps (0: after each epoch and at the end only)
+
+    @property
+    def scale(self) -> float:
+        return scale_of(self.alpha, self.rank)
+
+    def validate(self) -> None:
+        checks = [(self.epochs >= 1, "epochs must be at least 1"), (self.lr > 0, "lr must be positive"),
+                  (self.micro_batch >= 1 and self.batch_size >= self.micro_batch,
+                   "need 1 <= micro_batch <= batch_size"),
+                  (self.batch_size % self.micro_batch == 0, "batch_size must be a multiple of micro_batch"),
+                  (0.0 <= self.dropout < 1.0, "dropout must lie in [0, 1)"),
+                  (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must lie in [0, 1)"),
+                  (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
+                  (self.save_every >= 0, "save_every must be >= 0")]
+        bad = [msg for ok, msg in checks if not ok]
+        if bad:
+            raise ConfigError(f"bad LoRA training config: {'; '.join(bad)}.")
+
+
+def schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 over ``ceil(warmup_ratio * total)`` steps, then linear decay to 0 at ``total``."""
+    warm = math.ceil(tc.warmup_ratio * total_steps)
+    decay = optax.linear_schedule(tc.lr, 0.0, max(total_steps - warm, 1))
+    if warm == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, tc.lr, warm), decay], [warm])
+
+
+def optimizer(tc: TrainConfig, total_steps: int) -> optax.GradientTransformation:
+    return optax.chain(optax.clip_by_global_norm(tc.max_grad_norm),
+                       optax.adamw(schedule(tc, total_steps), b1=0.9, b2=0.999, eps=1e-8,
+                                   weight_decay=tc.weight_decay))
+
+
+def micro_batches(items: Sequence[Tokenized], indices: Sequence[int], micro: int, pad_id: int,
+                  bucket: int) -> list[Batch]:
+    """The examples ``indices`` sorted by length, in micro-batches of exactly ``micro`` rows (empty filler rows:
+    mask 0, no loss), each left-padded to a multiple of ``bucket`` tokens."""
+    chosen = sorted(indices, key=lambda i: (len(items[i].ids), i))
+    out = []
+    for chunk in iter_chunks(chosen, micro):
+        group = [items[i] for i in chunk] + [_EMPTY] * (micro - len(chunk))
+        out.append(pad_left(group, pad_id, bucket_length(max(len(t.ids) for t in group), bucket)))
+    return out
+
+
+def _sums(lora: LoRA, base: Params, cfg: ModelConfig, batch: tuple[jax.Array, ...], spec: LoraSpec):
+    ids, mask, labels = batch
+    total, n = token_cross_entropy(forward(base, cfg, ids, mask, lora=lora, lora_spec=spec), labels)
+    return total.sum(), n.sum()
+
+
+@partial(jax.jit, static_argnames=("cfg", "scale", "dropout"), donate_argnums=0)
+def _accumulate(acc: dict, lora: LoRA, base: Params, batch: tuple[jax.Array, ...], where: jax.Array, *,
+                cfg: ModelConfig, scale: float, dropout: float) -> dict:
+    """Add one micro-batch's summed loss, token count and gradient of the summed loss to ``acc``.
+    ``where = [seed, step, micro-batch index]`` seeds the dropout."""
+    rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(where[0]), where[1]), where[2])
+    spec = LoraSpec(scale=scale, dropout=dropout, rng=rng)
+    (loss, n), grads = jax.value_and_grad(_sums, has_aux=True)(lora, base, cfg, batch, spec)
+    return {"grads": jax.tree.map(jnp.add, acc["grads"], grads), "loss": acc["loss"] + loss,
+            "tokens": acc["tokens"] + n}
+
+
+@partial(jax.jit, static_argnames=("cfg", "scale"))
+def _eval_sums(lora: LoRA, base: Params, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, scale: float):
+    return _sums(lora, base, cfg, batch, LoraSpec(scale=scale))
+
+
+@partial(jax.jit, static_argnames=("tc", "total_steps"))
+def _update(lora: LoRA, opt_state, acc: dict, step: jax.Array, *, tc: TrainConfig, total_steps: int):
+    """Optimizer step ``step`` (0-based) on the token-mean gradient of the accumulated batch."""
+    n = jnp.maximum(acc["tokens"], 1).astype(jnp.float32)
+    grads = jax.tree.map(lambda g: g / n, acc["grads"])
+    updates, opt_state = optimizer(tc, total_steps).update(grads, opt_state, lora)
+    metrics = {"loss": acc["loss"] / n, "grad_norm": optax.global_norm(grads),
+               "lr": schedule(tc, total_steps)(step)}
+    return optax.apply_updates(lora, updates), opt_state, metrics
+
+
+@partial(jax.jit, static_argnames=("tc", "total_steps"))
+def _fresh_state(lora: LoRA, *, tc: TrainConfig, total_steps: int) -> dict:
+    return {"lora": lora, "opt_state": optimizer(tc, total_steps).init(lora), "step": jnp.zeros((), jnp.int32)}
+
+
+@jax.jit
+def _zero_acc(lora: LoRA) -> dict:
+    return {"grads": jax.tree.map(jnp.zeros_like, lora), "loss": jnp.zeros((), jnp.float32),
+            "tokens": jnp.zeros((), jnp.int32)}
+
+
+def _device_batch(batch: Batch) -> tuple[jax.Array, ...]:
+    chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
+    return jnp.asarray(batch.ids), jnp.asarray(batch.mask), jnp.asarray(batch.labels)
+
+
+def cast_base(base: Params, dtype: str) -> Params:
+    """The frozen weights in the compute dtype (unchanged when they already have it)."""
+    want = DTYPES[dtype]
+    if all(x.dtype == want for x in jax.tree.leaves(base)):
+        return base
+    return jax.jit(lambda p: jax.tree.map(lambda x: x.astype(want), p))(base)
+
+
+def evaluate(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], *, scale: float, pad_id: int,
+             micro_batch: int = 8, bucket: int = 64) -> float:
+    """Mean response-token cross-entropy of ``items`` under ``base + lora`` (no dropout)."""
+    loss, tokens = 0.0, 0
+    for batch in micro_batches(items, range(len(items)), micro_batch, pad_id, bucket):
+        s, n = _eval_sums(lora, base, _device_batch(batch), cfg=cfg, scale=scale)
+        loss, tokens = loss + float(s), tokens + int(n)
+    return loss / max(tokens, 1)
+
+
+class _Checkpoints:
+    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` under ``out_dir/checkpoints``."""
+
+    def __init__(self, out_dir: Path):
+        import orbax.checkpoint as ocp
+
+        self._ocp = ocp
+        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
+        self.manager = ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=options)
+
+    def save(self, state: dict) -> None:
+        self.manager.save(int(state["step"]), args=self._ocp.args.StandardSave(state), force=True)
+        self.manager.wait_until_finished()
+
+    def restore_latest(self, state: dict) -> dict:
+        step = self.manager.latest_step()
+        if step is None:
+            return state
+        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state)
+        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
+        # placed like a fresh state (not committed to a device), so a fresh run's compiled steps serve it too
+        return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
+
+    def close(self) -> None:
+        self.manager.close()
+
+
+def _check_run_config(out_dir: Path, record: dict) -> None:
+    """Write the run's config, or refuse to resume a folder that holds a run with another config."""
+    path = out_dir / CONFIG_FILE
+    if path.is_file():
+        old = json.loads(path.read_text())
+        if old != record:
+            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
+            raise ConfigError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); resume it with "
+                              "the same settings or choose a new output folder.")
+        return
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2))
+
+
+def _trim_metrics(out_dir: Path, step: int) -> None:
+    """Drop metric lines past ``step`` (the steps a resumed run is about to redo)."""
+    path = out_dir / METRICS_FILE
+    if path.is_file():
+        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+        path.write_text("".join(line + "\n" for line in keep))
+
+
+def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], out_dir: str | Path,
+          tc: TrainConfig = TrainConfig(), *, pad_id: int, on_step: Callable[[int, dict], None] | None = None,
+          progress: bool = True) -> LoRA:
+    """Fine-tune ``lora`` on ``items`` over frozen ``base`` weights; checkpoints and metrics under ``out_dir``.
+
+    ``items``: Seeking-tokenized examples (:func:`pktjax.data.tokenize_seeking`). Resumes from the latest
+    checkpoint in ``out_dir`` when there is one. ``on_step(step, metrics)`` runs after every optimizer step.
+    Returns the trained adapter (float32).
+    """
+    tc.validate()
+    if rank_of(lora) != tc.rank:
+        raise ConfigError(f"the adapter has rank {rank_of(lora)} but the training config says {tc.rank}.")
+    out_dir = Path(out_dir).expanduser()
+    _check_run_config(out_dir, {**dataclasses.asdict(tc), "examples": len(items)})
+    per_epoch = math.ceil(len(items) / tc.batch_size)
+    total = per_epoch * tc.epochs
+    base = cast_base(base, tc.dtype)
+    ckpt = _Checkpoints(out_dir)
+    state = ckpt.restore_latest(_fresh_state(lora, tc=tc, total_steps=total))
+    start = int(state["step"])
+    _trim_metrics(out_dir, start)
+    bar = _progress(total, start, progress)
+    try:
+        for step in range(start, total):
+            t0 = time.perf_counter()
+            epoch, k = divmod(step, per_epoch)
+            order = np.random.default_rng([tc.seed, epoch]).permutation(len(items))
+            acc = _zero_acc(state["lora"])
+            for j, batch in enumerate(micro_batches(items, order[k * tc.batch_size:(k + 1) * tc.batch_size],
+                                                    tc.micro_batch, pad_id, tc.bucket)):
+                where = np.asarray([tc.seed, step, j], np.int32)
+                acc = _accumulate(acc, state["lora"], base, _device_batch(batch), where, cfg=cfg, scale=tc.scale,
+                                  dropout=tc.dropout)
+            new_lora, opt_state, m = _update(state["lora"], state["opt_state"], acc, np.int32(step), tc=tc,
+                                             total_steps=total)
+            state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
+            metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0)
+            bar.update(1)
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            if (step + 1) % per_epoch == 0 or step + 1 == total or (tc.save_every and (step + 1) % tc.save_every == 0):
+                ckpt.save(state)
+            if on_step is not None:
+                on_step(step + 1, metrics)
+    finally:
+        bar.close()
+        ckpt.close()
+    return state["lora"]
+
+
+def _progress(total: int, start: int, enabled: bool):
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=start, desc="lora", unit="step", disable=not enabled, dynamic_ncols=True)
+
+
+def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: float) -> dict:
+    tokens = int(acc["tokens"])
+    metrics = {"step": step, "epoch": epoch + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
+               "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
+               "seconds": seconds}
+    with open(out_dir / METRICS_FILE, "a") as fh:
+        fh.write(json.dumps(metrics) + "\n")
+    return metrics

@@ -1,0 +1,72 @@
+"""Command line: ``seeking extract``, ``lora train`` (Seeking init from a teacher or a folder, PiSSA in bfloat16,
+resuming) and ``lora merge`` into a checkpoint that ``transformers`` loads."""
+
+import json
+
+import jax
+import numpy as np
+import torch
+
+import pktjax
+from pktjax import lora as L
+from pktjax.cli import main
+from tests.tiny import VOCAB, torch_model
+
+EXAMPLES = [{"messages": [{"role": "user", "content": f"Add {i} and {i + 1}."},
+                          {"role": "assistant", "content": f"{2 * i + 1}"}]} for i in range(8)]
+TEACHER = dict(seed=1, hidden=48, layers=3, inter=64)
+
+
+def _same(x, y):
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), x, y)
+
+
+def test_extract_train_resume_merge(tiny_dir, tmp_path):
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in EXAMPLES))
+    teacher, student = str(tiny_dir("qwen2", **TEACHER)), str(tiny_dir("qwen2"))
+    cfg = pktjax.load_model(student).config
+    ext = tmp_path / "extracted"
+    extract = ["seeking", "extract", "--teacher", teacher, "--student", student, "--task", str(data),
+               "--out", str(ext), "--rank", "4", "--samples", "3"]
+    assert main(extract) == 0
+    info = json.loads((ext / "extraction.json").read_text())
+    assert len(info["teacher_layers"]) == 2 and info["samples"] == 3
+    assert main(extract) == 2  # refuses to overwrite the folder
+
+    common = ["--student", student, "--task", str(data), "--epochs", "1", "--batch-size", "4", "--micro-batch", "4",
+              "--alpha", "8", "--no-progress"]
+    run = tmp_path / "run"
+    train = ["lora", "train", "--init", "seeking", "--teacher", teacher, "--seed-samples", "3", "--rank", "4",
+             "--out", str(run), *common]
+    assert main(train) == 0
+    _same(L.import_peft(run / "extracted", cfg), L.import_peft(ext, cfg))
+    adapter, scale = L.import_peft(run / "adapter", cfg)
+    assert L.rank_of(adapter) == 8 and scale == 2.0  # [b | -b0], alpha doubled: applies to the original student
+    assert main(train) == 0  # a finished run resumes at its end and exports the same adapter again
+    _same(L.import_peft(run / "adapter", cfg)[0], adapter)
+    assert main(["lora", "train", "--init", f"seeking:{ext}", "--out", str(tmp_path / "run2"), *common]) == 0
+    _same(L.import_peft(tmp_path / "run2" / "adapter", cfg)[0], adapter)
+
+    assert main(["lora", "merge", "--student", student, "--adapter", str(run / "adapter"),
+                 "--out", str(tmp_path / "merged")]) == 0
+    ids = np.random.RandomState(0).randint(3, VOCAB, size=(2, 7))
+    with torch.no_grad():
+        got = torch_model(tmp_path / "merged")(input_ids=torch.tensor(ids)).logits.numpy()
+    want = L.apply(pktjax.load_model(student).params, cfg, adapter, ids, scale=scale)
+    assert np.abs(got - np.asarray(want)).max() <= 1e-4
+
+
+def test_train_pissa_bfloat16(tiny_dir, tmp_path):
+    out = tmp_path / "pissa"
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in EXAMPLES))
+    assert main(["lora", "train", "--student", str(tiny_dir("qwen2")), "--init", "pissa", "--task", str(data),
+                 "--out", str(out), "--epochs", "1", "--batch-size", "8", "--micro-batch", "8", "--rank", "2",
+                 "--targets", "q_proj", "v_proj", "--dtype", "bfloat16", "--no-progress"]) == 0
+    log = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(log) == 1 and np.isfinite(log[0]["loss"]) and log[0]["tokens"] > 0
+    conf = json.loads((out / "adapter" / "adapter_config.json").read_text())
+    assert conf["target_modules"] == ["q_proj", "v_proj"] and conf["r"] == 4
+    assert main(["lora", "train", "--student", str(tiny_dir("qwen2")), "--init", "pissa:x", "--task", str(data),
+                 "--out", str(tmp_path / "bad")]) == 2  # a clear error, not a traceback
