@@ -1,0 +1,237 @@
+"""Benchmark evaluation (SPEC §5): GSM8K, MMLU, HumanEval and MBPP with a JSON report.
+
+``evaluate(model_or_path, task)`` loads the benchmark from ``data_root()/benchmarks`` (or the hub with
+``hub=True``), builds the chat prompts of :mod:`pktjax.tasks`, decodes greedily with the KV cache (or scores the
+answer letter from logits for MMLU), scores every example, and returns a report::
+
+    {"task", "score", "ci95": [lo, hi], "ci_method": "wilson", "n", "n_correct", "settings": {...},
+     "records": [{"id", "prompt", "output", "verdict", "correct", ...}, ...], "seconds"}
+
+Generated code runs only through :func:`pktjax.sandbox.run`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from functools import partial
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pktjax import sandbox
+from pktjax.checkpoint import Model, load_model
+from pktjax.errors import PktjaxError
+from pktjax.generate import generate_text, round_batch, round_length
+from pktjax.model import forward, unembed
+from pktjax.tasks import get_task
+from pktjax.tasks.common import wilson_interval
+
+Generator = Callable[[Sequence[str], int, Sequence[str]], Sequence[str]]
+Progress = Callable[[int], None]
+
+
+def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: int | None = None,
+             few_shot: int = 0, batch_size: int = 8, out: str | os.PathLike | None = None, *,
+             tokenizer=None, max_new_tokens: int | None = None, hub: bool = False,
+             generator: Generator | None = None, timeout: float = 10.0, workers: int | None = None,
+             add_special_tokens: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+    """Evaluate a model on ``task`` (``gsm8k``, ``mmlu``, ``humaneval``, ``mbpp``) and return the report.
+
+    ``model_or_path``: a :class:`~pktjax.checkpoint.Model` or a checkpoint path (its tokenizer is read from the
+    same folder unless ``tokenizer`` is given). ``limit``: first N examples. ``few_shot``: exemplars per prompt
+    (MMLU: dev questions of the subject; GSM8K: LaTen train examples; MBPP: the prompt split). ``generator``:
+    optional ``(prompts, max_new_tokens, stop) -> completions`` used instead of the model (e.g. to score saved
+    outputs); ``timeout``: seconds per program in the sandbox; ``progress(n)`` is called as examples finish.
+    ``out``: write the report there as JSON.
+    """
+    start = time.time()
+    mod = get_task(task)
+    examples = mod.load(limit, hub=hub)
+    if not examples:
+        raise PktjaxError(f"{task}: no examples to evaluate (limit={limit}).")
+    model, tok = _resolve_model(model_or_path, tokenizer, generator)
+    settings = {"task": task, "model": _model_name(model_or_path), "limit": limit, "few_shot": few_shot,
+                "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy"}
+    progress = progress or (lambda n: None)
+    if mod.KIND == "choice":
+        records = _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress)
+        settings["scoring"] = "argmax of the answer-letter logits at the next position"
+    else:
+        max_new = max_new_tokens or mod.MAX_NEW_TOKENS
+        settings.update(max_new_tokens=max_new, stop=list(mod.STOP))
+        exemplars = mod.shots(few_shot, hub)
+        prompts = [mod.prompt(ex, exemplars) for ex in examples]
+        outputs = _complete(prompts, max_new, mod.STOP, model, tok, generator, batch_size, add_special_tokens,
+                            progress)
+        records = _score_generations(mod, examples, prompts, outputs, timeout, workers, settings)
+    report = _report(task, records, settings, time.time() - start)
+    if out is not None:
+        write_report(report, out)
+    return report
+
+
+# ------------------------------------------------------------------------------------------------ model side
+
+def _resolve_model(model_or_path, tokenizer, generator):
+    if generator is not None and model_or_path is None:
+        return None, tokenizer
+    if model_or_path is None:
+        raise PktjaxError("evaluate: give a model (or a checkpoint path), or a generator for the completions.")
+    if isinstance(model_or_path, Model):
+        model = model_or_path
+    else:
+        model = load_model(model_or_path)
+    if tokenizer is None:
+        from pktjax.tokenizer import load_tokenizer
+
+        if model.source is None:
+            raise PktjaxError("evaluate: this Model has no source folder to read a tokenizer from; pass tokenizer=.")
+        tokenizer = load_tokenizer(model.source)
+    return model, tokenizer
+
+
+def _model_name(m) -> str | None:
+    if m is None:
+        return None
+    return str(m.source) if isinstance(m, Model) else str(m)
+
+
+def _order_by_length(tok, prompts: Sequence[str], add_special_tokens: bool) -> tuple[list[int], list[list[int]]]:
+    """Token ids of every prompt, and an order that batches prompts of similar length together."""
+    ids = [list(tok(p, add_special_tokens=add_special_tokens)["input_ids"]) for p in prompts]
+    return sorted(range(len(ids)), key=lambda i: len(ids[i])), ids
+
+
+def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_special_tokens, progress) -> list[str]:
+    """Greedy completions of ``prompts`` (in their order), batched by similar length."""
+    if generator is not None:
+        outs = list(generator(prompts, max_new, stop))
+        progress(len(prompts))
+        return outs
+    order, ids = _order_by_length(tok, prompts, add_special_tokens)
+    limit = model.config.max_position_embeddings - max_new
+    if limit < 1:
+        raise PktjaxError(f"max_new_tokens={max_new} leaves no room for a prompt in a context of "
+                          f"{model.config.max_position_embeddings} tokens.")
+    outputs: list[str] = [""] * len(prompts)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        gen = generate_text(model.params, model.config, tok, [prompts[i] for i in idx], max_new, stop=stop,
+                            add_special_tokens=add_special_tokens, max_prompt_tokens=limit)
+        for i, text in zip(idx, gen.texts):
+            outputs[i] = text
+        progress(len(idx))
+    return outputs
+
+
+@partial(jax.jit, static_argnames=("cfg",))
+def _next_token_logits(params, cfg, ids: jax.Array, mask: jax.Array) -> jax.Array:
+    """Logits ``[B, V]`` for the token after left-padded ``ids, mask [B, T]`` (no ``[B, T, V]`` tensor)."""
+    hidden = forward(params, cfg, ids, mask, return_hidden=True)
+    return unembed(params, cfg, hidden[:, -1])
+
+
+def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress) -> list[dict]:
+    """MMLU-style scoring: one forward pass per batch, the letter with the highest logit wins."""
+    if model is None:
+        name = mod.__name__.rsplit(".", 1)[-1]
+        raise PktjaxError(f"{name} is scored from logits; it needs a model, not a generator.")
+    choice_ids = mod.choice_token_ids(tok)
+    max_len = model.config.max_position_embeddings
+    prompts, ids, shots_used = [], [], []
+    for ex in examples:
+        p, x, k = _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub)
+        prompts.append(p)
+        ids.append(x)
+        shots_used.append(k)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+    records: list[dict] = [{} for _ in examples]
+    pad = tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
+    for lo in range(0, len(order), batch_size):
+        idx = order[lo:lo + batch_size]
+        batch, mask = _left_pad([ids[i] for i in idx], pad)
+        logits = np.asarray(_next_token_logits(model.params, model.config, jnp.asarray(batch), jnp.asarray(mask)))
+        for row, i in enumerate(idx):
+            letter, probs = mod.pick_letter(logits[row], choice_ids)
+            verdict = mod.score(examples[i], letter)
+            records[i] = {"id": examples[i]["id"], "prompt": prompts[i], "output": letter,
+                          "verdict": "correct" if verdict["correct"] else "wrong", **verdict,
+                          "probs": dict(zip(mod.LETTERS, np.round(probs, 6).tolist())), "shots": shots_used[i]}
+        progress(len(idx))
+    return records
+
+
+def _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub) -> tuple[str, list[int], int]:
+    """``(prompt, ids, shots)``: the prompt with as many of the ``few_shot`` exemplars as fit in ``max_len``
+    tokens (dropping the last ones first; left-truncated when even the bare question is too long)."""
+    exemplars = mod.dev_exemplars(ex["subject"], hub=hub)[:few_shot] if few_shot else []
+    for k in range(len(exemplars), -1, -1):
+        p = mod.prompt(ex, exemplars[:k])
+        x = list(tok(p, add_special_tokens=add_special_tokens)["input_ids"])
+        if len(x) <= max_len:
+            return p, x, k
+    return p, x[-max_len:], 0
+
+
+def _left_pad(rows: Sequence[Sequence[int]], pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """``[B, T]`` ids and mask, padded on the left to bucketed batch and length (dummy rows copy row 0)."""
+    b, t = round_batch(len(rows)), round_length(max(len(r) for r in rows))
+    ids = np.full((b, t), pad, np.int32)
+    mask = np.zeros((b, t), np.int32)
+    for i in range(b):
+        r = rows[i] if i < len(rows) else rows[0]
+        ids[i, t - len(r):], mask[i, t - len(r):] = r, 1
+    return ids, mask
+
+
+# ------------------------------------------------------------------------------------------------ scoring
+
+def _score_generations(mod, examples, prompts, outputs, timeout, workers, settings) -> list[dict]:
+    if hasattr(mod, "program"):
+        programs = [mod.program(ex, out) for ex, out in zip(examples, outputs)]
+        results = sandbox.run_many(programs, workers=workers, timeout=timeout)
+        settings.update(sandbox_timeout_s=timeout, sandbox=results[0].isolation if results else None)
+        return [_code_record(ex, p, o, prog, r) for ex, p, o, prog, r in zip(examples, prompts, outputs, programs,
+                                                                              results)]
+    records = []
+    for ex, p, o in zip(examples, prompts, outputs):
+        verdict = mod.score(ex, o)
+        records.append({"id": ex["id"], "prompt": p, "output": o,
+                        "verdict": "correct" if verdict["correct"] else "wrong", **verdict})
+    return records
+
+
+def _code_record(ex, prompt, output, program, res: sandbox.Result) -> dict:
+    if res.ok:
+        verdict = "passed"
+    elif res.killed:
+        verdict = f"failed: {res.killed}"
+    else:
+        last = res.stderr.strip().splitlines()[-1:] or [f"exit code {res.returncode}"]
+        verdict = f"failed: {last[0][:200]}"
+    return {"id": ex["id"], "prompt": prompt, "output": output, "program": program, "verdict": verdict,
+            "correct": res.ok, "returncode": res.returncode, "stderr_tail": res.stderr[-1000:],
+            "duration_s": round(res.duration, 3)}
+
+
+def _report(task: str, records: list[dict], settings: dict, seconds: float) -> dict[str, Any]:
+    n = len(records)
+    correct = sum(bool(r["correct"]) for r in records)
+    lo, hi = wilson_interval(correct, n)
+    return {"task": task, "score": correct / n if n else 0.0, "ci95": [lo, hi], "ci_method": "wilson",
+            "n": n, "n_correct": correct, "settings": settings, "seconds": round(seconds, 2), "records": records}
+
+
+def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
+    """Write ``report`` as indented JSON (parent folders created)."""
+    path = Path(path).expanduser()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,59 @@
+"""Helpers shared by the task modules: benchmark paths, the chat prompt, confidence intervals."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from pktjax.data import data_root, prompt_and_response
+from pktjax.errors import DataError
+
+
+def bench_path(*parts: str) -> Path:
+    """``data_root()/benchmarks/<parts>``; a missing file is a :class:`DataError` that says where it was looked for."""
+    path = data_root() / "benchmarks" / Path(*parts)
+    if not path.exists():
+        raise DataError(f"{path}: benchmark file not found (see benchmarks/README.md in the shared data folder, "
+                        "or pass hub=True to read the Hugging Face hub when online).")
+    return path
+
+
+def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
+    rows = []
+    with open(path) as fh:
+        for line in fh:
+            if line.strip():
+                rows.append(json.loads(line))
+                if limit is not None and len(rows) >= limit:
+                    break
+    return rows
+
+
+def chat_prompt(turns: Sequence[tuple[str, str]], assistant_prefix: str = "") -> str:
+    """Chat text of ``(role, content)`` turns (SPEC §2) ending in ``"<|assistant|>\\n" + assistant_prefix``."""
+    messages = [{"role": r, "content": c} for r, c in turns] + [{"role": "assistant", "content": ""}]
+    return prompt_and_response({"messages": messages})[0] + assistant_prefix
+
+
+def hub_dataset(name: str, config: str | None, split: str):
+    """A split from the Hugging Face hub through ``datasets`` (online use only)."""
+    try:
+        from datasets import load_dataset
+    except ImportError as e:  # pragma: no cover - datasets is a dependency
+        raise DataError("reading the hub needs the `datasets` package.") from e
+    return load_dataset(name, config, split=split)
+
+
+def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple[float, float]:
+    """Wilson score interval for a proportion ``correct / n`` (95% by default); ``(0, 1)`` when ``n == 0``."""
+    if n == 0:
+        return 0.0, 1.0
+    p = correct / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
+    lo = 0.0 if correct == 0 else max(0.0, centre - half)
+    hi = 1.0 if correct == n else min(1.0, centre + half)
+    return lo, hi

@@ -1,0 +1,128 @@
+"""KV-cache generation equals transformers' greedy generate token for token; buckets, EOS, stop strings, sampling."""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import pktjax
+from pktjax.generate import _decode, _prefill, generate
+from pktjax.tokenizer import load_tokenizer
+from tests.tiny import FAMILIES, VOCAB, torch_model
+
+PAD, EOS, NEW = 3, 2, 24
+
+
+def _prompts(lengths=(200, 150, 100), seed=0):
+    """Left-padded ``ids, mask [len(lengths), max(lengths)]`` of random non-special tokens. The default shapes
+    fall into the same buckets as the tiny-model GSM8K run of test_eval (batch 4, length 256, 64 new tokens)."""
+    width = max(lengths)
+    ids = np.random.RandomState(seed).randint(4, VOCAB, size=(len(lengths), width))
+    mask = np.zeros_like(ids)
+    for i, n in enumerate(lengths):
+        mask[i, width - n:] = 1
+    ids[mask == 0] = PAD
+    return ids, mask
+
+
+def _hf_generate(folder, ids, mask, new=NEW, eos=EOS):
+    """transformers' greedy decoding (KV cache), EOS -> PAD afterwards; returns the new tokens ``[B, new]``."""
+    with torch.no_grad():
+        out = torch_model(folder).generate(input_ids=torch.tensor(ids), attention_mask=torch.tensor(mask),
+                                           max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=PAD)
+    out = out[:, ids.shape[1]:].numpy()
+    return np.pad(out, ((0, 0), (0, new - out.shape[1])), constant_values=PAD)  # all rows may stop early
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_greedy_batched_matches_transformers(tiny_dir, family):
+    folder = tiny_dir(family)
+    model = pktjax.load_model(folder)
+    ids, mask = _prompts()
+    ours = generate(model.params, model.config, ids, mask, NEW, eos_ids=(EOS,), pad_id=PAD)
+    np.testing.assert_array_equal(ours.tokens, _hf_generate(folder, ids, mask))
+    assert ours.tokens.shape == (3, NEW) and len(ours.finish) == 3
+
+
+def test_unbatched_and_uncached_match_transformers(tiny_dir):
+    folder = tiny_dir("mistral")  # GQA + sliding window: the cache bookkeeping that matters most
+    model = pktjax.load_model(folder)
+    ids, mask = _prompts()
+    ref = _hf_generate(folder, ids, mask)
+    nocache = generate(model.params, model.config, ids, mask, NEW, eos_ids=(EOS,), pad_id=PAD, use_cache=False)
+    np.testing.assert_array_equal(nocache.tokens, ref)
+    for row in (0, 2):  # the longest prompt and the most padded one, each alone
+        keep = mask[row].astype(bool)
+        single_ids, single_mask = ids[row:row + 1, keep], mask[row:row + 1, keep]
+        alone = generate(model.params, model.config, single_ids, single_mask, NEW, eos_ids=(EOS,), pad_id=PAD)
+        np.testing.assert_array_equal(alone.tokens, _hf_generate(folder, single_ids, single_mask))
+        np.testing.assert_array_equal(alone.tokens[0], ref[row])  # padding does not change a row's tokens
+
+
+def test_eos_stops_each_row_like_transformers(tiny_dir):
+    folder = tiny_dir("llama2")
+    model = pktjax.load_model(folder)
+    ids, mask = _prompts()
+    free = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
+    assert free.finish == ["length"] * 3
+    stop_tok = int(free.tokens[0, 4])  # row 0 must stop at step 4 (or earlier, if the token came sooner)
+    ours = generate(model.params, model.config, ids, mask, NEW, eos_ids=(stop_tok,), pad_id=PAD)
+    np.testing.assert_array_equal(ours.tokens, _hf_generate(folder, ids, mask, eos=stop_tok))
+    assert ours.finish[0] == "eos" and ours.lengths[0] <= 5
+    assert (ours.tokens[0, ours.lengths[0]:] == PAD).all()
+
+
+def test_one_compile_per_bucket(tiny_dir):
+    model = pktjax.load_model(tiny_dir("llama2"))
+    generate(model.params, model.config, *_prompts(), NEW, eos_ids=(EOS,), pad_id=PAD)
+    sizes = (_prefill._cache_size(), _decode._cache_size())
+    for lengths, new in (((230, 199, 256, 210), 40), ((250,) * 3, 17), ((220, 201, 199), 64)):  # same buckets
+        generate(model.params, model.config, *_prompts(lengths, seed=len(lengths)), new, eos_ids=(EOS,),
+                 pad_id=PAD)
+    assert (_prefill._cache_size(), _decode._cache_size()) == sizes
+
+
+def test_sampling_is_reproducible_with_a_key(tiny_dir):
+    model = pktjax.load_model(tiny_dir("mistral"))
+    ids, mask = _prompts()
+    kw = dict(eos_ids=(), pad_id=PAD, temperature=1.5)
+    a = generate(model.params, model.config, ids, mask, NEW, key=jax.random.key(1), **kw)
+    b = generate(model.params, model.config, ids, mask, NEW, key=jax.random.key(1), **kw)
+    c = generate(model.params, model.config, ids, mask, NEW, key=jax.random.key(2), **kw)
+    ref = generate(model.params, model.config, ids, mask, NEW, key=jax.random.key(1), use_cache=False, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_array_equal(a.tokens, ref.tokens)
+    assert (a.tokens != c.tokens).any()
+    greedy = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
+    assert (a.tokens != greedy.tokens).any()
+    with pytest.raises(ValueError, match="key"):
+        generate(model.params, model.config, ids, mask, NEW, temperature=1.0)
+
+
+def test_stop_string_cuts_text_and_tokens(tiny_dir):
+    folder = tiny_dir("llama2")
+    model, tok = pktjax.load_model(folder), load_tokenizer(folder)
+    ids, mask = _prompts()
+    full = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, tokenizer=tok)
+    text = full.texts[0]
+    k = next(i for i in range(3, len(text)) if text[i] != "\ufffd" and text[i].strip())
+    stop = text[k]
+    cut = generate(model.params, model.config, ids, mask, NEW, stop=[stop, "never-seen"], eos_ids=(), pad_id=PAD,
+                   tokenizer=tok, chunk=4)
+    assert cut.texts[0] == text[:text.find(stop)]
+    assert cut.finish[0] == "stop" and cut.lengths[0] < NEW
+    np.testing.assert_array_equal(cut.tokens[0, :cut.lengths[0]], full.tokens[0, :cut.lengths[0]])
+    assert (cut.tokens[0, cut.lengths[0]:] == PAD).all()
+    for row in (1, 2):  # other rows stop at their own first occurrence, or run to the end
+        expect = full.texts[row].split(stop)[0]
+        assert cut.texts[row] == expect
+
+
+def test_bad_inputs_are_refused(tiny_dir):
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts()
+    right_padded = mask[:, ::-1]
+    with pytest.raises(ValueError, match="left-padded"):
+        generate(model.params, model.config, ids, right_padded, 4)
+    with pytest.raises(ValueError, match="tokenizer"):
+        generate(model.params, model.config, ids, mask, 4, stop=["x"])
