@@ -1,0 +1,60 @@
+"""LaTen's *fuse* stage (SPEC §3.7): inject the teacher's aligned knowledge into the student once and save it.
+
+Locate on one example of the train split (picked by ``random.Random(seed)``), extract at the chosen ``rate``
+(it may differ from the training rate), apply the aligner saved after ``step``, inject, and write a Hugging Face
+checkpoint folder with :func:`pktjax.save_model`.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any, Sequence
+
+from pktjax.align import AlignerParams, align, aligner_dims
+from pktjax.checkpoint import Model, save_model
+from pktjax.errors import CheckpointError, ConfigError, PairError
+from pktjax.inject import inject
+from pktjax.train_aligner import (Source, load_aligner, load_examples, locate_and_extract, peek_config,
+                                  prepare_pair, read_run)
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CheckpointError(f"{out}: exists and is not an empty folder; choose a new output folder.")
+
+
+def _check_aligner(aligner: AlignerParams, modules: tuple[str, ...], teacher: Source, student: Source) -> None:
+    dims = (peek_config(teacher).hidden_size, peek_config(student).hidden_size)
+    if aligner_dims(aligner) != dims:
+        raise PairError(f"the aligner maps hidden sizes {aligner_dims(aligner)} (teacher, student) but the models "
+                        f"have {dims}; use the aligner trained for this pair.")
+    missing = [m for m in modules if m not in aligner]
+    if missing:
+        raise ConfigError(f"the aligner has no hypernetwork for {missing}; it was trained for {sorted(aligner)}.")
+
+
+def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step: int,
+         examples: Sequence[dict[str, Any]] | str | os.PathLike, out: str | os.PathLike, *, rate: float = 0.1,
+         seed: int = 42, modules: Sequence[str] | None = None, mode: str | None = None,
+         attention: str | None = None, tokenizer=None) -> Path:
+    """Write the fused student to ``out`` and return its path.
+
+    ``aligner_dir``: a :func:`pktjax.train_aligner` output folder; ``step``: which saved aligner to apply.
+    ``modules``, ``mode`` and ``attention`` default to the training run's. Every check (output folder, data,
+    pair, aligner sizes) runs before the models are loaded.
+    """
+    out = Path(out)
+    _check_out(out)
+    run = read_run(aligner_dir)
+    aligner = load_aligner(aligner_dir, step)
+    examples = load_examples(examples, "train")
+    modules = tuple(modules or run["modules"])
+    _check_aligner(aligner, modules, teacher, student)
+    pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer)
+    example = examples[random.Random(seed).randrange(len(examples))]
+    knowledge, _, sel_s = locate_and_extract(pair, example, mode or run["config"]["mode"],
+                                             attention or run["config"]["attention"])
+    params = inject(pair.student.params, pair.student.config, sel_s, align(aligner, knowledge))
+    return save_model(Model(params=params, config=pair.student.config, source=pair.student.source), out)

@@ -1,0 +1,454 @@
+"""Training LaTen's aligner (SPEC §3.6).
+
+Step ``t`` takes extract example ``order[t]`` (``order`` = a permutation drawn from ``seed``), locates on it in
+the teacher and the student, selects ``K = L_S`` layers and ``N_f = floor(f_S rate)``, ``N_a = floor(d_S rate)``
+neurons per layer, extracts the teacher's knowledge, and evaluates ``P`` examples (``P - 1`` drawn from the align
+split by ``random.Random(t).sample``, plus the extract example)::
+
+    loss = sum_p [ CE_p(student with inject(align(aligner, knowledge))) + lambda * sum_m mean(g_m(K_m)^2) ]
+
+``CE_p`` is example ``p``'s mean token cross-entropy (LaTen tokenization). The gradient is accumulated over
+micro-batches (left padded, lengths bucketed, one compiled function per bucket); only the aligner trains, with
+AdamW (b1 0.9, b2 0.95, weight decay 0.05) and a one-cycle cosine learning rate indexed by the step.
+
+Output folder::
+
+    run.json        settings, model sizes, modules and the shuffled order (a resumed run must match it)
+    aligner/<t>/    aligner parameters after step t (orbax), every step kept: pick one for fusing
+    state/<t>/      aligner + optimizer state after the last finished step (orbax), for resuming
+    log.jsonl       one line of metrics per step
+
+Calling :func:`train_aligner` again on the same folder resumes after the last saved step and ends with the same
+aligner as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import logging
+import math
+import os
+import random
+import time
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import orbax.checkpoint as ocp
+from tqdm.auto import tqdm
+
+from pktjax.align import AlignerParams, align, init_aligner, mean_square
+from pktjax.attribution import ATTENTION, MODES, locate
+from pktjax.checkpoint import Model, load_model
+from pktjax.config import ModelConfig
+from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
+from pktjax.errors import ConfigError, DataError, PairError
+from pktjax.extract import check_modules, check_pair, extract
+from pktjax.inject import inject
+from pktjax.losses import mean_token_ce
+from pktjax.model import forward
+from pktjax.select import Selection, neuron_counts, select
+from pktjax.tokenizer import load_tokenizer
+
+log = logging.getLogger("pktjax.laten")
+Source = Model | str | os.PathLike
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Settings of an aligner run (SPEC §3.6 defaults). ``steps=None``: the size of the extract split.
+    ``micro_batch`` examples go through one compiled forward/backward; lengths round up to ``bucket``.
+    ``train_on_inputs``: loss on prompt tokens too (the command line turns it on for MMLU)."""
+
+    lr: float = 3e-5
+    rate: float = 0.1
+    steps: int | None = None
+    examples_per_step: int = 16
+    mse_weight: float = 1000.0
+    cutoff_len: int = 768
+    train_on_inputs: bool = False
+    micro_batch: int = 4
+    bucket: int = 64
+    seed: int = 42
+    modules: tuple[str, ...] | None = None
+    mode: str = "reference"
+    attention: str = "last_key"
+
+    def check(self) -> None:
+        for name in ("examples_per_step", "cutoff_len", "micro_batch", "bucket"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
+        if not (self.lr > 0 and math.isfinite(self.lr)) or self.mse_weight < 0:
+            raise ConfigError(f"lr={self.lr} must be positive and mse_weight={self.mse_weight} non-negative.")
+        if self.mode not in MODES or self.attention not in ATTENTION:
+            raise ConfigError(f"mode={self.mode!r} / attention={self.attention!r}: choose a mode in {MODES} "
+                              f"and attention in {ATTENTION}.")
+
+
+# ----------------------------------------------------------------------------------------------- the pair
+
+
+@dataclasses.dataclass(frozen=True)
+class Pair:
+    """Loaded teacher and student with their shared tokenizer, modules and ``(N_f, N_a)``."""
+
+    teacher: Model
+    student: Model
+    tokenizer: Any
+    modules: tuple[str, ...]
+    counts: tuple[int, int]
+
+
+def peek_config(src: Source) -> ModelConfig:
+    """A model's config without loading its weights (a ``.gguf`` file is loaded)."""
+    if isinstance(src, Model):
+        return src.config
+    path = Path(src).expanduser()
+    if path.is_dir():
+        return ModelConfig.from_file(path / "config.json")
+    return load_model(path).config
+
+
+def _source_path(src: Source) -> str | None:
+    return src.source if isinstance(src, Model) else str(src)
+
+
+def check_tokenizers(teacher_tok, student_tok) -> None:
+    """Both models must tokenize alike: same vocabulary and EOS."""
+    if teacher_tok.get_vocab() != student_tok.get_vocab() or teacher_tok.eos_token_id != student_tok.eos_token_id:
+        raise PairError("teacher and student tokenizers differ; LaTen needs one shared vocabulary.")
+
+
+def _pair_tokenizer(teacher: Source, student: Source, tokenizer=None):
+    t_path, s_path = _source_path(teacher), _source_path(student)
+    if tokenizer is None:
+        if s_path is None:
+            raise ConfigError("the student has no source folder to read a tokenizer from; pass tokenizer=.")
+        tokenizer = load_tokenizer(s_path)
+    if t_path is not None:
+        check_tokenizers(load_tokenizer(t_path), tokenizer)
+    return tokenizer
+
+
+def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequence[str] | None = None,
+                 tokenizer=None) -> Pair:
+    """Check a teacher/student pair from configs and tokenizers, then load the weights (the heavy part last).
+
+    Errors: :class:`PairError` (vocabulary, tokenizer, teacher not larger), :class:`ConfigError` (rate outside
+    (0, 1], ``v_proj`` with GQA, unknown module).
+    """
+    cfg_t, cfg_s = peek_config(teacher), peek_config(student)
+    check_pair(cfg_t, cfg_s)
+    modules = check_modules(modules, cfg_t, cfg_s)
+    n_f, n_a = neuron_counts(cfg_s.intermediate_size, cfg_s.hidden_size, rate)
+    if n_a > min(cfg_t.q_dim, cfg_s.q_dim):
+        raise ConfigError(f"rate {rate} asks for {n_a} attention neurons per layer, more than the models have.")
+    tokenizer = _pair_tokenizer(teacher, student, tokenizer)
+    load = lambda m: m if isinstance(m, Model) else load_model(m)  # noqa: E731
+    return Pair(load(teacher), load(student), tokenizer, modules, (n_f, n_a))
+
+
+def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "reference",
+                       attention: str = "last_key") -> tuple[dict[str, jax.Array], Selection, Selection]:
+    """Locate on one example in both models, select ``K = L_S`` layers and ``(N_f, N_a)`` neurons each, extract
+    the teacher's knowledge. Returns ``(knowledge, teacher selection, student selection)``."""
+    k = pair.student.config.num_layers
+    sels = []
+    for m in (pair.teacher, pair.student):
+        attr = locate(m.params, m.config, pair.tokenizer, [example], mode=mode, attention=attention)
+        sels.append(select(attr, k, *pair.counts))
+    return extract(pair.teacher.params, pair.teacher.config, sels[0], pair.modules), sels[0], sels[1]
+
+
+# ------------------------------------------------------------------------------------------------ the loss
+
+
+def aligner_loss(aligner: AlignerParams, student_params, cfg: ModelConfig, selection: Selection,
+                 knowledge: dict[str, jax.Array], batch: dict[str, jax.Array], mse_weight: float | jax.Array):
+    """``sum_b weight_b * (CE_b + mse_weight * MSE)`` over one micro-batch; returns ``(loss, (ce_sum, mse))``.
+
+    ``batch``: ``ids, mask, labels [B, T]`` (left padded) and ``weight [B]`` (1 for an example, 0 for filler).
+    """
+    chex.assert_equal_shape([batch["ids"], batch["mask"], batch["labels"]])
+    chex.assert_shape(batch["weight"], batch["ids"].shape[:1])
+    deltas = align(aligner, knowledge)
+    logits = forward(inject(student_params, cfg, selection, deltas), cfg, batch["ids"], batch["mask"])
+    ce = mean_token_ce(logits, batch["labels"])
+    mse = mean_square(deltas)
+    return jnp.sum(batch["weight"] * (ce + mse_weight * mse)), (jnp.sum(batch["weight"] * ce), mse)
+
+
+_micro_grad = jax.jit(jax.value_and_grad(aligner_loss, has_aux=True), static_argnums=2)
+
+
+def micro_batches(items: Sequence[Tokenized], size: int, pad_id: int, bucket: int,
+                  max_len: int) -> list[dict[str, np.ndarray]]:
+    """Examples sorted by length, cut into micro-batches of exactly ``size`` rows (the last one filled with
+    zero-weight copies), left padded with ``pad_id`` to ``min(bucket_length(longest, bucket), max_len)``."""
+    order = sorted(range(len(items)), key=lambda i: len(items[i].ids))
+    out = []
+    for chunk in iter_chunks(order, size):
+        rows = [items[i] for i in chunk]
+        weight = np.zeros(size, np.float32)
+        weight[:len(rows)] = 1.0
+        rows += [rows[0]] * (size - len(rows))
+        longest = max(len(r.ids) for r in rows)
+        b = pad_left(rows, pad_id, min(bucket_length(longest, bucket), max(max_len, longest)))
+        out.append({"ids": b.ids, "mask": b.mask, "labels": b.labels, "weight": weight})
+    return out
+
+
+def step_gradients(aligner: AlignerParams, student: Model, selection: Selection, knowledge: dict[str, jax.Array],
+                   batches: Sequence[dict[str, np.ndarray]], mse_weight: float):
+    """Loss and aligner gradient summed over micro-batches: ``(loss, ce_sum, mse, grads)`` (device arrays)."""
+    loss = ce = mse = grads = None
+    for batch in batches:
+        (l_b, (ce_b, mse)), g_b = _micro_grad(aligner, student.params, student.config, selection, knowledge,
+                                              batch, mse_weight)
+        loss, ce = (l_b, ce_b) if loss is None else (loss + l_b, ce + ce_b)
+        grads = g_b if grads is None else jax.tree.map(jnp.add, grads, g_b)
+    return loss, ce, mse, grads
+
+
+# ------------------------------------------------------------------------------------------- the optimizer
+
+OPTIMIZER = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8), optax.add_decayed_weights(0.05))
+
+
+def lr_schedule(lr: float, steps: int) -> optax.Schedule:
+    """One-cycle cosine: ``lr/25`` at step 0, ``lr`` at step ``floor(0.1 (steps - 1))``, ``lr/25`` at the last
+    step ``steps - 1`` (torch ``OneCycleLR(pct_start=0.1, final_div_factor=1)`` for 20 steps)."""
+    return optax.cosine_onecycle_schedule(max(steps - 1, 1), lr, pct_start=0.1, div_factor=25.0, final_div_factor=1.0)
+
+
+@jax.jit
+def apply_update(aligner: AlignerParams, opt_state, grads: AlignerParams, lr: jax.Array):
+    """AdamW: ``p <- p - lr * (adam(g) + 0.05 p)``; returns ``(aligner, opt_state)``."""
+    updates, opt_state = OPTIMIZER.update(grads, opt_state, aligner)
+    return jax.tree.map(lambda p, u: p - lr * u, aligner, updates), opt_state
+
+
+@jax.jit
+def _all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)]))
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+
+def _manager(folder: Path, keep: int | None, create: bool = True) -> ocp.CheckpointManager:
+    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=create)
+    return ocp.CheckpointManager(folder.absolute(), options=opts)
+
+
+def aligner_steps(out_dir: str | os.PathLike) -> list[int]:
+    """Steps whose aligner was saved in a training folder."""
+    folder = Path(out_dir) / "aligner"
+    return sorted(_manager(folder, None, create=False).all_steps()) if folder.is_dir() else []
+
+
+def load_aligner(out_dir: str | os.PathLike, step: int) -> AlignerParams:
+    """The aligner saved after ``step`` in a training folder (:class:`ConfigError` naming the saved steps)."""
+    steps = aligner_steps(out_dir)
+    if step not in steps:
+        raise ConfigError(f"{out_dir}: no aligner saved for step {step}; saved steps: {steps or 'none'}.")
+    mngr = _manager(Path(out_dir) / "aligner", None, create=False)
+    return mngr.restore(step, args=ocp.args.StandardRestore())
+
+
+def read_run(out_dir: str | os.PathLike) -> dict[str, Any]:
+    """``run.json`` of a training folder."""
+    path = Path(out_dir) / "run.json"
+    if not path.is_file():
+        raise ConfigError(f"{out_dir}: not an aligner training folder (no run.json).")
+    return json.loads(path.read_text())
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+class _Store:
+    """The training folder: ``aligner/`` (every step), ``state/`` (latest step), ``log.jsonl``."""
+
+    def __init__(self, out_dir: Path):
+        self.out = out_dir
+        self.aligner = _manager(out_dir / "aligner", None)
+        self.state = _manager(out_dir / "state", 1)
+
+    def save(self, step: int, aligner: AlignerParams, opt_state, metrics: dict[str, Any]) -> None:
+        if step not in self.aligner.all_steps():
+            self.aligner.save(step, args=ocp.args.StandardSave(aligner))
+        self.state.save(step, args=ocp.args.StandardSave({"aligner": aligner, "opt_state": opt_state}))
+        with open(self.out / "log.jsonl", "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+
+    def resume(self, template: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+        """``(next step, restored state or None)``; drops aligner steps and log lines past the saved state."""
+        last = self.state.latest_step()
+        for s in self.aligner.all_steps():
+            if last is None or s > last:
+                self.aligner.delete(s)
+        self._trim_log(-1 if last is None else last)
+        if last is None:
+            return 0, None
+        state = self.state.restore(last, args=ocp.args.StandardRestore(template))
+        state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)  # placed like a fresh state: no recompiles
+        if last not in self.aligner.all_steps():
+            self.aligner.save(last, args=ocp.args.StandardSave(state["aligner"]))
+        return last + 1, state
+
+    def _trim_log(self, last: int) -> None:
+        path = self.out / "log.jsonl"
+        if path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
+            _write_atomic(path, "".join(ln + "\n" for ln in lines))
+
+    def close(self) -> None:
+        self.aligner.close()
+        self.state.close()
+
+
+def _start_run(out_dir: Path, run: dict[str, Any]) -> None:
+    """Write ``run.json``, or check that an existing one describes the same run."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text())
+        diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+        if diff:
+            raise ConfigError(f"{out_dir} holds a different aligner run (differs in {', '.join(diff)}); resume "
+                              "with the same settings or choose a new output folder.")
+        return
+    _write_atomic(path, json.dumps(run, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------- training
+
+
+def load_examples(src: Sequence[dict[str, Any]] | str | os.PathLike, what: str) -> list[dict[str, Any]]:
+    """Chat examples from a list or a JSONL path; an empty split is a :class:`DataError`."""
+    examples = read_jsonl(src) if isinstance(src, (str, os.PathLike)) else list(src)
+    if not examples:
+        raise DataError(f"the {what} split is empty; it needs at least one example.")
+    return examples
+
+
+def _check_data(config: TrainConfig, n_extract: int, n_align: int) -> int:
+    steps = n_extract if config.steps is None else config.steps
+    if not 1 <= steps <= n_extract:
+        raise ConfigError(f"steps={steps} must be between 1 and the extract split's size {n_extract}.")
+    if n_align < config.examples_per_step - 1:
+        raise DataError(f"the align split has {n_align} examples; each step draws {config.examples_per_step - 1} "
+                        "of them. Use a larger split or fewer examples per step.")
+    return steps
+
+
+def _run_record(pair: Pair, config: TrainConfig, order: np.ndarray, steps: int, n_align: int) -> dict[str, Any]:
+    t, s = pair.teacher.config, pair.student.config
+    return {"config": {**dataclasses.asdict(config), "modules": list(pair.modules), "steps": steps},
+            "modules": list(pair.modules), "d_teacher": t.hidden_size, "d_student": s.hidden_size,
+            "teacher_layers": t.num_layers, "student_layers": s.num_layers, "counts": list(pair.counts),
+            "order": [int(i) for i in order], "n_align": n_align}
+
+
+def _train_step(step: int, state: dict[str, Any], pair: Pair, example: dict[str, Any], batch_items: list[Tokenized],
+                config: TrainConfig, lr: float) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One aligner step; returns ``(new state, metrics)``. A non-finite loss or gradient leaves the state."""
+    t0 = time.perf_counter()
+    knowledge, _, sel_s = locate_and_extract(pair, example, config.mode, config.attention)
+    batches = micro_batches(batch_items, config.micro_batch, pair.tokenizer.eos_token_id, config.bucket,
+                            config.cutoff_len)
+    loss, ce, mse, grads = step_gradients(state["aligner"], pair.student, sel_s, knowledge, batches,
+                                          config.mse_weight)
+    loss, ce, mse = (float(x) for x in jax.device_get((loss, ce, mse)))
+    skipped = not (math.isfinite(loss) and bool(_all_finite(grads)))
+    if skipped:
+        log.warning("step %d: loss %s is not finite; the step is skipped (aligner unchanged).", step, loss)
+    else:
+        aligner, opt_state = apply_update(state["aligner"], state["opt_state"], grads, jnp.float32(lr))
+        state = {"aligner": aligner, "opt_state": opt_state}
+    metrics = {"step": step, "loss": loss, "ce": ce / len(batch_items), "mse": mse, "lr": lr, "skipped": skipped,
+               "seconds": round(time.perf_counter() - t0, 3)}
+    return state, metrics
+
+
+@dataclasses.dataclass(frozen=True)
+class _Run:
+    """Everything a run needs besides the trained state."""
+
+    pair: Pair
+    config: TrainConfig
+    steps: int
+    order: np.ndarray
+    extract_examples: list[dict[str, Any]]
+    extract_tokens: list[Tokenized]
+    align_tokens: list[Tokenized]
+
+
+def _prepare(teacher: Source, student: Source, extract_examples, align_examples, config: TrainConfig,
+             tokenizer) -> _Run:
+    """All checks (data first, then the pair), then the models, tokens and the seeded order."""
+    config.check()
+    extract_ex = load_examples(extract_examples, "extract")
+    align_ex = load_examples(align_examples, "align")
+    steps = _check_data(config, len(extract_ex), len(align_ex))
+    pair = prepare_pair(teacher, student, rate=config.rate, modules=config.modules, tokenizer=tokenizer)
+    tok = functools.partial(tokenize_laten, pair.tokenizer, cutoff_len=config.cutoff_len,
+                            train_on_inputs=config.train_on_inputs)
+    order = np.random.default_rng(config.seed).permutation(len(extract_ex))
+    return _Run(pair, config, steps, order, extract_ex, [tok(e) for e in extract_ex], [tok(e) for e in align_ex])
+
+
+def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar, callback) -> dict[str, Any]:
+    schedule = lr_schedule(run.config.lr, run.steps)
+    for step in range(start, run.steps):
+        drawn = random.Random(step).sample(range(len(run.align_tokens)), run.config.examples_per_step - 1)
+        ex = int(run.order[step])
+        items = [run.align_tokens[i] for i in drawn] + [run.extract_tokens[ex]]
+        state, metrics = _train_step(step, state, run.pair, run.extract_examples[ex], items, run.config,
+                                     float(schedule(step)))
+        metrics.update(example=ex, align_examples=drawn)
+        store.save(step, state["aligner"], state["opt_state"], metrics)
+        bar.update(1)
+        bar.set_postfix(loss=f"{metrics['loss']:.4g}", ce=f"{metrics['ce']:.4g}", mse=f"{metrics['mse']:.3g}")
+        if callback is not None:
+            callback(step, metrics)
+    return state
+
+
+def train_aligner(teacher: Source, student: Source, extract_examples, align_examples, out_dir: str | os.PathLike,
+                  config: TrainConfig = TrainConfig(), *, tokenizer=None,
+                  callback: Callable[[int, dict[str, Any]], None] | None = None,
+                  progress: bool = True) -> AlignerParams:
+    """Train LaTen's aligner (SPEC §3.6) and return its final parameters; see the module docstring.
+
+    ``teacher``/``student``: :class:`Model` or checkpoint paths; ``extract_examples``/``align_examples``: lists
+    of chat examples or JSONL paths. Bad input (empty split, vocabulary mismatch, teacher not larger, ``v_proj``
+    with GQA, rate outside (0, 1]) raises before any model is loaded. ``callback(step, metrics)`` runs after each
+    saved step. Resumes from ``out_dir`` if it holds a run with the same settings.
+    """
+    run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer)
+    t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
+    out_dir = Path(out_dir)
+    _start_run(out_dir, _run_record(run.pair, config, run.order, run.steps, len(run.align_tokens)))
+    aligner = init_aligner(jax.random.PRNGKey(config.seed), run.pair.modules, t_cfg.hidden_size, s_cfg.hidden_size)
+    state = {"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}
+    store = _Store(out_dir)
+    bar = tqdm(total=run.steps, desc="aligner", disable=not progress)
+    try:
+        start, restored = store.resume(state)
+        bar.update(start)
+        state = _run_steps(run, restored or state, start, store, bar, callback)
+    finally:
+        bar.close()
+        store.close()
+    return state["aligner"]

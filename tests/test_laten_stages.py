@@ -1,0 +1,191 @@
+"""LaTen's extract, align and inject stages on tiny models with hand-made selections, and the lr schedule."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import pktjax
+from pktjax.data import Tokenized
+from pktjax.errors import ConfigError, PairError
+from pktjax.extract import check_pair, default_modules
+from pktjax.select import Selection
+from pktjax.train_aligner import lr_schedule, micro_batches
+
+MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
+
+
+@pytest.fixture(scope="module")
+def teacher(tiny_dir):
+    return pktjax.load_model(tiny_dir("llama2", seed=1, hidden=48, layers=3, inter=64))
+
+
+@pytest.fixture(scope="module")
+def student(tiny_dir):
+    return pktjax.load_model(tiny_dir("llama2"))
+
+
+def _selection(layers_ffn, layers_attn, n_f, n_a, f, q, seed) -> Selection:
+    rng = np.random.default_rng(seed)
+    pick = lambda n, size: np.stack([rng.permutation(size)[:n] for _ in layers_ffn])  # noqa: E731
+    return Selection(attn_layers=jnp.asarray(layers_attn), ffn_layers=jnp.asarray(layers_ffn),
+                     ffn_neurons=jnp.asarray(pick(n_f, f)), attn_neurons=jnp.asarray(pick(n_a, q)))
+
+
+def _teacher_sel(t):
+    return _selection([0, 2], [1, 2], 4, 3, t.config.intermediate_size, t.config.q_dim, 0)
+
+
+def _student_sel(s):
+    return _selection([0, 1], [0, 1], 4, 3, s.config.intermediate_size, s.config.q_dim, 1)
+
+
+def test_extract_gathers_rows_and_columns(teacher):
+    sel = _teacher_sel(teacher)
+    know = pktjax.extract(teacher.params, teacher.config, sel, MODULES)
+    lay = {k: np.asarray(v) for k, v in teacher.params["layers"].items()}
+    d = teacher.config.hidden_size
+    assert know["up_proj"].shape == (2, 4, d) and know["down_proj"].shape == (2, d, 4)
+    assert know["v_proj"].shape == (2, 3, d) and know["o_proj"].shape == (2, d, 3)
+    for k in range(2):
+        lf, la = int(sel.ffn_layers[k]), int(sel.attn_layers[k])
+        nf, na = np.asarray(sel.ffn_neurons[k]), np.asarray(sel.attn_neurons[k])
+        np.testing.assert_array_equal(know["up_proj"][k], lay["up_proj"][lf][nf, :])
+        np.testing.assert_array_equal(know["down_proj"][k], lay["down_proj"][lf][:, nf])
+        np.testing.assert_array_equal(know["v_proj"][k], lay["v_proj"][la][na, :])
+        np.testing.assert_array_equal(know["o_proj"][k], lay["o_proj"][la][:, na])
+
+
+def test_modules_default_and_gqa_refusal(tiny_dir, teacher):
+    gqa = pktjax.load_model(tiny_dir("llama3")).config
+    assert default_modules(teacher.config) == MODULES
+    assert default_modules(gqa) == ("up_proj", "down_proj", "o_proj")
+    sel = _selection([0], [1], 2, 2, gqa.intermediate_size, gqa.q_dim, 0)
+    with pytest.raises(ConfigError, match="v_proj"):
+        pktjax.extract({"layers": {}}, gqa, sel, ("up_proj", "v_proj"))
+    with pytest.raises(ConfigError, match="modules"):
+        pktjax.extract(teacher.params, teacher.config, _teacher_sel(teacher), ("q_proj",))
+
+
+def test_check_pair(teacher, student):
+    check_pair(teacher.config, student.config)
+    with pytest.raises(PairError, match="not larger"):
+        check_pair(student.config, teacher.config)
+    with pytest.raises(PairError, match="not larger"):
+        check_pair(student.config, student.config)
+
+
+def _deltas(student, sel, seed=0):
+    d = student.config.hidden_size
+    shapes = {"up_proj": (2, 4, d), "down_proj": (2, d, 4), "v_proj": (2, 3, d), "o_proj": (2, d, 3)}
+    keys = jax.random.split(jax.random.PRNGKey(seed), len(shapes))
+    return {m: jax.random.normal(k, s) for k, (m, s) in zip(keys, shapes.items())}
+
+
+def test_inject_changes_only_selected_entries(student):
+    sel = _student_sel(student)
+    deltas = _deltas(student, sel)
+    before = jax.tree.map(np.array, student.params)
+    new = pktjax.inject(student.params, student.config, sel, deltas)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, student.params), before)  # base unchanged
+    for name, w in new["layers"].items():
+        changed = np.asarray(w) != before["layers"][name]
+        want = np.zeros_like(changed)
+        if name in MODULES:
+            ffn = name in ("up_proj", "down_proj")
+            layers = sel.ffn_layers if ffn else sel.attn_layers
+            neurons = sel.ffn_neurons if ffn else sel.attn_neurons
+            for k, l in enumerate(np.asarray(layers)):
+                idx = np.asarray(neurons[k])
+                if name in ("up_proj", "v_proj"):
+                    want[l][idx, :] = True
+                else:
+                    want[l][:, idx] = True
+        np.testing.assert_array_equal(changed, want, err_msg=name)
+    for name in ("embed", "final_norm", "lm_head"):
+        assert new[name] is student.params[name]
+
+
+def test_inject_of_minus_extract_zeroes_the_selection(student):
+    sel = _student_sel(student)
+    know = pktjax.extract(student.params, student.config, sel, MODULES)
+    new = pktjax.inject(student.params, student.config, sel, jax.tree.map(jnp.negative, know))
+    again = pktjax.extract(new, student.config, sel, MODULES)
+    for m in MODULES:
+        np.testing.assert_array_equal(np.asarray(again[m]), 0.0)
+
+
+def test_inject_jit_equals_eager_and_is_differentiable(student):
+    sel = _student_sel(student)
+    deltas = _deltas(student, sel, 1)
+    eager = pktjax.inject(student.params, student.config, sel, deltas)
+    jitted = jax.jit(pktjax.inject, static_argnums=1)(student.params, student.config, sel, deltas)
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(np.asarray(a), np.asarray(b)), eager, jitted)
+
+    def total(d):
+        p = pktjax.inject(student.params, student.config, sel, d)
+        return sum(jnp.sum(p["layers"][m]) for m in MODULES)
+
+    grads = jax.grad(total)(deltas)
+    for m in MODULES:
+        np.testing.assert_array_equal(np.asarray(grads[m]), 1.0)
+
+
+def test_align_init_shapes_jit_and_vmap(teacher, student):
+    al = pktjax.init_aligner(jax.random.PRNGKey(0), MODULES, 48, 32)
+    for m in MODULES:
+        assert al[m]["w1"].shape == (48, 48) and al[m]["w2"].shape == (32, 48)
+        assert al[m]["w1"].dtype == jnp.float32
+        assert abs(float(jnp.std(al[m]["w1"])) - 1e-5) < 2e-6
+    know = pktjax.extract(teacher.params, teacher.config, _teacher_sel(teacher), MODULES)
+    out = pktjax.align(al, know)
+    d = student.config.hidden_size
+    assert out["up_proj"].shape == (2, 4, d) and out["down_proj"].shape == (2, d, 4)
+    assert out["v_proj"].shape == (2, 3, d) and out["o_proj"].shape == (2, d, 3)
+    for m in MODULES:
+        x = np.asarray(out[m])
+        assert x.dtype == np.float32 and np.any(x != 0)  # float32: a tiny but non-zero delta at init
+        assert np.abs(x).max() < 1e-8 and abs(x.mean()) < 1e-9
+    jitted = jax.jit(pktjax.align)(al, know)
+    for m in MODULES:
+        np.testing.assert_array_equal(np.asarray(jitted[m]), np.asarray(out[m]))
+    # vmap over a batch of knowledge dicts, and over a batch of aligners
+    batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), know)
+    vm = jax.vmap(pktjax.align, in_axes=(None, 0))(al, batch)
+    twice = pktjax.align(al, jax.tree.map(lambda x: 2 * x, know))
+    for m in MODULES:
+        np.testing.assert_allclose(vm[m][1], twice[m], rtol=1e-6, atol=0)
+    als = jax.tree.map(lambda x: jnp.stack([x, -x]), al)
+    va = jax.vmap(pktjax.align, in_axes=(0, None))(als, know)
+    np.testing.assert_allclose(va["up_proj"][0], out["up_proj"], rtol=1e-6)
+
+
+def test_lr_schedule_matches_torch_one_cycle():
+    import torch
+
+    for steps in (20, 32):
+        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=3e-5)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-5, total_steps=steps, pct_start=0.1,
+                                                    final_div_factor=1, anneal_strategy="cos")
+        ref = []
+        for _ in range(steps):
+            ref.append(opt.param_groups[0]["lr"])
+            opt.step()
+            sched.step()
+        ours = [float(lr_schedule(3e-5, steps)(s)) for s in range(steps)]
+        assert ours[0] == pytest.approx(3e-5 / 25) and ours[-1] == pytest.approx(3e-5 / 25)
+        assert max(ours) == pytest.approx(3e-5)
+        if steps == 20:  # the shipped splits' size: the authors' schedule exactly
+            np.testing.assert_allclose(ours, ref, rtol=1e-5)
+
+
+def test_micro_batches_pad_and_weight():
+    items = [Tokenized(np.arange(n, dtype=np.int32) + 4, np.arange(n, dtype=np.int32) + 4) for n in (5, 9, 3)]
+    batches = micro_batches(items, 2, 2, 8, 48)
+    assert [b["ids"].shape for b in batches] == [(2, 8), (2, 16)]
+    np.testing.assert_array_equal(batches[1]["weight"], [1, 0])
+    assert batches[0]["mask"][0].sum() == 3 and batches[0]["ids"][0, 0] == 2  # left padded with EOS
+    capped = micro_batches(items, 4, 2, 64, 10)
+    assert capped[0]["ids"].shape == (4, 10)
