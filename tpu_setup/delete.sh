@@ -1,0 +1,28 @@
+#!/usr/bin/env bash
+# Delete a TPU VM or slice (everything on its disks is lost: run collect.sh first).
+set -euo pipefail
+# shellcheck source-path=SCRIPTDIR source=lib.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
+
+YES=0
+
+usage() {
+  cat <<HELP
+usage: delete.sh --name NAME --zone ZONE --yes [--dry-run]
+
+  --yes            confirm the deletion (required unless --dry-run)
+$COMMON_HELP
+HELP
+}
+
+while [[ $# -gt 0 ]]; do
+  common_option "$@"
+  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+  case "$1" in
+    --yes) YES=1; shift ;;
+    *) die "unknown option $1; see --help" ;;
+  esac
+done
+require_target
+[[ "$YES" == 1 || "$DRY_RUN" == 1 ]] || die "deleting $TPU_NAME loses its disks; pass --yes to confirm"
+tpu_vm delete "$TPU_NAME" --quiet
