@@ -172,8 +172,12 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype=jnp.float32
     return params
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
-    """Load a checkpoint folder (``config.json`` + safetensors) or a ``.gguf`` file into a :class:`Model`."""
+def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Model:
+    """Load a checkpoint folder (``config.json`` + safetensors) or a ``.gguf`` file into a :class:`Model`.
+
+    With a ``jax.sharding.Mesh``, every tensor goes straight into its sharding (:mod:`pktjax.sharding`'s rules),
+    each device reading only its own slice from disk.
+    """
     path = Path(path).expanduser()
     if path.suffix == ".gguf" or _is_gguf(path):
         from pktjax.gguf_io import load_gguf
@@ -186,7 +190,12 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32) -> Model:
             raise CheckpointError(f"{path}: a file that is neither a .gguf nor a checkpoint folder.")
         cfg = ModelConfig.from_file(path / "config.json")
         source = SafetensorsSource(path)
-    params = params_from_source(cfg, source, dtype)
+    if mesh is None:
+        params = params_from_source(cfg, source, dtype)
+    else:
+        from pktjax.sharding import load_params
+
+        params = load_params(cfg, source, dtype, mesh)
     return Model(params=params, config=cfg.__class__(**{**cfg.__dict__, "torch_dtype": jnp.dtype(dtype).name}),
                  source=str(path))
 

@@ -153,3 +153,14 @@ def test_failed_save_leaves_no_temp_folder(tiny_dir, tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space left"):
         pktjax.save_model(model, tmp_path / "out")
     assert list(tmp_path.iterdir()) == []
+
+
+def test_load_model_onto_a_mesh_equals_plain_load(tiny_dir):
+    from pktjax.sharding import make_mesh
+
+    folder = tiny_dir("qwen2")
+    plain = pktjax.load_model(folder)
+    sharded = pktjax.load_model(folder, mesh=make_mesh(None))
+    for a, b in zip(jax.tree.leaves(plain.params), jax.tree.leaves(sharded.params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert all(hasattr(x.sharding, "spec") for x in jax.tree.leaves(sharded.params))
