@@ -7,6 +7,7 @@ Every format is read through a *tensor source*: an object with ``names()``, ``sh
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -221,6 +222,29 @@ def iter_hf_tensors(params: dict[str, Any], cfg: ModelConfig) -> Iterator[tuple[
             yield hf_layer_name(key, i), _to_numpy(stacked[i])
 
 
+@contextlib.contextmanager
+def atomic_folder(path: Path, what: str = "output", overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder that replaces ``path`` only when the block finishes without error.
+
+    A non-empty ``path`` is refused unless ``overwrite``; on any error the temporary folder is removed, so a
+    crash never leaves a half-written ``path``.
+    """
+    if path.exists() and any(path.iterdir()):
+        if not overwrite:
+            raise CheckpointError(f"{path}: folder exists and is not empty; choose a new {what} folder.")
+        shutil.rmtree(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+    try:
+        yield tmp
+        if path.exists():
+            path.rmdir()
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
 def save_model(model: Model, path: str | os.PathLike, shard_bytes: int = 4 << 30) -> Path:
     """Save ``model`` as a Hugging Face checkpoint folder that ``transformers`` loads, atomically.
 
@@ -228,11 +252,7 @@ def save_model(model: Model, path: str | os.PathLike, shard_bytes: int = 4 << 30
     checkpoint. Tokenizer files of the source folder are copied along. Refuses to overwrite a non-empty folder.
     """
     path = Path(path).expanduser()
-    if path.exists() and any(path.iterdir()):
-        raise CheckpointError(f"{path}: folder exists and is not empty; choose a new output folder.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
+    with atomic_folder(path, "output") as tmp:
         cfg = model.config
         dtype = jax.tree.leaves(model.params)[0].dtype
         hf = cfg.to_hf_dict()
@@ -240,12 +260,6 @@ def save_model(model: Model, path: str | os.PathLike, shard_bytes: int = 4 << 30
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         _write_shards(tmp, iter_hf_tensors(model.params, cfg), shard_bytes)
         _copy_tokenizer(model.source, tmp)
-        if path.exists():
-            path.rmdir()
-        os.replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 

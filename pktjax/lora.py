@@ -24,8 +24,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -35,7 +33,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pktjax.checkpoint import Model, hf_layer_name, layer_shapes
+from pktjax.checkpoint import Model, atomic_folder, hf_layer_name, layer_shapes
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError
 from pktjax.model import LINEAR_NAMES, LoraSpec, forward
@@ -385,21 +383,9 @@ def export_peft(lora: LoRA, cfg: ModelConfig, folder: str | os.PathLike, *, alph
     if initial is not None:
         lora, alpha = convert_to_original(lora, initial), 2 * alpha
     folder = Path(folder).expanduser()
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise CheckpointError(f"{folder}: folder exists and is not empty; choose a new adapter folder.")
-        shutil.rmtree(folder)
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
-    try:
+    with atomic_folder(folder, "adapter", overwrite=overwrite) as tmp:
         (tmp / ADAPTER_CONFIG).write_text(json.dumps(peft_config(lora, alpha, dropout, base_model), indent=2))
         write_safetensors(tmp / ADAPTER_WEIGHTS, _peft_tensors(lora))
-        if folder.exists():
-            folder.rmdir()
-        os.replace(tmp, folder)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return folder
 
 
