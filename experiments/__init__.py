@@ -1,0 +1,1 @@
+"""Experiments around pktjax: a PyTorch baseline of LaTen and LoRA, and a side-by-side benchmark runner."""
