@@ -32,6 +32,7 @@ from pktjax.model import forward  # noqa: E402
 
 # (hidden, ffn, layers, heads) with head_dim 128, as in Llama-2
 SIZES = {
+    "tiny": {"teacher": (64, 176, 4, 4), "student": (48, 128, 3, 3)},  # rehearsals only
     "tenth": {"teacher": (512, 1384, 40, 4), "student": (384, 1104, 32, 3)},
     "full": {"teacher": (5120, 13824, 40, 40), "student": (4096, 11008, 32, 32)},
 }

@@ -57,10 +57,10 @@ _REQUIRED = object()
 def load_gguf(path: str | Path) -> tuple[ModelConfig, "GGUFSource"]:
     """Open a GGUF file: its config (from metadata) and a tensor source keyed by Hugging Face names."""
     path = Path(path)
-    reader = _open_reader(path)
-    meta = _Metadata(reader, path)
+    gguf_file = _open_reader(path)
+    meta = _Metadata(gguf_file.fields, path)
     arch = meta.architecture()
-    tensors = {t.name: t for t in reader.tensors}
+    tensors = gguf_file.tensors
     cfg = config_from_metadata(meta, arch, tensors, path)
     return cfg, GGUFSource(path, tensors, cfg, permuted=arch in _PERMUTED_ARCHS)
 
@@ -69,12 +69,16 @@ def _open_reader(path: Path):
     if not path.is_file():
         raise CheckpointError(f"{path}: no such GGUF file.")
     try:
-        from gguf import GGUFReader
+        import gguf  # noqa: F401  (its quantization tables and kernels)
     except ImportError:
         raise CheckpointError(f"{path}: reading GGUF needs the `gguf` package (pip install gguf).") from None
+    from pktjax.gguf_format import read_gguf
+
     try:
-        return GGUFReader(path)
-    except (ValueError, KeyError, IndexError, OSError) as e:
+        return read_gguf(path)
+    except CheckpointError:
+        raise
+    except (ValueError, KeyError, IndexError, OSError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{path}: not a readable GGUF file, truncated or corrupt ({e}). "
                               "Re-download or re-convert it.") from None
 
@@ -82,18 +86,17 @@ def _open_reader(path: Path):
 class _Metadata:
     """Typed access to a GGUF file's key/value metadata, with errors that name the file and the key."""
 
-    def __init__(self, reader, path: Path):
-        self.fields = reader.fields
+    def __init__(self, fields: dict[str, Any], path: Path):
+        self.fields = fields
         self.path = path
 
     def get(self, key: str, default: Any = _REQUIRED) -> Any:
-        field = self.fields.get(key)
-        if field is None:
+        if key not in self.fields:
             if default is _REQUIRED:
                 raise CheckpointError(f"{self.path}: GGUF metadata key {key!r} is missing; the file is incomplete "
                                       "or was not written by llama.cpp's converter.")
             return default
-        return field.contents()
+        return self.fields[key]
 
     def architecture(self) -> str:
         arch = self.get("general.architecture")
@@ -136,7 +139,7 @@ def config_from_metadata(meta: _Metadata, arch: str, tensors: dict[str, Any], pa
     eos = meta.get("tokenizer.ggml.eos_token_id", None)
     return ModelConfig(
         model_type=model_type,
-        vocab_size=int(tensors["token_embd.weight"].shape[-1]),  # GGUF dims are reversed: [d, V]
+        vocab_size=int(tensors["token_embd.weight"].shape[0]),  # numpy order: [V, d]
         hidden_size=hidden,
         intermediate_size=_uniform(meta.get(f"{arch}.feed_forward_length"), "feed_forward_length", path),
         num_layers=int(meta.get(f"{arch}.block_count")),
@@ -248,8 +251,7 @@ def _dequantize(tensor, path: Path) -> np.ndarray:
     """One tensor as float32 in numpy (= Hugging Face) dimension order, dequantized in row chunks."""
     from gguf.quants import dequantize
 
-    shape = tuple(int(n) for n in reversed(tensor.shape.tolist()))
-    data = tensor.data.reshape(-1, tensor.data.shape[-1])  # [rows, bytes or values per row]
+    shape, data = tensor.shape, tensor.data  # numpy order; [rows, bytes per row]
     out = np.empty((data.shape[0], shape[-1]), np.float32)
 
     def work(start: int) -> None:
@@ -300,7 +302,7 @@ class GGUFSource:
         return f"{self.path} (GGUF tensor {self._tensor(name).name!r})"
 
     def shape(self, name: str) -> tuple[int, ...]:
-        return tuple(int(n) for n in reversed(self._tensor(name).shape.tolist()))
+        return self._tensor(name).shape
 
     def get(self, name: str) -> np.ndarray:
         w = _dequantize(self._tensor(name), self.path)

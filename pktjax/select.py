@@ -5,6 +5,8 @@ Ties are broken towards the lower index everywhere (``jax.lax.top_k`` keeps the 
 
 from __future__ import annotations
 
+import functools
+
 import chex
 import jax
 import jax.numpy as jnp
@@ -56,6 +58,11 @@ def select(attr: Attribution, n_layers: int, ffn_count: int, attn_count: int) ->
                                ("attn_count", attn_count, attr.attn.shape[1])):
         if not 1 <= count <= limit:
             raise ConfigError(f"select: {name}={count} must be between 1 and {limit}.")
+    return _select(attr, n_layers, ffn_count, attn_count)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _select(attr: Attribution, n_layers: int, ffn_count: int, attn_count: int) -> Selection:
     attn_layers = jnp.sort(_top(attr.layer_attn, n_layers))
     ffn_layers = jnp.sort(_top(attr.layer_ffn, n_layers))
     return Selection(

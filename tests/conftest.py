@@ -26,3 +26,11 @@ def tiny_dir(tmp_path_factory):
         return cache[key]
 
     return make
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _private_pktjax_home(tmp_path_factory):
+    """Caches the tests write (tokenizers built from GGUF files) go to a temporary folder, not the user's."""
+    if "PKTJAX_HOME" not in os.environ:
+        os.environ["PKTJAX_HOME"] = str(tmp_path_factory.mktemp("pktjax-home"))
+    yield

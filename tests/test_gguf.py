@@ -282,3 +282,33 @@ def test_real_llama3_rope_freqs_give_the_standard_parameters(factor):
               max_position_embeddings=131072)
     got = llama3_rope_from_factors(_llama3_rope_factors(hf).astype(np.float64), 500000.0, 64, Path("x.gguf"))
     assert got == {k: v for k, v in rope.items() if k != "rope_theta"}
+
+
+@pytest.mark.parametrize("qtype", [Q.F32, Q.Q8_0])
+def test_own_reader_equals_gguf_reader(gguf_file, qtype):
+    """pktjax's header parser gives gguf's own reader's metadata values and tensor bytes."""
+    from gguf import GGUFReader
+
+    from pktjax.gguf_format import read_gguf
+
+    _, path, _ = gguf_file("qwen2", qtype)
+    ours, theirs = read_gguf(path), GGUFReader(path)
+    assert ours.fields.keys() == {k for k in theirs.fields if not k.startswith("GGUF.")}
+    for key in ours.fields:
+        assert ours.fields[key] == theirs.fields[key].contents(), key
+    assert ours.tensors.keys() == {t.name for t in theirs.tensors}
+    for t in theirs.tensors:
+        mine = ours.tensors[t.name]
+        assert mine.shape == tuple(reversed(t.shape.tolist())) and mine.tensor_type == t.tensor_type
+        assert mine.data.tobytes() == np.ascontiguousarray(t.data).tobytes(), t.name
+
+
+def test_tokenizer_from_gguf_is_cached(gguf_file, tmp_path, monkeypatch):
+    monkeypatch.setenv("PKTJAX_HOME", str(tmp_path))
+    _, path, _ = gguf_file("llama3")
+    first = pktjax.load_tokenizer(path)
+    cached = list((tmp_path / "tokenizers").iterdir())
+    assert len(cached) == 1 and (cached[0] / "tokenizer_config.json").is_file()
+    again = pktjax.load_tokenizer(path)
+    text = "def f(x):\n    return x + 1  # wörld"
+    assert again(text)["input_ids"] == first(text)["input_ids"] and again.eos_token_id == first.eos_token_id

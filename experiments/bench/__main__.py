@@ -1,8 +1,9 @@
 """``python -m experiments.bench --size tiny|tenth|llama2-13b-7b --device cpu|gpu --out FILE.json [--reps 5]``
 
-Builds a random teacher/student pair with ``transformers``, saves it as safetensors, and runs every stage in the
-PyTorch baseline and then in pktjax on the same device and the same inputs: a warm-up, then timed repetitions.
-Writes the JSON record and refreshes this size/device's section of ``experiments/bench/RESULTS.md``.
+Builds a random teacher/student pair with ``transformers``, saves it as safetensors, loads it in the PyTorch
+baseline and in pktjax, and times every stage of both on the same device and the same inputs: one warm-up each,
+then timed repetitions taken in turns. Writes the JSON record and refreshes this run's section of
+``experiments/bench/RESULTS.md``.
 """
 
 from __future__ import annotations
@@ -19,15 +20,19 @@ MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(1 << 20), "MALLOC_TRIM_THRESHOLD_": 
 RESULTS_MD = Path(__file__).resolve().parent / "RESULTS.md"
 HEADER = """# pktjax vs a PyTorch baseline
 
-Produced by `python -m experiments.bench` (see `experiments/bench/__main__.py`). Each stage runs in the PyTorch
-baseline (`experiments/torch_baseline`, `transformers` models) and in pktjax on the same device, with the same
-random weights (one safetensors checkpoint read by both) and the same inputs. Times are medians of the timed
-repetitions after one warm-up (JAX compiles during the warm-up). `torch/pktjax` above 1 means pktjax is faster.
-`matmul floor` is the time of the attribution's `[chunk, d] x [d, V]` vocabulary products alone (JAX, same
-block size, measured in the same run). Peak MB is the peak resident-set growth during one repetition (CPU) or the
-allocator's peak growth (GPU). Agreement compares the baseline with pktjax: attribution scores (relative = max
-abs difference over max |score|), selections made from each side's own scores, and one aligner / LoRA step from
-the same start (same selection, same initial factors; the LoRA step compared with dropout off).
+Produced by `python -m experiments.bench` (`experiments/bench/`); the baseline is `experiments/torch_baseline/`
+(`transformers` models, hooks, batched products under `torch.no_grad`, `peft` for LoRA). Both frameworks read one
+random safetensors checkpoint and get the same inputs. Every stage runs once untimed in each framework (JAX
+compiles then), then the timed repetitions alternate between the frameworks, so drifting load on a shared
+machine hits both alike; times are medians. `torch/pktjax` above 1 means pktjax is faster. `matmul floor` is the
+time of the attribution's vocabulary products alone: `ceil(L (f + H*hd) / chunk)` products `[chunk, d] x [d, V]`,
+timed in JAX and in torch in the same run; `pktjax/floor` uses the JAX one. Peak MB is the growth of the resident
+set during a repetition (CPU; glibc's mmap threshold is fixed so freed blocks return to the system) or of the
+allocator's peak (GPU). Agreement, pktjax taken as the reference: attribution scores (relative = max abs
+difference / max |score|, per score array), both also against a float64 recomputation; selections made from each
+side's own scores; extraction, one aligner step and one LoRA step from the same start (the baseline's selection,
+the same initial factors; the LoRA step compared with dropout off, timed with dropout 0.05). JAX's float32
+products run at `highest` precision (true float32, as torch's do by default) unless a section says otherwise.
 """
 
 
@@ -44,6 +49,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                         "(0: all usable cores)")
     p.add_argument("--no-float64", action="store_true",
                    help="skip the float64 recomputation of the scores (always skipped for llama2-13b-7b)")
+    p.add_argument("--precision", choices=("highest", "default"), default="highest",
+                   help="JAX's float32 matrix-product precision: 'highest' is true float32, as torch computes by "
+                        "default; 'default' lets a GPU use TF32-class products (faster, ~1e-4 relative error)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--markdown", type=Path, default=RESULTS_MD, help="markdown file whose section is refreshed")
     p.add_argument("--no-markdown", action="store_true", help="write the JSON only")
@@ -68,6 +76,7 @@ def _environment(args: argparse.Namespace) -> None:
         os.sched_setaffinity(0, cores[:args.threads])
     os.environ.setdefault("JAX_PLATFORMS", "cpu" if args.device == "cpu" else "cuda")
     os.environ.setdefault("XLA_PYTHON_CLIENT_PREALLOCATE", "false")
+    os.environ["JAX_DEFAULT_MATMUL_PRECISION"] = args.precision
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -86,25 +95,21 @@ def chosen_size(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> dict:
-    from experiments.bench import compare, report
+    from experiments.bench import compare, driver, report
     from experiments.bench.models import build_pair
-    from experiments.bench.pktjax_phase import PktjaxPhase
-    from experiments.bench.torch_phase import TorchPhase
     from experiments.bench.workload import make_workload
 
     size, t0, load = chosen_size(args), time.perf_counter(), os.getloadavg()[0]
+    together = args.size != "llama2-13b-7b"
     with tempfile.TemporaryDirectory(prefix="pktjax-bench-") as tmp:
-        t_dir, s_dir = build_pair(size, Path(tmp), args.seed)
+        dirs = build_pair(size, Path(tmp), args.seed)
         work = make_workload(size, args.seed)
-        baseline = TorchPhase(t_dir, s_dir, size, work, args.device, args.reps)
-        torch_out = baseline.run_all(float64=not args.no_float64 and args.size != "llama2-13b-7b")
-        baseline.close()
-        ours = PktjaxPhase(t_dir, s_dir, size, work, args.device, args.reps)
-        jax_out = ours.run_all(torch_out["select"][0], torch_out["select"][1])
-        ours.close()
+        run_stages = driver.interleaved if together else driver.sequential
+        (torch_out, jax_out), (torch_res, jax_res) = run_stages(dirs, size, work, args.device, args.reps,
+                                                                float64=together and not args.no_float64)
     agree = compare.agreement(torch_out, jax_out, work)
-    rec = report.record(args, size, ours.results, baseline.results, (ours.floor, baseline.floor), agree, time.perf_counter() - t0,
-                        load)
+    rec = report.record(args, size, jax_res, torch_res, agree, time.perf_counter() - t0, load,
+                        "in turns" if together else "one framework after the other")
     report.write_json(args.out, rec)
     if not args.no_markdown:
         report.update_markdown(args.markdown, rec, HEADER)

@@ -114,22 +114,45 @@ class Measured:
         return statistics.median(self.seconds)
 
 
+@dataclass
+class Job:
+    """One stage of one framework: ``run(setup())`` is timed, ``sync(output)`` waits for the device inside the
+    timed region (block_until_ready / cuda synchronize); ``setup`` is never timed."""
+
+    run: Callable[[Any], Any]
+    sync: Callable[[Any], Any]
+    memory: Memory
+    setup: Callable[[], Any] = lambda: None
+
+
+def _call(job: Job, result: Measured, timed: bool) -> None:
+    state = job.setup()
+    with job.memory.track() as mem:
+        t0 = time.perf_counter()
+        out = job.sync(job.run(state))
+        seconds = time.perf_counter() - t0
+    if timed:
+        result.seconds.append(seconds)
+        result.peak_mb = max(result.peak_mb, mem.delta_mb)
+    else:
+        result.warmup_s += seconds
+    result.output = out
+
+
+def measure_jobs(jobs: list[Job], reps: int, warmup: int = 1) -> list[Measured]:
+    """Each job ``warmup`` times untimed, then ``reps`` timed rounds in which every job runs once in turn: on a
+    machine whose load drifts, the jobs being compared see the same conditions."""
+    results = [Measured() for _ in jobs]
+    for _ in range(warmup):
+        for job, res in zip(jobs, results):
+            _call(job, res, timed=False)
+    for _ in range(reps):
+        for job, res in zip(jobs, results):
+            _call(job, res, timed=True)
+    return results
+
+
 def measure(run: Callable[[Any], Any], sync: Callable[[Any], Any], memory: Memory, reps: int,
             setup: Callable[[], Any] = lambda: None, warmup: int = 1) -> Measured:
-    """``run(setup())`` ``warmup`` times untimed, then ``reps`` times timed; ``sync(output)`` waits for the
-    device (block_until_ready / cuda synchronize) inside the timed region. ``setup`` is never timed."""
-    result = Measured()
-    for _ in range(warmup):
-        state = setup()
-        t0 = time.perf_counter()
-        sync(run(state))
-        result.warmup_s += time.perf_counter() - t0
-    for _ in range(reps):
-        state = setup()
-        with memory.track() as mem:
-            t0 = time.perf_counter()
-            out = sync(run(state))
-            result.seconds.append(time.perf_counter() - t0)
-        result.peak_mb = max(result.peak_mb, mem.delta_mb)
-        result.output = out
-    return result
+    """One job alone: see :func:`measure_jobs`."""
+    return measure_jobs([Job(run, sync, memory, setup)], reps, warmup)[0]

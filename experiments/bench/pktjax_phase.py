@@ -14,8 +14,8 @@ import numpy as np
 import optax
 
 import pktjax
-from experiments.bench.measure import Measured, Memory, log, measure
-from experiments.bench.sizes import Shape, Size
+from experiments.bench.measure import Job, Measured, Memory
+from experiments.bench.sizes import Size, floor_blocks
 from experiments.bench.workload import ALIGNER_LR, LORA_ALPHA, LORA_LR, LORA_RANK, MODULES, Workload, as_numpy
 from pktjax.attribution import attribution
 from pktjax.extract import extract
@@ -41,72 +41,71 @@ def _fields(obj: Any) -> dict[str, np.ndarray]:
     return {f.name: np.asarray(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
 
 
-def floor_blocks(shape: Shape, chunk: int) -> int:
-    """Blocks of ``chunk`` rows the attribution scores: ``L * (ceil(f / c) + ceil(H*hd / c))``."""
-    ceil = lambda n: -(-n // min(chunk, n))  # noqa: E731
-    return shape.layers * (ceil(shape.inter) + ceil(shape.hidden))
-
-
 class PktjaxPhase:
-    """Loads the pair with :func:`pktjax.load_model` and measures every stage."""
+    """The pair loaded with :func:`pktjax.load_model`; :meth:`job` gives each stage, ``results[stage]`` holds its
+    measurement. ``picked`` (teacher, student selections) feeds extract and the aligner step."""
 
-    def __init__(self, teacher_dir: Path, student_dir: Path, size: Size, work: Workload, device: str, reps: int):
-        self.size, self.work, self.reps = size, work, reps
+    def __init__(self, teacher_dir: Path, student_dir: Path, size: Size, work: Workload, device: str):
+        self.size, self.work = size, work
         self.memory = Memory("jax", device)
         self.teacher, self.student = pktjax.load_model(teacher_dir), pktjax.load_model(student_dir)
+        self.models = {"teacher": (self.teacher, size.teacher), "student": (self.student, size.student)}
         self.results: dict[str, Measured] = {}
+        self.picked: tuple[Selection, Selection] | None = None
 
-    def _measure(self, name: str, run, setup=lambda: None) -> Measured:
-        self.results[name] = measure(run, jax.block_until_ready, self.memory, self.reps, setup)
-        log(f"pktjax {name:20s} median {self.results[name].median:.4g} s "
-            f"(first call {self.results[name].warmup_s:.3g} s)")
-        return self.results[name]
+    def job(self, stage: str) -> Job:
+        kind, _, model = stage.partition("_")
+        if kind in ("attribution", "floor"):
+            return getattr(self, f"_{kind}")(model)
+        return getattr(self, f"_{stage}")()
 
-    def attribution(self) -> None:
-        ids = jnp.asarray(self.work.ids)
-        for name, m in (("teacher", self.teacher), ("student", self.student)):
-            self._measure(f"attribution_{name}", lambda _, m=m: attribution(
-                m.params, m.config, ids, self.work.target, chunk=self.size.chunk))
+    def _job(self, run, setup=lambda: None) -> Job:
+        return Job(run, jax.block_until_ready, self.memory, setup)
 
-    def matmul_floor(self) -> dict[str, Measured]:
-        """Time of the attribution's vocabulary products alone, per model, with the same block size."""
-        out = {}
-        for name, m, shape in (("teacher", self.teacher, self.size.teacher),
-                               ("student", self.student, self.size.student)):
-            w_u = m.params["lm_head"]
-            x = jax.random.normal(jax.random.key(0), (min(self.size.chunk, shape.hidden), shape.hidden), w_u.dtype)
-            blocks = floor_blocks(shape, self.size.chunk)
-            out[name] = measure(lambda _: _products(x, w_u, blocks), jax.block_until_ready, self.memory, self.reps)
-            log(f"pktjax matmul floor {name:8s} median {out[name].median:.4g} s")
-        return out
+    def _attribution(self, name: str) -> Job:
+        ids, m = jnp.asarray(self.work.ids), self.models[name][0]
+        return self._job(lambda _: attribution(m.params, m.config, ids, self.work.target, chunk=self.size.chunk))
 
-    def select(self) -> None:
+    def _floor(self, name: str) -> Job:
+        """The attribution's ``[chunk, d] x [d, V]`` products alone, as many as it needs."""
+        m, shape = self.models[name]
+        w_u = m.params["lm_head"]
+        x = jax.random.normal(jax.random.key(0), (self.size.chunk, shape.hidden), w_u.dtype)
+        blocks = floor_blocks(shape, self.size.chunk)
+        return self._job(lambda _: _products(x, w_u, blocks))
+
+    def _select(self) -> Job:
         k, (n_f, n_a) = self.size.student.layers, self.work.counts
         scores = [self.results[f"attribution_{n}"].output for n in ("teacher", "student")]
-        self._measure("select", lambda _: [select(s, k, n_f, n_a) for s in scores])
+        return self._job(lambda _: [select(s, k, n_f, n_a) for s in scores])
 
-    def extract(self, picked: Selection) -> None:
-        self._measure("extract", lambda _: extract(self.teacher.params, self.teacher.config, picked, MODULES))
+    def _extract(self) -> Job:
+        return self._job(lambda _: extract(self.teacher.params, self.teacher.config, self.picked[0], MODULES))
 
-    def aligner_step(self, picked_student: Selection) -> None:
+    def _aligner_step(self) -> Job:
         from pktjax.train_aligner import OPTIMIZER
 
         knowledge = self.results["extract"].output
         batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in self.work.aligner_batches]
         aligner = jax.tree.map(jnp.asarray, self.work.aligner)
-        run = functools.partial(aligner_step, aligner, self.student, picked_student, knowledge, batches)
-        self._measure("aligner_step", run, lambda: OPTIMIZER.init(aligner))
+        run = functools.partial(aligner_step, aligner, self.student, self.picked[1], knowledge, batches)
+        return self._job(run, lambda: OPTIMIZER.init(aligner))
 
-    def lora_step(self) -> None:
-        tx, update, scale = lora_optimizer()
-        lora = {"layers": jax.tree.map(jnp.asarray, self.work.lora)}
+    def _lora_step(self) -> Job:
+        """One LoRA step with dropout 0.05."""
+        self.tx, update, scale = lora_optimizer()
+        self.lora = {"layers": jax.tree.map(jnp.asarray, self.work.lora)}
         batches = [tuple(jnp.asarray(b[k]) for k in ("ids", "mask", "labels")) for b in self.work.lora_batches]
-        step = functools.partial(lora_step, self.student, lora, batches, update, scale=scale)
-        self._measure("lora_step", functools.partial(step, dropout=0.05), lambda: tx.init(lora))
-        loss, new, acc = step(tx.init(lora), dropout=0.0)  # dropout off: compared with the baseline
-        self.lora_exact = {"loss": float(loss), "params": as_numpy(new["layers"]), "grads": as_numpy(clipped_gradient(acc))}
+        self.lora_run = functools.partial(lora_step, self.student, self.lora, batches, update, scale=scale)
+        return self._job(functools.partial(self.lora_run, dropout=0.05), lambda: self.tx.init(self.lora))
+
+    def lora_exact(self) -> dict[str, Any]:
+        """One LoRA step with dropout off, for the comparison with the baseline."""
+        loss, new, acc = self.lora_run(self.tx.init(self.lora), dropout=0.0)
+        return {"loss": float(loss), "params": as_numpy(new["layers"]), "grads": as_numpy(clipped_gradient(acc))}
 
     def outputs(self) -> dict[str, Any]:
+        """The stage outputs the comparison needs, as NumPy (the LoRA entry comes from :meth:`lora_exact`)."""
         res = self.results
         loss, aligner, grads = res["aligner_step"].output
         return {
@@ -115,20 +114,10 @@ class PktjaxPhase:
             "select": [_fields(s) for s in res["select"].output],
             "extract": as_numpy(res["extract"].output),
             "aligner_step": {"loss": float(loss), "params": as_numpy(aligner), "grads": as_numpy(grads)},
-            "lora_step": self.lora_exact,
         }
 
-    def run_all(self, picked_teacher: dict, picked_student: dict) -> dict[str, Any]:
-        self.attribution()
-        self.floor = self.matmul_floor()
-        self.select()
-        self.extract(selection_from(picked_teacher))
-        self.aligner_step(selection_from(picked_student))
-        self.lora_step()
-        return self.outputs()
-
     def close(self) -> None:
-        del self.teacher, self.student
+        del self.teacher, self.student, self.models
         gc.collect()
 
 

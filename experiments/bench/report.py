@@ -53,7 +53,7 @@ def versions() -> dict[str, str]:
     return out
 
 
-def stage_entry(name: str, ours: Measured, theirs: Measured, agree: dict[str, Any],
+def stage_entry(ours: Measured, theirs: Measured, agree: dict[str, Any],
                 floor: Measured | None, torch_floor: Measured | None = None) -> dict[str, Any]:
     entry = {"pktjax_s": ours.median, "torch_s": theirs.median, "ratio": theirs.median / ours.median,
              "pktjax_peak_mb": round(ours.peak_mb, 1), "torch_peak_mb": round(theirs.peak_mb, 1),
@@ -68,18 +68,18 @@ def stage_entry(name: str, ours: Measured, theirs: Measured, agree: dict[str, An
     return entry
 
 
-def record(args, size, jax_res: dict[str, Measured], torch_res: dict[str, Measured],
-           floors: tuple[dict[str, Measured], dict[str, Measured]], agree: dict[str, dict[str, Any]], wall_s: float,
-           load_start: float) -> dict[str, Any]:
-    """The JSON record; ``floors`` = (pktjax's, the baseline's) matmul floors per model."""
+def record(args, size, jax_res: dict[str, Measured], torch_res: dict[str, Measured], agree: dict[str, dict[str, Any]],
+           wall_s: float, load_start: float, schedule: str) -> dict[str, Any]:
+    """The JSON record: metadata, then one entry per stage (the attribution entries carry the matmul floors)."""
     stages = {}
     for name in STAGES:
         model = name.removeprefix("attribution_")
-        floor, torch_floor = (floors[0].get(model), floors[1].get(model)) if model != name else (None, None)
-        stages[name] = stage_entry(name, jax_res[name], torch_res[name], agree[name], floor, torch_floor)
+        floors = (jax_res[f"floor_{model}"], torch_res[f"floor_{model}"]) if model != name else (None, None)
+        stages[name] = stage_entry(jax_res[name], torch_res[name], agree[name], *floors)
     return {
         "meta": {"size": args.size, "device": args.device, "reps": args.reps, "warmup": 1,
-                 "threads": len(os.sched_getaffinity(0)),
+                 "jax_matmul_precision": getattr(args, "precision", "default"),
+                 "threads": len(os.sched_getaffinity(0)), "schedule": schedule,
                  "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
                  "command": "python -m experiments.bench " + " ".join(shlex.quote(a) for a in sys.argv[1:]),
                  "wall_s": round(wall_s, 1),
@@ -129,8 +129,9 @@ def markdown_section(rec: dict[str, Any]) -> str:
     hw = m["machine"]
     lines = [f"### `{m['size']}` on {m['device']}, {m['teacher']['layers']}/{m['student']['layers']} layers, "
              f"{_threads(m)} core(s) — {m['date']}", "",
-             f"Command: `{m['command']}` (warm-up 1, {m['reps']} timed repetitions, median; whole run "
-             f"{m['wall_s']:.0f} s).  ",
+             f"Command: `{m['command']}` (warm-up 1, {m['reps']} timed repetitions, median; frameworks timed "
+             f"{m.get('schedule', 'one after the other')}; JAX float32 products at "
+             f"`{m.get('jax_matmul_precision', 'default')}` precision; whole run {m['wall_s']:.0f} s).  ",
              f"Machine: {hw['cpu']}, {hw['cpu_cores_usable']} usable cores, {hw['ram_gb']} GB RAM"
              + (f", {hw['gpu']}" if "gpu" in hw else "")
              + f"; 1-minute load average {hw['load_average_1m_at_start']} at the start, "

@@ -50,6 +50,11 @@ class Size:
     note: str = ""
 
 
+def floor_blocks(shape: Shape, chunk: int) -> int:
+    """Blocks of ``chunk`` rows that cover the ``L (f + H*hd)`` neuron rows the attribution scores."""
+    return -(-shape.layers * (shape.inter + shape.hidden) // chunk)
+
+
 SIZES = {
     "tiny": Size(Shape(64, 176, 4, 4, 1024), Shape(48, 128, 3, 3, 1024), prompt_len=32, train_len=32,
                  lora_micro=8, chunk=128, note="d 64 -> 48, vocabulary 1024"),

@@ -1,4 +1,4 @@
-"""The PyTorch baseline's stages on the benchmark workload."""
+"""The PyTorch baseline's stages on the benchmark workload, as jobs for :mod:`experiments.bench.measure`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from experiments.bench.measure import Measured, Memory, log, measure
+from experiments.bench.measure import Job, Measured, Memory
 from experiments.bench.models import load_torch
-from experiments.bench.sizes import Size
+from experiments.bench.sizes import Size, floor_blocks
 from experiments.bench.workload import ALIGNER_LR, LORA_ALPHA, LORA_LR, LORA_RANK, LORA_TARGETS, MODULES, Workload
 from experiments.torch_baseline import align as talign
 from experiments.torch_baseline import lora as tlora
@@ -30,14 +30,6 @@ def _tensors(batch: dict[str, np.ndarray], device: str) -> dict[str, torch.Tenso
             for k, v in batch.items()}
 
 
-def _sync(device: str):
-    def sync(out):
-        if device == "cuda":
-            torch.cuda.synchronize()
-        return out
-    return sync
-
-
 @torch.no_grad()
 def _products(x: torch.Tensor, w_u: torch.Tensor, blocks: int) -> torch.Tensor:
     """``blocks`` products ``[c, d] x [d, V]``, each on a rescaled copy of ``x``."""
@@ -48,65 +40,53 @@ def _products(x: torch.Tensor, w_u: torch.Tensor, blocks: int) -> torch.Tensor:
 
 
 class TorchPhase:
-    """Loads the pair in PyTorch and measures every stage; ``results[stage]`` is a :class:`Measured`."""
+    """The pair loaded in PyTorch; :meth:`job` gives each stage, ``results[stage]`` holds its measurement.
+    ``picked`` (teacher, student selections) feeds extract and the aligner step once select has run."""
 
-    def __init__(self, teacher_dir: Path, student_dir: Path, size: Size, work: Workload, device: str, reps: int):
-        self.size, self.work, self.reps = size, work, reps
+    def __init__(self, teacher_dir: Path, student_dir: Path, size: Size, work: Workload, device: str):
+        self.size, self.work = size, work
         self.device = "cuda" if device == "gpu" else "cpu"
-        self.memory, self.sync = Memory("torch", device), _sync(self.device)
+        self.memory = Memory("torch", device)
         self.teacher, self.student = load_torch(teacher_dir, self.device), load_torch(student_dir, self.device)
+        self.models = {"teacher": (self.teacher, size.teacher), "student": (self.student, size.student)}
         self.results: dict[str, Measured] = {}
+        self.picked: tuple[Picked, Picked] | None = None
+        self.peft_model = None
 
-    def _measure(self, name: str, run, setup=lambda: None) -> Measured:
-        self.results[name] = measure(run, self.sync, self.memory, self.reps, setup)
-        log(f"torch  {name:20s} median {self.results[name].median:.4g} s "
-            f"(first call {self.results[name].warmup_s:.3g} s)")
-        return self.results[name]
-
-    def attribution(self) -> None:
-        ids = torch.as_tensor(self.work.ids, dtype=torch.long, device=self.device)
-        for name, model in (("teacher", self.teacher), ("student", self.student)):
-            self._measure(f"attribution_{name}",
-                          lambda _, m=model: attribution(m, ids, self.work.target, chunk=self.size.chunk))
-
-    def matmul_floor(self) -> dict[str, Measured]:
-        """Time of the baseline's own ``[chunk, d] x [d, V]`` products alone (same blocks as the attribution)."""
-        from experiments.bench.pktjax_phase import floor_blocks
-
-        out = {}
-        for name, model, shape in (("teacher", self.teacher, self.size.teacher),
-                                   ("student", self.student, self.size.student)):
-            w_u = model.get_output_embeddings().weight
-            x = torch.randn(min(self.size.chunk, shape.hidden), shape.hidden, device=self.device)
-            blocks = floor_blocks(shape, self.size.chunk)
-            out[name] = measure(lambda _: _products(x, w_u, blocks), self.sync, self.memory, self.reps)
-            log(f"torch  matmul floor {name:8s} median {out[name].median:.4g} s")
+    def sync(self, out: Any) -> Any:
+        if self.device == "cuda":
+            torch.cuda.synchronize()
         return out
 
-    @torch.no_grad()
-    def float64_scores(self) -> dict[str, dict[str, np.ndarray]]:
-        """Attribution scores (and the selection they give) of both models recomputed in float64 by the baseline:
-        a reference for both sides."""
-        ids = torch.as_tensor(self.work.ids, dtype=torch.long, device=self.device)
-        k, (n_f, n_a) = self.size.student.layers, self.work.counts
-        out = {}
-        for name, model in (("teacher", self.teacher), ("student", self.student)):
-            model.double()
-            scores = attribution(model, ids, self.work.target, chunk=self.size.chunk)
-            model.float()
-            out[name] = {"scores": _numpy(scores.as_dict()), "picked": _numpy(select(scores, k, n_f, n_a).as_dict())}
-        log("torch  float64 reference scores done")
-        return out
+    def job(self, stage: str) -> Job:
+        kind, _, model = stage.partition("_")
+        if kind in ("attribution", "floor"):
+            return getattr(self, f"_{kind}")(model)
+        return getattr(self, f"_{stage}")()
 
-    def select(self) -> None:
+    def _attribution(self, name: str) -> Job:
+        ids = torch.as_tensor(self.work.ids, dtype=torch.long, device=self.device)
+        model = self.models[name][0]
+        return Job(lambda _: attribution(model, ids, self.work.target, chunk=self.size.chunk), self.sync,
+                   self.memory)
+
+    def _floor(self, name: str) -> Job:
+        """The baseline's own ``[chunk, d] x [d, V]`` products alone, as many as the attribution needs."""
+        model, shape = self.models[name]
+        w_u = model.get_output_embeddings().weight
+        x = torch.randn(self.size.chunk, shape.hidden, device=self.device)
+        blocks = floor_blocks(shape, self.size.chunk)
+        return Job(lambda _: _products(x, w_u, blocks), self.sync, self.memory)
+
+    def _select(self) -> Job:
         k, (n_f, n_a) = self.size.student.layers, self.work.counts
         scores = [self.results[f"attribution_{n}"].output for n in ("teacher", "student")]
-        self._measure("select", lambda _: [select(s, k, n_f, n_a) for s in scores])
+        return Job(lambda _: [select(s, k, n_f, n_a) for s in scores], self.sync, self.memory)
 
-    def extract(self, picked: Picked) -> None:
-        self._measure("extract", lambda _: extract(self.teacher, picked, MODULES))
+    def _extract(self) -> Job:
+        return Job(lambda _: extract(self.teacher, self.picked[0], MODULES), self.sync, self.memory)
 
-    def aligner_step(self, picked_student: Picked) -> None:
+    def _aligner_step(self) -> Job:
         knowledge = self.results["extract"].output
         batches = [_tensors(b, self.device) for b in self.work.aligner_batches]
 
@@ -121,28 +101,45 @@ class TorchPhase:
 
         def run(state):
             aligner, opt = state
-            loss = talign.aligner_step(aligner, opt, self.student, picked_student, knowledge, batches)
-            return loss, aligner
+            return talign.aligner_step(aligner, opt, self.student, self.picked[1], knowledge, batches), aligner
 
-        self._measure("aligner_step", run, setup)
+        return Job(run, self.sync, self.memory, setup)
 
-    def lora_step(self) -> None:
-        model = tlora.wrap(self.student, LORA_RANK, LORA_ALPHA, 0.05, LORA_TARGETS)
+    def _lora_setup(self, train: bool = True) -> torch.optim.Optimizer:
+        tlora.set_factors(self.peft_model, self.work.lora)
+        self.peft_model.train(train)
+        return tlora.make_optimizer(self.peft_model, LORA_LR)
+
+    def _lora_step(self) -> Job:
+        """LoRA (dropout 0.05) on the student, wrapped in place: this stage comes last."""
+        self.peft_model = tlora.wrap(self.student, LORA_RANK, LORA_ALPHA, 0.05, LORA_TARGETS)
         batches = [_tensors(b, self.device) for b in self.work.lora_batches]
+        self.lora_batches = batches
+        return Job(lambda opt: tlora.lora_step(self.peft_model, opt, batches), self.sync, self.memory,
+                   self._lora_setup)
 
-        def setup(train: bool = True):
-            tlora.set_factors(model, self.work.lora)
-            model.train(train)
-            return tlora.make_optimizer(model, LORA_LR)
+    def lora_exact(self) -> dict[str, Any]:
+        """One LoRA step with dropout off (eval mode), for the comparison with pktjax."""
+        loss = tlora.lora_step(self.peft_model, self._lora_setup(train=False), self.lora_batches)
+        return {"loss": float(loss), "params": _numpy(tlora.get_factors(self.peft_model, LORA_TARGETS)),
+                "grads": _numpy(tlora.get_factors(self.peft_model, LORA_TARGETS, grad=True))}
 
-        self._measure("lora_step", lambda opt: tlora.lora_step(model, opt, batches), setup)
-        opt = setup(train=False)  # dropout off: one step whose update is compared with pktjax's
-        loss = tlora.lora_step(model, opt, batches)
-        self.lora_exact = {"loss": float(loss), "params": _numpy(tlora.get_factors(model, LORA_TARGETS)),
-                           "grads": _numpy(tlora.get_factors(model, LORA_TARGETS, grad=True))}
+    @torch.no_grad()
+    def float64_scores(self) -> dict[str, dict[str, np.ndarray]]:
+        """Attribution scores (and the selection they give) of both models recomputed in float64 by the baseline:
+        a reference for both sides. Must run before the LoRA stage wraps the student."""
+        ids = torch.as_tensor(self.work.ids, dtype=torch.long, device=self.device)
+        k, (n_f, n_a) = self.size.student.layers, self.work.counts
+        out = {}
+        for name, (model, _) in self.models.items():
+            model.double()
+            scores = attribution(model, ids, self.work.target, chunk=self.size.chunk)
+            model.float()
+            out[name] = {"scores": _numpy(scores.as_dict()), "picked": _numpy(select(scores, k, n_f, n_a).as_dict())}
+        return out
 
     def outputs(self) -> dict[str, Any]:
-        """What the comparison needs, as NumPy."""
+        """The stage outputs the comparison needs, as NumPy (the LoRA entry comes from :meth:`lora_exact`)."""
         res = self.results
         loss, aligner = res["aligner_step"].output
         return {
@@ -154,23 +151,10 @@ class TorchPhase:
                              "params": {m: {"w1": _numpy(h.w1), "w2": _numpy(h.w2)} for m, h in aligner.items()},
                              "grads": {m: {"w1": _numpy(h.w1.grad), "w2": _numpy(h.w2.grad)}
                                        for m, h in aligner.items()}},
-            "lora_step": self.lora_exact,
-            "float64": self.f64,
         }
 
-    def run_all(self, float64: bool = False) -> dict[str, Any]:
-        self.attribution()
-        self.floor = self.matmul_floor()
-        self.f64 = self.float64_scores() if float64 else None
-        self.select()
-        picked_t, picked_s = self.results["select"].output
-        self.extract(picked_t)
-        self.aligner_step(picked_s)
-        self.lora_step()
-        return self.outputs()
-
     def close(self) -> None:
-        del self.teacher, self.student
+        del self.teacher, self.student, self.models, self.peft_model
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()

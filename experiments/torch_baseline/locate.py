@@ -3,9 +3,10 @@
 One forward pass with hooks records, at the last position of every layer, the layer input ``h``, the attention
 output ``a`` (after o_proj), the FFN output, the FFN coefficients ``m = act(gate) * up`` (the input of
 down_proj), the value vectors and the attention probabilities (eager attention), and the last layer's output.
-Every score is a difference of two log-probabilities of the target token under the vocabulary projection
-``phi``. Neuron scores are batched ``[chunk, d] x [d, V]`` products over blocks of neurons under
-``torch.no_grad()``; there is no Python loop over single neurons.
+Every score is the gain in the target's log-probability under the vocabulary projection ``phi`` when a vector
+is added to a residual, computed from the change of logits (see :meth:`Projection.gain`). Neuron scores are
+batched ``[chunk, d] x [d, V]`` products over blocks of neurons under ``torch.no_grad()``; there is no Python
+loop over single neurons.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ MODES = ("reference", "rmsnorm")
 ATTENTION = ("last_key", "all_keys")
 DEFAULT_CHUNK = 512
 
-LogProb = Callable[[torch.Tensor], torch.Tensor]
 
 
 @dataclass
@@ -148,44 +148,73 @@ def unembedding(model: torch.nn.Module) -> torch.Tensor:
     return model.get_output_embeddings().weight
 
 
-def normalizer(model: torch.nn.Module, mode: str, output: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
-    """``x [n, d] -> [n, d]``: ``gamma * x * (sigma + 1e-6)^(-1/2)`` with ``sigma = sqrt(Var(output) + 1e-5)``
-    (``reference``) or the model's own final RMSNorm (``rmsnorm``)."""
-    norm = model.model.norm
-    if mode == "rmsnorm":
-        return lambda x: norm(x.to(norm.weight.dtype)).float()
-    gamma = norm.weight.float()
-    sigma = torch.sqrt(torch.var(output, unbiased=False) + 1e-5)
-    scale = torch.rsqrt(sigma + 1e-6)
-    return lambda x: gamma * (x * scale)
+class Projection:
+    """The vocabulary projection ``phi`` of SPEC §3.1 and the target's log-probability gains under it.
+
+    ``reference``: ``gamma * x * (sigma + 1e-6)^(-1/2)`` with ``sigma = sqrt(Var(output) + 1e-5)``, one scalar
+    from the last layer's output; ``rmsnorm``: the model's own final RMSNorm of each row.
+    """
+
+    def __init__(self, model: torch.nn.Module, mode: str, output: torch.Tensor, target: int):
+        norm = model.model.norm
+        self.w_u, self.target, self.mode = unembedding(model), target, mode
+        self.gamma, self.eps = norm.weight.float(), norm.variance_epsilon
+        self.scale = torch.rsqrt(torch.sqrt(torch.var(output, unbiased=False) + 1e-5) + 1e-6)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        if self.mode == "rmsnorm":
+            return self.gamma * (x * torch.rsqrt(x.square().mean(-1, keepdim=True) + self.eps))
+        return self.gamma * (x * self.scale)
+
+    def shift(self, base: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+        """``normalize(base + delta) - normalize(base)`` ``[n, d]``, without subtracting two close vectors."""
+        if self.mode != "rmsnorm":
+            return self.gamma * (delta * self.scale)
+        ms = base.square().mean(-1, keepdim=True) + self.eps
+        growth = (delta * (2 * base + delta)).mean(-1, keepdim=True) / ms  # ms(base + delta) / ms(base) - 1
+        ratio_m1 = torch.expm1(-0.5 * torch.log1p(growth))  # rms(base) / rms(base + delta) - 1
+        return self.gamma * (torch.rsqrt(ms) * (ratio_m1 * base + (1 + ratio_m1) * delta))
+
+    def logits(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.matmul(y.to(self.w_u.dtype), self.w_u.T).float()
+
+    def log_probs(self, base: torch.Tensor) -> torch.Tensor:
+        """``log_softmax(phi(base))`` ``[n, V]``."""
+        return torch.log_softmax(self.logits(self.normalize(base)), dim=-1)
+
+    def gain(self, base: torch.Tensor, delta: torch.Tensor, log_probs: torch.Tensor) -> torch.Tensor:
+        """``log p(w | base + delta) - log p(w | base)`` ``[n]`` for ``base [n|1, d]``, ``delta [n, d]`` and
+        ``log_probs = log_softmax(phi(base)) [n|1, V]``.
+
+        With ``u`` the change of logits and ``t = max(0, max u)`` the gain is ``u_w - t - log1p(s)``,
+        ``s = sum_v p_v expm1(u_v - t)``: a small change keeps its precision instead of being the difference of
+        two log-probabilities of size ``log V``. Rows with ``s < -1/2`` (a large change, where ``1 + s`` would
+        cancel) take the direct ``logsumexp(u + log p)`` instead.
+        """
+        y = self.shift(base, delta)
+        u = self.logits(y)  # [n, V]
+        u_target = u[:, self.target].clone()
+        top = u.amax(dim=1, keepdim=True).clamp_(min=0)
+        s = u.sub_(top).expm1_().mul_(log_probs.exp()).sum(dim=1)
+        lse = top[:, 0] + torch.log1p(s)
+        far = torch.nonzero(s < -0.5)[:, 0]
+        if far.numel():
+            lp = log_probs if log_probs.shape[0] == 1 else log_probs[far]
+            lse[far] = torch.logsumexp(self.logits(y[far]) + lp, dim=1)
+        return u_target - lse
 
 
-def log_prob_fn(w_u: torch.Tensor, normalize: Callable, target: int) -> LogProb:
-    """``x [n, d] -> log p(target | x) [n]`` = ``log_softmax(W_U normalize(x))[target]``."""
-    def log_prob(x: torch.Tensor) -> torch.Tensor:
-        z = torch.matmul(normalize(x).to(w_u.dtype), w_u.T).float()  # [n, V]
-        return z[:, target] - torch.logsumexp(z, dim=1)
-    return log_prob
-
-
-def layer_scores(rec: LastPosition, log_prob: LogProb) -> tuple[torch.Tensor, ...]:
-    """``(A [L], F [L], log p(w|h) [L], log p(w|r) [L])``."""
-    h, r = rec.h, rec.r
-    lp_h, lp_r, lp_out = log_prob(torch.cat([h, r, r + rec.ffn_out])).view(3, h.shape[0])
-    return lp_r - lp_h, lp_out - lp_r, lp_h, lp_r
-
-
-def neuron_scores(base: torch.Tensor, coef: torch.Tensor, columns: list[torch.Tensor], base_lp: torch.Tensor,
-                  log_prob: LogProb, chunk: int) -> torch.Tensor:
-    """``[L, n]``: ``log p(w | base_l + coef_{l,i} W_l[:, i]) - base_lp_l`` for output weights ``W_l [d, n]``,
-    in blocks of ``chunk`` neurons."""
+def neuron_scores(base: torch.Tensor, coef: torch.Tensor, columns: list[torch.Tensor], log_probs: torch.Tensor,
+                  proj: Projection, chunk: int) -> torch.Tensor:
+    """``[L, n]``: the gain of adding ``coef_{l,i} W_l[:, i]`` to ``base_l`` for output weights ``W_l [d, n]``
+    (``log_probs [L, V]`` = log_softmax at each base), in blocks of ``chunk`` neurons."""
     n_l, n = coef.shape
     out = torch.empty(n_l, n, dtype=torch.float32, device=coef.device)
     for layer, w in enumerate(columns):
         for start in range(0, n, chunk):
             stop = min(start + chunk, n)
-            block = torch.addcmul(base[layer], coef[layer, start:stop, None], w[:, start:stop].T.float())
-            out[layer, start:stop] = log_prob(block) - base_lp[layer]
+            delta = coef[layer, start:stop, None] * w[:, start:stop].T.float()
+            out[layer, start:stop] = proj.gain(base[layer][None], delta, log_probs[layer][None])
     return out
 
 
@@ -206,12 +235,12 @@ def attribution(model: torch.nn.Module, input_ids: torch.Tensor, target_id: int,
     _check(mode, attention, chunk)
     ids = input_ids if input_ids.dim() == 2 else input_ids[None]
     rec = capture(model, ids, attention_mask)
-    log_prob = log_prob_fn(unembedding(model), normalizer(model, mode, rec.output), int(target_id))
-    layer_attn, layer_ffn, lp_h, lp_r = layer_scores(rec, log_prob)
+    proj = Projection(model, mode, rec.output, int(target_id))
+    p_h, p_r = proj.log_probs(rec.h), proj.log_probs(rec.r)  # [L, V] each
     layers = model.model.layers
     down = [layer.mlp.down_proj.weight for layer in layers]
     o_proj = [layer.self_attn.o_proj.weight for layer in layers]
     values = rec.head_last_key if attention == "last_key" else rec.head_all_keys
-    ffn = neuron_scores(rec.r, rec.coeff, down, lp_r, log_prob, chunk)
-    attn = neuron_scores(rec.h, values, o_proj, lp_h, log_prob, chunk)
-    return Scores(layer_attn=layer_attn, layer_ffn=layer_ffn, ffn=ffn, attn=attn)
+    return Scores(layer_attn=proj.gain(rec.h, rec.a, p_h), layer_ffn=proj.gain(rec.r, rec.ffn_out, p_r),
+                  ffn=neuron_scores(rec.r, rec.coeff, down, p_r, proj, chunk),
+                  attn=neuron_scores(rec.h, values, o_proj, p_h, proj, chunk))
