@@ -104,13 +104,14 @@ def _gain(w_u: jax.Array, target: jax.Array, shift: jax.Array, base_logp: jax.Ar
 
 
 def _neuron_scores(base: jax.Array, coef: jax.Array, w_out: jax.Array, base_logp: jax.Array, score: Callable,
-                   chunk: int) -> jax.Array:
-    """Scores ``[L, n]``: ``log p(w | base_l + coef_{l,i} w_out_l[:, i]) - log p(w | base_l)``.
+                   chunk: int, layers: jax.Array) -> jax.Array:
+    """Scores ``[L, n]``: ``log p(w | base_l + coef_{l,i} w_out_l[:, i]) - log p(w | base_l)`` for the layers
+    ``l`` in ``layers [K]``; the rows of other layers are ``-inf`` (not scored).
 
     ``base [L, d]``, ``coef [L, n]``, ``w_out [L, d, n]`` (output columns), ``base_logp [L, V]``,
-    ``score(base [1, d], delta [c, d], base_logp [1, V]) -> [c]``. One sequential loop over ``L * ceil(n / c)``
-    blocks of ``c = min(chunk, n)`` columns; the last block of a layer is shifted back to end at ``n`` (it
-    overlaps its neighbour), so nothing is padded or copied.
+    ``score(base [1, d], delta [c, d], base_logp [1, V]) -> [c]``. One sequential loop over ``K * ceil(n / c)``
+    blocks of ``c = min(chunk, n)`` columns, each read straight from ``w_out`` (no gathered copy); the last block
+    of a layer is shifted back to end at ``n`` (it overlaps its neighbour), so nothing is padded.
     """
     n_l, d, n = w_out.shape
     chex.assert_shape([base], (n_l, d))
@@ -119,21 +120,35 @@ def _neuron_scores(base: jax.Array, coef: jax.Array, w_out: jax.Array, base_logp
     blocks = -(-n // c)
 
     def block(i: jax.Array) -> jax.Array:
-        layer, start = i // blocks, jnp.minimum((i % blocks) * c, n - c)
+        layer, start = layers[i // blocks], jnp.minimum((i % blocks) * c, n - c)
         cols = jax.lax.dynamic_slice(w_out, (layer, 0, start), (1, d, c))[0].astype(jnp.float32)  # [d, c]
         m = jax.lax.dynamic_slice(coef, (layer, start), (1, c))[0].astype(jnp.float32)  # [c]
         return score(base[layer][None], m[:, None] * cols.T, base_logp[layer][None])
 
-    out = jax.lax.map(block, jnp.arange(n_l * blocks)).reshape(n_l, blocks, c)
+    k = layers.shape[0]
+    out = jax.lax.map(block, jnp.arange(k * blocks)).reshape(k, blocks, c)
     skip = (blocks - 1) * c - (n - c)  # entries of the last block already covered by the one before
-    return jnp.concatenate([out[:, :-1].reshape(n_l, -1), out[:, -1, skip:]], axis=1)
+    rows = jnp.concatenate([out[:, :-1].reshape(k, -1), out[:, -1, skip:]], axis=1)
+    return jnp.full((n_l, n), -jnp.inf, jnp.float32).at[layers].set(rows)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
-def _attribution_jit(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
-                     target_id: jax.Array, use_rms: jax.Array, all_keys: jax.Array, *, chunk: int) -> Attribution:
-    """``input_ids, attention_mask [1, T]`` (left padding allowed), ``target_id []``, ``use_rms`` and
-    ``all_keys`` boolean scalars (the ``mode`` and ``attention`` options) -> :class:`Attribution`."""
+class _Captured(NamedTuple):
+    """What every score reads, at the last position: ``h, a, r, f [L, d]``, ``coeff [L, f]``, ``values [L, H*hd]``,
+    ``logp_h, logp_r [L, V]`` and ``score(base [n|1, d], delta [n, d], base_logp [n|1, V]) -> [n]``."""
+
+    h: jax.Array
+    a: jax.Array
+    r: jax.Array
+    f: jax.Array
+    coeff: jax.Array
+    values: jax.Array
+    logp_h: jax.Array
+    logp_r: jax.Array
+    score: Callable
+
+
+def _capture(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
+             target_id: jax.Array, use_rms: jax.Array, all_keys: jax.Array) -> _Captured:
     _, trace = forward(params, cfg, input_ids, attention_mask, capture=True)
     w_u, norm = _unembedding(params, cfg), _norm(params, cfg, use_rms, trace.output[0])
     h, a, r, f = (getattr(trace, k)[:, 0].astype(jnp.float32) for k in ("h", "a", "r", "ffn_out"))
@@ -143,12 +158,31 @@ def _attribution_jit(params: Params, cfg: ModelConfig, input_ids: jax.Array, att
         return _gain(w_u, target_id, norm.shift(base, delta), base_logp)
 
     values = jnp.where(all_keys, trace.head_all_keys, trace.head_last_key)  # both come with the forward
+    return _Captured(h, a, r, f, trace.coeff[:, 0], values[:, 0], logp_h, logp_r, score)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg",))
+def _layer_scores_jit(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
+                      target_id: jax.Array, use_rms: jax.Array, all_keys: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(layer_attn [L], layer_ffn [L])`` alone: one forward and ``2 L`` vocabulary projections."""
+    c = _capture(params, cfg, input_ids, attention_mask, target_id, use_rms, all_keys)
+    return c.score(c.h, c.a, c.logp_h), c.score(c.r, c.f, c.logp_r)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "chunk"))
+def _attribution_jit(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
+                     target_id: jax.Array, use_rms: jax.Array, all_keys: jax.Array, ffn_layers: jax.Array,
+                     attn_layers: jax.Array, *, chunk: int) -> Attribution:
+    """``input_ids, attention_mask [1, T]`` (left padding allowed), ``target_id []``, ``use_rms`` and
+    ``all_keys`` boolean scalars (the ``mode`` and ``attention`` options), the layers whose FFN / attention
+    neurons are scored (``ffn_layers [K_f]``, ``attn_layers [K_a]``) -> :class:`Attribution`."""
+    c = _capture(params, cfg, input_ids, attention_mask, target_id, use_rms, all_keys)
     layers = params["layers"]
     return Attribution(
-        layer_attn=score(h, a, logp_h),
-        layer_ffn=score(r, f, logp_r),
-        ffn=_neuron_scores(r, trace.coeff[:, 0], layers["down_proj"], logp_r, score, chunk),
-        attn=_neuron_scores(h, values[:, 0], layers["o_proj"], logp_h, score, chunk),
+        layer_attn=c.score(c.h, c.a, c.logp_h),
+        layer_ffn=c.score(c.r, c.f, c.logp_r),
+        ffn=_neuron_scores(c.r, c.coeff, layers["down_proj"], c.logp_r, c.score, chunk, ffn_layers),
+        attn=_neuron_scores(c.h, c.values, layers["o_proj"], c.logp_h, c.score, chunk, attn_layers),
     )
 
 
@@ -167,9 +201,26 @@ def _check_target(target_id: Any, cfg: ModelConfig) -> jax.Array:
     return jnp.asarray(target_id, jnp.int32)
 
 
+def _prepared(input_ids: Any, attention_mask: Any | None) -> tuple[jax.Array, jax.Array]:
+    ids = _as_row(input_ids, "input_ids")
+    mask = jnp.ones_like(ids) if attention_mask is None else _as_row(attention_mask, "attention_mask")
+    chex.assert_equal_shape([ids, mask])
+    return ids, mask
+
+
+def _layer_list(layers: Any, cfg: ModelConfig, name: str) -> jax.Array:
+    """``layers`` (``None`` = all) as a sorted int32 array of distinct layer indices."""
+    if layers is None:
+        return jnp.arange(cfg.num_layers, dtype=jnp.int32)
+    arr = np.unique(np.asarray(layers, np.int64).reshape(-1))
+    if arr.size == 0 or arr[0] < 0 or arr[-1] >= cfg.num_layers:
+        raise ConfigError(f"{name}={np.asarray(layers).tolist()} must name layers in [0, {cfg.num_layers}).")
+    return jnp.asarray(arr, jnp.int32)
+
+
 def attribution(params: Params, cfg: ModelConfig, input_ids: Any, target_id: Any, mode: str = "reference",
-                attention: str = "last_key", chunk: int = DEFAULT_CHUNK,
-                attention_mask: Any | None = None) -> Attribution:
+                attention: str = "last_key", chunk: int = DEFAULT_CHUNK, attention_mask: Any | None = None,
+                ffn_layers: Any | None = None, attn_layers: Any | None = None) -> Attribution:
     """Attribution scores of one example (SPEC §3.1): how much each layer and neuron raises ``log p(target)``.
 
     ``input_ids [T]`` or ``[1, T]`` (no padding, or left padding marked by ``attention_mask`` of the same shape);
@@ -177,18 +228,29 @@ def attribution(params: Params, cfg: ModelConfig, input_ids: Any, target_id: Any
     normalisation by a scalar from the last layer's output) or ``"rmsnorm"`` (the model's final RMSNorm);
     ``attention``: ``"last_key"`` (``alpha_{last->last} v_last`` per head, the reference) or ``"all_keys"`` (the
     head's full output at the last position). ``chunk`` neurons are scored per ``[chunk, d] x [d, V]`` block.
-    Returns ``layer_attn [L]``, ``layer_ffn [L]``, ``ffn [L, f]``, ``attn [L, H*hd]`` (float32).
+    ``ffn_layers`` / ``attn_layers``: score the neurons of these layers only (default all); the rows of the
+    others are ``-inf``. Returns ``layer_attn [L]``, ``layer_ffn [L]``, ``ffn [L, f]``, ``attn [L, H*hd]``
+    (float32).
     """
     _check_options(mode, attention, chunk)
-    ids = _as_row(input_ids, "input_ids")
-    mask = jnp.ones_like(ids) if attention_mask is None else _as_row(attention_mask, "attention_mask")
-    chex.assert_equal_shape([ids, mask])
+    ids, mask = _prepared(input_ids, attention_mask)
     out = _attribution_jit(params, cfg, ids, mask, _check_target(target_id, cfg), jnp.asarray(mode == "rmsnorm"),
-                           jnp.asarray(attention == "all_keys"), chunk=chunk)
+                           jnp.asarray(attention == "all_keys"), _layer_list(ffn_layers, cfg, "ffn_layers"),
+                           _layer_list(attn_layers, cfg, "attn_layers"), chunk=chunk)
     chex.assert_shape([out.layer_attn, out.layer_ffn], (cfg.num_layers,))
     chex.assert_shape(out.ffn, (cfg.num_layers, cfg.intermediate_size))
     chex.assert_shape(out.attn, (cfg.num_layers, cfg.q_dim))
     return out
+
+
+def layer_scores(params: Params, cfg: ModelConfig, input_ids: Any, target_id: Any, mode: str = "reference",
+                 attention: str = "last_key", attention_mask: Any | None = None) -> tuple[jax.Array, jax.Array]:
+    """``(layer_attn [L], layer_ffn [L])`` of one example, without the neuron scores (one forward and ``2 L``
+    vocabulary projections): what :func:`locate` ranks layers by before scoring neurons in the top ones."""
+    _check_options(mode, attention, DEFAULT_CHUNK)
+    ids, mask = _prepared(input_ids, attention_mask)
+    return _layer_scores_jit(params, cfg, ids, mask, _check_target(target_id, cfg), jnp.asarray(mode == "rmsnorm"),
+                             jnp.asarray(attention == "all_keys"))
 
 
 def attribution_target(tokenizer, example: dict[str, Any]) -> tuple[np.ndarray, int]:
@@ -215,20 +277,34 @@ def _pad_id(tokenizer) -> int:
 
 def locate(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[dict[str, Any]],
            mode: str = "reference", attention: str = "last_key", chunk: int = DEFAULT_CHUNK,
-           bucket: int = 32) -> Attribution:
+           bucket: int = 32, layers: int | None = None) -> Attribution:
     """Attribution summed over ``examples`` (chat examples; SPEC §3.1: scores add up).
 
-    Inputs are left-padded to a multiple of ``bucket`` tokens (masked, so the scores do not change) so that
-    one compiled function serves examples of similar length. Returns the summed :class:`Attribution`.
+    ``layers=K`` (below ``L``) scores neurons only where :func:`pktjax.select.select` with ``n_layers=K`` looks:
+    the layer scores of all examples are summed first, then the neurons of the top ``K`` attention and top ``K``
+    FFN layers are scored (the other rows are ``-inf``). The selection is the same as from the full scores, at
+    about ``K / L`` of the cost. Inputs are left-padded to a multiple of ``bucket`` tokens (masked, so the scores
+    do not change) so that one compiled function serves examples of similar length.
     """
     _check_options(mode, attention, chunk)
     if not examples:
         raise DataError("locate needs at least one example; the split is empty.")
-    total = None
+    if layers is not None and not 1 <= layers <= cfg.num_layers:
+        raise ConfigError(f"layers={layers} must be between 1 and the model's {cfg.num_layers} layers.")
+    batches = []
     for ex in examples:
         ids, target = attribution_target(tokenizer, ex)
-        batch = pad_left([Tokenized(ids, ids)], _pad_id(tokenizer), bucket_length(len(ids), bucket))
-        attr = attribution(params, cfg, batch.ids, target, mode, attention, chunk, attention_mask=batch.mask)
+        batches.append((pad_left([Tokenized(ids, ids)], _pad_id(tokenizer), bucket_length(len(ids), bucket)),
+                        target))
+    chosen: dict[str, Any] = {}
+    if layers is not None and layers < cfg.num_layers:
+        sums = [sum(pair) for pair in zip(*(layer_scores(params, cfg, b.ids, t, mode, attention, b.mask)
+                                            for b, t in batches))]
+        chosen = {name: jnp.sort(jax.lax.top_k(total, layers)[1]) for name, total in zip(("attn_layers",
+                                                                                          "ffn_layers"), sums)}
+    total = None
+    for batch, target in batches:
+        attr = attribution(params, cfg, batch.ids, target, mode, attention, chunk, batch.mask, **chosen)
         total = attr if total is None else total + attr
     return total
 

@@ -253,3 +253,27 @@ def test_select_on_attribution_picks_top_scores(tiny_dir, family):
     full = select(attr, cfg.num_layers, 5, 4)
     assert full.ffn_layers.tolist() == list(range(cfg.num_layers))
     np.testing.assert_array_equal(full.ffn_neurons, _desc(attr.ffn)[:, :5])
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])
+def test_locate_in_top_layers_only_gives_the_same_selection(tiny_dir, family):
+    """``layers=K`` scores neurons in the top-K layers (by the summed layer scores) only: those rows equal the full
+    scores, the others are -inf, and select(n_layers=K) picks exactly what it picks from the full scores."""
+    _, params, cfg = _load(tiny_dir, family)
+    tok = build_tokenizer()
+    full = locate(params, cfg, tok, EXAMPLES, bucket=128)
+    k = cfg.num_layers - 1
+    part = locate(params, cfg, tok, EXAMPLES, bucket=128, layers=k)
+    np.testing.assert_array_equal(np.asarray(part.layer_ffn), np.asarray(full.layer_ffn))
+    for kind, layer_scores in (("ffn", full.layer_ffn), ("attn", full.layer_attn)):
+        top = np.sort(np.argsort(-np.asarray(layer_scores), kind="stable")[:k])
+        got, want = np.asarray(getattr(part, kind)), np.asarray(getattr(full, kind))
+        np.testing.assert_allclose(got[top], want[top], rtol=1e-6, atol=1e-7)
+        rest = np.setdiff1d(np.arange(cfg.num_layers), top)
+        assert np.all(np.isneginf(got[rest])), kind
+    n_f, n_a = 5, 3
+    a, b = select(full, k, n_f, n_a), select(part, k, n_f, n_a)
+    for field in ("attn_layers", "ffn_layers", "ffn_neurons", "attn_neurons"):
+        np.testing.assert_array_equal(np.asarray(getattr(a, field)), np.asarray(getattr(b, field)), err_msg=field)
+    with pytest.raises(ConfigError, match="layers=0"):
+        locate(params, cfg, tok, EXAMPLES, layers=0)
