@@ -1,5 +1,9 @@
 """The ``pktjax`` command line. Each module of :mod:`pktjax.commands` adds its sub-commands with
-``register(subparsers)``; a sub-command's handler is ``args.func(args) -> int``."""
+``register(subparsers)``; a sub-command's handler is ``args.func(args) -> int``.
+
+Launched as one of several processes (a TPU pod slice, SLURM, Open MPI, or ``JAX_COORDINATOR_ADDRESS`` with
+``JAX_NUM_PROCESSES > 1``), :func:`main` first joins them with ``jax.distributed.initialize()``; a plain single
+process skips that (:func:`pktjax.sharding.initialize_distributed`)."""
 
 from __future__ import annotations
 
@@ -23,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from pktjax.sharding import initialize_distributed
+
+    initialize_distributed()  # before any jax call touches the devices; a no-op in a single plain process
     try:
         return int(args.func(args) or 0)
     except PktjaxError as e:

@@ -8,7 +8,13 @@ cross-entropy over all its response tokens, so the gradient does not depend on h
 Inside each batch the examples are sorted by length and every micro-batch is left-padded to a multiple of
 ``bucket`` tokens, so one compiled step serves each bucket shape. Orbax checkpoints (adapter, optimizer state,
 step) are written after every epoch and at the end; a run restarted on the same folder resumes from the latest
-one and ends with the same adapter as an uninterrupted run. Metrics go to ``metrics.jsonl``.
+one and ends with the same adapter as an uninterrupted run (on any mesh). Metrics go to ``metrics.jsonl``.
+
+With ``mesh=`` (SPEC §7) the frozen base, the adapter and the optimizer state are laid out by
+:mod:`pktjax.sharding`'s rules, every micro-batch is split over ``(data, fsdp)``, and the accumulate and update
+steps are jitted with explicit in/out shardings (accumulate donates the running sums, the update the adapter and
+optimizer state). Only process 0 writes ``train_config.json`` and ``metrics.jsonl`` and shows the progress bar;
+every process takes part in the orbax saves.
 """
 
 from __future__ import annotations
@@ -17,7 +23,7 @@ import dataclasses
 import json
 import math
 import time
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
@@ -26,7 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jax.sharding import Mesh
 
+from pktjax import sharding as S
 from pktjax.config import ModelConfig
 from pktjax.data import Batch, Tokenized, bucket_length, iter_chunks, pad_left
 from pktjax.errors import ConfigError
@@ -112,11 +120,10 @@ def _sums(lora: LoRA, base: Params, cfg: ModelConfig, batch: tuple[jax.Array, ..
     return total.sum(), n.sum()
 
 
-@partial(jax.jit, static_argnames=("cfg", "scale", "dropout"), donate_argnums=0)
-def _accumulate(acc: dict, lora: LoRA, base: Params, batch: tuple[jax.Array, ...], where: jax.Array, *,
-                cfg: ModelConfig, scale: float, dropout: float) -> dict:
+def _add_micro(acc: dict, lora: LoRA, base: Params, batch: tuple[jax.Array, ...], where: jax.Array,
+               cfg: ModelConfig, scale: float, dropout: float) -> dict:
     """Add one micro-batch's summed loss, token count and gradient of the summed loss to ``acc``.
-    ``where = [seed, step, micro-batch index]`` seeds the dropout."""
+    ``batch``: ``ids, mask, labels [B, T]``; ``where = [seed, step, micro-batch index]`` seeds the dropout."""
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(where[0]), where[1]), where[2])
     spec = LoraSpec(scale=scale, dropout=dropout, rng=rng)
     (loss, n), grads = jax.value_and_grad(_sums, has_aux=True)(lora, base, cfg, batch, spec)
@@ -124,20 +131,36 @@ def _accumulate(acc: dict, lora: LoRA, base: Params, batch: tuple[jax.Array, ...
             "tokens": acc["tokens"] + n}
 
 
+_accumulate = jax.jit(_add_micro, static_argnums=(5, 6, 7), donate_argnums=0)
+
+
 @partial(jax.jit, static_argnames=("cfg", "scale"))
 def _eval_sums(lora: LoRA, base: Params, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, scale: float):
     return _sums(lora, base, cfg, batch, LoraSpec(scale=scale))
 
 
-@partial(jax.jit, static_argnames=("tc", "total_steps"))
-def _update(lora: LoRA, opt_state, acc: dict, step: jax.Array, *, tc: TrainConfig, total_steps: int):
-    """Optimizer step ``step`` (0-based) on the token-mean gradient of the accumulated batch."""
+def _apply(lora: LoRA, opt_state, acc: dict, step: jax.Array, tc: TrainConfig, total_steps: int):
+    """Optimizer step ``step`` (0-based) on the token-mean gradient of the accumulated batch:
+    ``(lora, opt_state, metrics)``."""
     n = jnp.maximum(acc["tokens"], 1).astype(jnp.float32)
     grads = jax.tree.map(lambda g: g / n, acc["grads"])
     updates, opt_state = optimizer(tc, total_steps).update(grads, opt_state, lora)
     metrics = {"loss": acc["loss"] / n, "grad_norm": optax.global_norm(grads),
                "lr": schedule(tc, total_steps)(step)}
     return optax.apply_updates(lora, updates), opt_state, metrics
+
+
+_update = jax.jit(_apply, static_argnums=(4, 5))
+
+
+@cache
+def _step_fns(mesh: Mesh | None) -> tuple[Callable, Callable]:
+    """``(accumulate, update)``: the plain jits without a mesh; on ``mesh``, jitted with explicit shardings from
+    the rules (batch split over ``(data, fsdp)``; the sums, then the adapter and optimizer state donated)."""
+    if mesh is None:
+        return _accumulate, _update
+    return (S.cached_sharded_jit(_add_micro, mesh, static_argnums=(5, 6, 7), batch_argnums=(3,), donate_argnums=(0,)),
+            S.cached_sharded_jit(_apply, mesh, static_argnums=(4, 5), donate_argnums=(0, 1)))
 
 
 @partial(jax.jit, static_argnames=("tc", "total_steps"))
@@ -151,9 +174,11 @@ def _zero_acc(lora: LoRA) -> dict:
             "tokens": jnp.zeros((), jnp.int32)}
 
 
-def _device_batch(batch: Batch) -> tuple[jax.Array, ...]:
+def _device_batch(batch: Batch, mesh: Mesh | None = None) -> tuple[jax.Array, ...]:
+    """``(ids, mask, labels)`` ``[B, T]`` on the default device, or with rows split over the mesh's batch axes."""
     chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
-    return jnp.asarray(batch.ids), jnp.asarray(batch.mask), jnp.asarray(batch.labels)
+    arrays = (batch.ids, batch.mask, batch.labels)
+    return tuple(map(jnp.asarray, arrays)) if mesh is None else S.shard_batch(arrays, mesh)
 
 
 def cast_base(base: Params, dtype: str) -> Params:
@@ -175,12 +200,13 @@ def evaluate(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokeniz
 
 
 class _Checkpoints:
-    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` under ``out_dir/checkpoints``."""
+    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` under ``out_dir/checkpoints`` (every process saves
+    and restores its shards)."""
 
-    def __init__(self, out_dir: Path):
+    def __init__(self, out_dir: Path, mesh: Mesh | None = None):
         import orbax.checkpoint as ocp
 
-        self._ocp = ocp
+        self._ocp, self.mesh = ocp, mesh
         options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
         self.manager = ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=options)
 
@@ -194,15 +220,15 @@ class _Checkpoints:
             return state
         abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state)
         restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-        # placed like a fresh state (not committed to a device), so a fresh run's compiled steps serve it too
-        return jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), restored)
+        # placed like a fresh state (uncommitted, or by the rules on a mesh): a fresh run's compiled steps serve it
+        return S.place(restored, self.mesh)
 
     def close(self) -> None:
         self.manager.close()
 
 
 def _check_run_config(out_dir: Path, record: dict) -> None:
-    """Write the run's config, or refuse to resume a folder that holds a run with another config."""
+    """Write the run's config (process 0), or refuse to resume a folder that holds a run with another config."""
     path = out_dir / CONFIG_FILE
     if path.is_file():
         old = json.loads(path.read_text())
@@ -212,27 +238,31 @@ def _check_run_config(out_dir: Path, record: dict) -> None:
                               "the same settings or choose a new output folder.")
         return
     out_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record, indent=2))
+    if S.is_main_process():
+        path.write_text(json.dumps(record, indent=2))
 
 
 def _trim_metrics(out_dir: Path, step: int) -> None:
     """Drop metric lines past ``step`` (the steps a resumed run is about to redo)."""
     path = out_dir / METRICS_FILE
-    if path.is_file():
+    if path.is_file() and S.is_main_process():
         keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
         path.write_text("".join(line + "\n" for line in keep))
 
 
 def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], out_dir: str | Path,
           tc: TrainConfig = TrainConfig(), *, pad_id: int, on_step: Callable[[int, dict], None] | None = None,
-          progress: bool = True) -> LoRA:
+          progress: bool = True, mesh: Mesh | str | None = None) -> LoRA:
     """Fine-tune ``lora`` on ``items`` over frozen ``base`` weights; checkpoints and metrics under ``out_dir``.
 
     ``items``: Seeking-tokenized examples (:func:`pktjax.data.tokenize_seeking`). Resumes from the latest
     checkpoint in ``out_dir`` when there is one. ``on_step(step, metrics)`` runs after every optimizer step.
+    ``mesh``: ``None`` (one device), a :class:`Mesh` or a spec such as ``"data=2,fsdp=2,tensor=2"`` (see the
+    module docstring; ``base`` is best loaded onto it already, e.g. ``load_model(path, mesh=mesh)``).
     Returns the trained adapter (float32).
     """
     tc.validate()
+    mesh = S.as_mesh(mesh)
     if rank_of(lora) != tc.rank:
         raise ConfigError(f"the adapter has rank {rank_of(lora)} but the training config says {tc.rank}.")
     out_dir = Path(out_dir).expanduser()
@@ -240,8 +270,11 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
     per_epoch = math.ceil(len(items) / tc.batch_size)
     total = per_epoch * tc.epochs
     base = cast_base(base, tc.dtype)
-    ckpt = _Checkpoints(out_dir)
-    state = ckpt.restore_latest(_fresh_state(lora, tc=tc, total_steps=total))
+    if mesh is not None:
+        base = S.shard(base, mesh)  # no copy when it was loaded onto the mesh by the rules already
+    accumulate, update = _step_fns(mesh)
+    ckpt = _Checkpoints(out_dir, mesh)
+    state = ckpt.restore_latest(S.place(_fresh_state(lora, tc=tc, total_steps=total), mesh))
     start = int(state["step"])
     _trim_metrics(out_dir, start)
     bar = _progress(total, start, progress)
@@ -254,10 +287,9 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
             for j, batch in enumerate(micro_batches(items, order[k * tc.batch_size:(k + 1) * tc.batch_size],
                                                     tc.micro_batch, pad_id, tc.bucket)):
                 where = np.asarray([tc.seed, step, j], np.int32)
-                acc = _accumulate(acc, state["lora"], base, _device_batch(batch), where, cfg=cfg, scale=tc.scale,
-                                  dropout=tc.dropout)
-            new_lora, opt_state, m = _update(state["lora"], state["opt_state"], acc, np.int32(step), tc=tc,
-                                             total_steps=total)
+                acc = accumulate(acc, state["lora"], base, _device_batch(batch, mesh), where, cfg, tc.scale,
+                                 tc.dropout)
+            new_lora, opt_state, m = update(state["lora"], state["opt_state"], acc, np.int32(step), tc, total)
             state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
             metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0)
             bar.update(1)
@@ -275,7 +307,8 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
 def _progress(total: int, start: int, enabled: bool):
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=start, desc="lora", unit="step", disable=not enabled, dynamic_ncols=True)
+    return tqdm(total=total, initial=start, desc="lora", unit="step", disable=not (enabled and S.is_main_process()),
+                dynamic_ncols=True)
 
 
 def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: float) -> dict:
@@ -283,6 +316,7 @@ def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: floa
     metrics = {"step": step, "epoch": epoch + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
                "seconds": seconds}
-    with open(out_dir / METRICS_FILE, "a") as fh:
-        fh.write(json.dumps(metrics) + "\n")
+    if S.is_main_process():
+        with open(out_dir / METRICS_FILE, "a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
     return metrics

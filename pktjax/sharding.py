@@ -239,6 +239,57 @@ def sharded_jit(fn: Callable, mesh: Mesh, example_args: Sequence[Any], *, static
     return call
 
 
+def cached_sharded_jit(fn: Callable, mesh: Mesh, *, static_argnums: Sequence[int] = (),
+                       batch_argnums: Sequence[int] = (), donate_argnums: Sequence[int] = ()) -> Callable:
+    """:func:`sharded_jit` of ``fn``, built on the first call of each argument signature (tree structures, shapes
+    and dtypes of the arrays, values of the static arguments): one call site serves every length bucket."""
+    built: dict[tuple, Callable] = {}
+
+    def call(*args):
+        key = tuple(args[i] if i in static_argnums else _signature(a) for i, a in enumerate(args))
+        if key not in built:
+            built[key] = sharded_jit(fn, mesh, args, static_argnums=static_argnums, batch_argnums=batch_argnums,
+                                     donate_argnums=donate_argnums)
+        return built[key](*args)
+
+    return call
+
+
+def _signature(tree: Any) -> tuple:
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((np.shape(x), str(getattr(x, "dtype", type(x)))) for x in leaves)
+
+
+def as_mesh(mesh: Mesh | str | None) -> Mesh | None:
+    """A trainer's ``mesh=`` argument: ``None`` (one device, no sharding), a :class:`Mesh`, or a spec string such
+    as ``"data=2,fsdp=2,tensor=2"`` (a bad one, or one that does not match the device count, is a
+    :class:`ConfigError`)."""
+    return make_mesh(mesh) if isinstance(mesh, str) else mesh
+
+
+def place(tree: Any, mesh: Mesh | None) -> Any:
+    """A small training state (aligner, LoRA, optimizer state) in fresh buffers that a step may donate: on ``mesh``
+    laid out by the rules, or without a mesh as uncommitted arrays of the default device (like a fresh state).
+
+    Process-local arrays go through a host copy (every process holds the same values), so this also places them
+    on a mesh that spans several processes; arrays already spread over processes are copied device to device.
+    """
+    host = jax.tree.map(lambda x: np.asarray(x) if getattr(x, "is_fully_addressable", True) else x, tree)
+    if mesh is None:
+        return jax.tree.map(jnp.asarray, host)
+    return jax.device_put(host, param_shardings(host, mesh), may_alias=False)
+
+
+def to_host(tree: Any) -> Any:
+    """``tree`` as numpy arrays on every process (gathered across processes when it spans several); all
+    processes must call it."""
+    if jax.process_count() == 1:
+        return jax.device_get(tree)
+    from jax.experimental import multihost_utils
+
+    return multihost_utils.process_allgather(tree, tiled=True)
+
+
 def sharded_forward(cfg: ModelConfig, mesh: Mesh, params: Any, batch_shape: Sequence[int]) -> Callable:
     """``f(params, ids [B, T], mask [B, T]) -> logits [B, T, V]`` jitted with explicit shardings: params by their
     rules, the batch on ``(data, fsdp)``, logits on ``(data, fsdp)`` x ``tensor`` (vocabulary)."""

@@ -19,7 +19,14 @@ Output folder::
     log.jsonl       one line of metrics per step
 
 Calling :func:`train_aligner` again on the same folder resumes after the last saved step and ends with the same
-aligner as an uninterrupted run.
+aligner as an uninterrupted run, on any mesh.
+
+With ``mesh=`` (SPEC §7) the teacher and student stream into their shardings, the aligner and its optimizer state
+are laid out by :mod:`pktjax.sharding`'s rules (``W1`` on ``tensor x fsdp``, ``W2`` on ``fsdp x tensor``), each
+micro-batch is split over ``(data, fsdp)``, and the gradient and update are jitted with explicit in/out shardings
+(the update donates the aligner and optimizer state). Locate and extract follow the weights' shardings by
+propagation. Only process 0 writes ``run.json`` and ``log.jsonl`` and shows the progress bar; every process takes
+part in the orbax saves.
 """
 
 from __future__ import annotations
@@ -41,8 +48,10 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import orbax.checkpoint as ocp
+from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
+from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
 from pktjax.attribution import ATTENTION, MODES, locate
 from pktjax.checkpoint import Model, load_model
@@ -136,9 +145,17 @@ def _pair_tokenizer(teacher: Source, student: Source, tokenizer=None):
     return tokenizer
 
 
+def _load(src: Source, mesh: Mesh | None) -> Model:
+    """A :class:`Model` from a path (streamed into the mesh's shardings) or a loaded one (placed by the rules)."""
+    if not isinstance(src, Model):
+        return load_model(src, mesh=mesh)
+    return src if mesh is None else src.replace(params=S.shard(src.params, mesh))
+
+
 def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequence[str] | None = None,
-                 tokenizer=None) -> Pair:
-    """Check a teacher/student pair from configs and tokenizers, then load the weights (the heavy part last).
+                 tokenizer=None, mesh: Mesh | None = None) -> Pair:
+    """Check a teacher/student pair from configs and tokenizers, then load the weights (the heavy part last;
+    with ``mesh``, each weight laid out by the sharding rules).
 
     Errors: :class:`PairError` (vocabulary, tokenizer, teacher not larger), :class:`ConfigError` (rate outside
     (0, 1], ``v_proj`` with GQA, unknown module).
@@ -150,8 +167,7 @@ def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequ
     if n_a > min(cfg_t.q_dim, cfg_s.q_dim):
         raise ConfigError(f"rate {rate} asks for {n_a} attention neurons per layer, more than the models have.")
     tokenizer = _pair_tokenizer(teacher, student, tokenizer)
-    load = lambda m: m if isinstance(m, Model) else load_model(m)  # noqa: E731
-    return Pair(load(teacher), load(student), tokenizer, modules, (n_f, n_a))
+    return Pair(_load(teacher, mesh), _load(student, mesh), tokenizer, modules, (n_f, n_a))
 
 
 def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "reference",
@@ -205,12 +221,20 @@ def micro_batches(items: Sequence[Tokenized], size: int, pad_id: int, bucket: in
 
 
 def step_gradients(aligner: AlignerParams, student: Model, selection: Selection, knowledge: dict[str, jax.Array],
-                   batches: Sequence[dict[str, np.ndarray]], mse_weight: float):
-    """Loss and aligner gradient summed over micro-batches: ``(loss, ce_sum, mse, grads)`` (device arrays)."""
+                   batches: Sequence[dict[str, np.ndarray]], mse_weight: float, mesh: Mesh | None = None):
+    """Loss and aligner gradient summed over micro-batches: ``(loss, ce_sum, mse, grads)`` (device arrays).
+
+    ``knowledge``: ``{module: [K, n, d_T]}``; ``batches``: ``ids, mask, labels [B, T]``, ``weight [B]``. With
+    ``mesh``: knowledge laid out by the rules, rows split over ``(data, fsdp)``, ``grads`` sharded like the aligner.
+    """
+    grad_fn = _micro_grad
+    if mesh is not None:
+        grad_fn, knowledge = _sharded_steps(mesh)[0], S.shard(knowledge, mesh)
+        batches = [S.shard_batch(b, mesh) for b in batches]
     loss = ce = mse = grads = None
     for batch in batches:
-        (l_b, (ce_b, mse)), g_b = _micro_grad(aligner, student.params, student.config, selection, knowledge,
-                                              batch, mse_weight)
+        (l_b, (ce_b, mse)), g_b = grad_fn(aligner, student.params, student.config, selection, knowledge, batch,
+                                          mse_weight)
         loss, ce = (l_b, ce_b) if loss is None else (loss + l_b, ce + ce_b)
         grads = g_b if grads is None else jax.tree.map(jnp.add, grads, g_b)
     return loss, ce, mse, grads
@@ -232,6 +256,15 @@ def apply_update(aligner: AlignerParams, opt_state, grads: AlignerParams, lr: ja
     """AdamW: ``p <- p - lr * (adam(g) + 0.05 p)``; returns ``(aligner, opt_state)``."""
     updates, opt_state = OPTIMIZER.update(grads, opt_state, aligner)
     return jax.tree.map(lambda p, u: p - lr * u, aligner, updates), opt_state
+
+
+@functools.cache
+def _sharded_steps(mesh: Mesh) -> tuple[Callable, Callable]:
+    """``(micro-batch gradient, update)`` on ``mesh``: jitted with explicit shardings from the rules (batch split
+    over ``(data, fsdp)``); the update donates the aligner and optimizer state."""
+    grad = S.cached_sharded_jit(jax.value_and_grad(aligner_loss, has_aux=True), mesh, static_argnums=(2,),
+                                batch_argnums=(5,))
+    return grad, S.cached_sharded_jit(apply_update, mesh, donate_argnums=(0, 1))
 
 
 @jax.jit
@@ -277,10 +310,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 class _Store:
-    """The training folder: ``aligner/`` (every step), ``state/`` (latest step), ``log.jsonl``."""
+    """The training folder: ``aligner/`` (every step), ``state/`` (latest step), ``log.jsonl``. Every process
+    saves and restores its shards (orbax); only process 0 writes the log."""
 
-    def __init__(self, out_dir: Path):
-        self.out = out_dir
+    def __init__(self, out_dir: Path, mesh: Mesh | None = None):
+        self.out, self.mesh = out_dir, mesh
         self.aligner = _manager(out_dir / "aligner", None)
         self.state = _manager(out_dir / "state", 1)
 
@@ -288,11 +322,13 @@ class _Store:
         if step not in self.aligner.all_steps():
             self.aligner.save(step, args=ocp.args.StandardSave(aligner))
         self.state.save(step, args=ocp.args.StandardSave({"aligner": aligner, "opt_state": opt_state}))
-        with open(self.out / "log.jsonl", "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+        if S.is_main_process():
+            with open(self.out / "log.jsonl", "a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
 
     def resume(self, template: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """``(next step, restored state or None)``; drops aligner steps and log lines past the saved state."""
+        """``(next step, restored state or None)``; drops aligner steps and log lines past the saved state.
+        ``template``: a fresh state, whose shardings the restored arrays take."""
         last = self.state.latest_step()
         for s in self.aligner.all_steps():
             if last is None or s > last:
@@ -301,14 +337,14 @@ class _Store:
         if last is None:
             return 0, None
         state = self.state.restore(last, args=ocp.args.StandardRestore(template))
-        state = jax.tree.map(lambda x: jnp.asarray(np.asarray(x)), state)  # placed like a fresh state: no recompiles
+        state = S.place(state, self.mesh)  # placed like a fresh state: no recompiles
         if last not in self.aligner.all_steps():
             self.aligner.save(last, args=ocp.args.StandardSave(state["aligner"]))
         return last + 1, state
 
     def _trim_log(self, last: int) -> None:
         path = self.out / "log.jsonl"
-        if path.is_file():
+        if path.is_file() and S.is_main_process():
             lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
             _write_atomic(path, "".join(ln + "\n" for ln in lines))
 
@@ -318,7 +354,7 @@ class _Store:
 
 
 def _start_run(out_dir: Path, run: dict[str, Any]) -> None:
-    """Write ``run.json``, or check that an existing one describes the same run."""
+    """Write ``run.json`` (process 0), or check that an existing one describes the same run."""
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.json"
     if path.is_file():
@@ -328,7 +364,8 @@ def _start_run(out_dir: Path, run: dict[str, Any]) -> None:
             raise ConfigError(f"{out_dir} holds a different aligner run (differs in {', '.join(diff)}); resume "
                               "with the same settings or choose a new output folder.")
         return
-    _write_atomic(path, json.dumps(run, indent=1))
+    if S.is_main_process():
+        _write_atomic(path, json.dumps(run, indent=1))
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -361,20 +398,21 @@ def _run_record(pair: Pair, config: TrainConfig, order: np.ndarray, steps: int, 
 
 
 def _train_step(step: int, state: dict[str, Any], pair: Pair, example: dict[str, Any], batch_items: list[Tokenized],
-                config: TrainConfig, lr: float) -> tuple[dict[str, Any], dict[str, Any]]:
+                config: TrainConfig, lr: float, mesh: Mesh | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One aligner step; returns ``(new state, metrics)``. A non-finite loss or gradient leaves the state."""
     t0 = time.perf_counter()
     knowledge, _, sel_s = locate_and_extract(pair, example, config.mode, config.attention)
     batches = micro_batches(batch_items, config.micro_batch, pair.tokenizer.eos_token_id, config.bucket,
                             config.cutoff_len)
     loss, ce, mse, grads = step_gradients(state["aligner"], pair.student, sel_s, knowledge, batches,
-                                          config.mse_weight)
+                                          config.mse_weight, mesh)
     loss, ce, mse = (float(x) for x in jax.device_get((loss, ce, mse)))
     skipped = not (math.isfinite(loss) and bool(_all_finite(grads)))
     if skipped:
         log.warning("step %d: loss %s is not finite; the step is skipped (aligner unchanged).", step, loss)
     else:
-        aligner, opt_state = apply_update(state["aligner"], state["opt_state"], grads, jnp.float32(lr))
+        update = apply_update if mesh is None else _sharded_steps(mesh)[1]
+        aligner, opt_state = update(state["aligner"], state["opt_state"], grads, jnp.float32(lr))
         state = {"aligner": aligner, "opt_state": opt_state}
     metrics = {"step": step, "loss": loss, "ce": ce / len(batch_items), "mse": mse, "lr": lr, "skipped": skipped,
                "seconds": round(time.perf_counter() - t0, 3)}
@@ -392,20 +430,23 @@ class _Run:
     extract_examples: list[dict[str, Any]]
     extract_tokens: list[Tokenized]
     align_tokens: list[Tokenized]
+    mesh: Mesh | None
 
 
 def _prepare(teacher: Source, student: Source, extract_examples, align_examples, config: TrainConfig,
-             tokenizer) -> _Run:
-    """All checks (data first, then the pair), then the models, tokens and the seeded order."""
+             tokenizer, mesh: Mesh | str | None) -> _Run:
+    """All checks (mesh and data first, then the pair), then the models, tokens and the seeded order."""
     config.check()
+    mesh = S.as_mesh(mesh)
     extract_ex = load_examples(extract_examples, "extract")
     align_ex = load_examples(align_examples, "align")
     steps = _check_data(config, len(extract_ex), len(align_ex))
-    pair = prepare_pair(teacher, student, rate=config.rate, modules=config.modules, tokenizer=tokenizer)
+    pair = prepare_pair(teacher, student, rate=config.rate, modules=config.modules, tokenizer=tokenizer, mesh=mesh)
     tok = functools.partial(tokenize_laten, pair.tokenizer, cutoff_len=config.cutoff_len,
                             train_on_inputs=config.train_on_inputs)
     order = np.random.default_rng(config.seed).permutation(len(extract_ex))
-    return _Run(pair, config, steps, order, extract_ex, [tok(e) for e in extract_ex], [tok(e) for e in align_ex])
+    return _Run(pair, config, steps, order, extract_ex, [tok(e) for e in extract_ex], [tok(e) for e in align_ex],
+                mesh)
 
 
 def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar, callback) -> dict[str, Any]:
@@ -415,7 +456,7 @@ def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar,
         ex = int(run.order[step])
         items = [run.align_tokens[i] for i in drawn] + [run.extract_tokens[ex]]
         state, metrics = _train_step(step, state, run.pair, run.extract_examples[ex], items, run.config,
-                                     float(schedule(step)))
+                                     float(schedule(step)), run.mesh)
         metrics.update(example=ex, align_examples=drawn)
         store.save(step, state["aligner"], state["opt_state"], metrics)
         bar.update(1)
@@ -428,22 +469,24 @@ def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar,
 def train_aligner(teacher: Source, student: Source, extract_examples, align_examples, out_dir: str | os.PathLike,
                   config: TrainConfig = TrainConfig(), *, tokenizer=None,
                   callback: Callable[[int, dict[str, Any]], None] | None = None,
-                  progress: bool = True) -> AlignerParams:
+                  progress: bool = True, mesh: Mesh | str | None = None) -> AlignerParams:
     """Train LaTen's aligner (SPEC §3.6) and return its final parameters; see the module docstring.
 
     ``teacher``/``student``: :class:`Model` or checkpoint paths; ``extract_examples``/``align_examples``: lists
     of chat examples or JSONL paths. Bad input (empty split, vocabulary mismatch, teacher not larger, ``v_proj``
     with GQA, rate outside (0, 1]) raises before any model is loaded. ``callback(step, metrics)`` runs after each
-    saved step. Resumes from ``out_dir`` if it holds a run with the same settings.
+    saved step. Resumes from ``out_dir`` if it holds a run with the same settings (the mesh may differ).
+    ``mesh``: ``None`` (one device), a :class:`Mesh` or a spec such as ``"data=2,fsdp=2,tensor=2"``; see the
+    module docstring.
     """
-    run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer)
+    run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer, mesh)
     t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
     out_dir = Path(out_dir)
     _start_run(out_dir, _run_record(run.pair, config, run.order, run.steps, len(run.align_tokens)))
     aligner = init_aligner(jax.random.PRNGKey(config.seed), run.pair.modules, t_cfg.hidden_size, s_cfg.hidden_size)
-    state = {"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}
-    store = _Store(out_dir)
-    bar = tqdm(total=run.steps, desc="aligner", disable=not progress)
+    state = S.place({"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}, run.mesh)
+    store = _Store(out_dir, run.mesh)
+    bar = tqdm(total=run.steps, desc="aligner", disable=not (progress and S.is_main_process()))
     try:
         start, restored = store.resume(state)
         bar.update(start)

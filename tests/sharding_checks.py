@@ -11,6 +11,7 @@ import json
 import sys
 import tempfile
 from pathlib import Path
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -366,6 +367,135 @@ def check_lora() -> None:
     print("lora ok")
 
 
+# ------------------------------------------------------------------------------------------- the trainers
+
+def chat(i: int) -> dict:
+    a, b = 3 + i, 11 + 2 * i
+    return {"messages": [{"role": "user", "content": f"Q{i}: what is {a}+{b}?"},
+                         {"role": "assistant", "content": f"The sum is {a + b}."}]}
+
+
+def spy(module, name: str, seen: list, pick: Callable) -> None:
+    """Wrap ``module.name`` so that each call appends ``pick(args, result)`` to ``seen``."""
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        out = real(*args, **kwargs)
+        seen.append(pick(args, out))
+        return out
+
+    setattr(module, name, wrapped)
+
+
+def check_aligner_specs(tree, what: str) -> None:
+    """Aligner-shaped trees on a mesh with tensor=2 and fsdp>=2: ``w1 [64, 64]`` on (tensor, fsdp), ``w2 [32, 64]``
+    on (fsdp, tensor) (written out, independent of the rule table)."""
+    for module, ws in tree.items():
+        assert ws["w1"].sharding.spec == P("tensor", "fsdp"), (what, module, ws["w1"].sharding)
+        assert ws["w2"].sharding.spec == P("fsdp", "tensor"), (what, module, ws["w2"].sharding)
+
+
+def check_train_aligner(tmp: Path) -> None:
+    """``train_aligner`` for 2 steps on 2x2x2 (checkpoints streamed into their shardings, aligner, gradients and
+    knowledge laid out by the rules) and on 4x2 (interrupted after step 0, resumed on 2x2x2) saves the same aligner
+    at every step as the run without a mesh; so does ``pktjax laten train --mesh``."""
+    import importlib
+
+    from pktjax.cli import main
+    from pktjax.tiny import save_random_model
+    from pktjax.train_aligner import TrainConfig, load_aligner, train_aligner
+
+    ta = importlib.import_module("pktjax.train_aligner")
+    teacher, student = save_random_model(tmp / "t", teacher_cfg(), 5), save_random_model(tmp / "s", student_cfg(), 6)
+    extract, align = [chat(i) for i in range(3)], [chat(i) for i in range(10, 16)]
+    cfg = TrainConfig(steps=2, examples_per_step=5, cutoff_len=48, micro_batch=4, bucket=16, lr=1e-3,
+                      train_on_inputs=True)
+
+    def run(out: str, **kw):
+        return train_aligner(teacher, student, extract, align, tmp / out, cfg, progress=False, **kw)
+
+    want = run("ref")
+    pairs, steps = [], []
+    spy(ta, "locate_and_extract", pairs, lambda a, out: (a[0], out[0]))
+    spy(ta, "step_gradients", steps, lambda a, out: (a[0], out[3]))
+    mesh = S.make_mesh(MESHES["2x2x2"])
+    got = run("2x2x2", mesh=MESHES["2x2x2"])
+    for pair, _ in pairs:
+        check_param_specs(pair.teacher.params, mesh)
+        check_param_specs(pair.student.params, mesh)
+    for aligner, grads in steps:
+        check_aligner_specs(aligner, "aligner in")
+        check_aligner_specs(grads, "gradients")
+    check_aligner_specs(got, "final aligner")
+    tree_close(got, want, "aligner 2x2x2")
+
+    def stop(step, metrics):
+        raise KeyboardInterrupt
+
+    try:
+        run("4x2", mesh=MESHES["4x2"], callback=stop)
+    except KeyboardInterrupt:
+        pass
+    resumed = run("4x2", mesh=MESHES["2x2x2"])
+    tree_close(resumed, want, "aligner 4x2 then 2x2x2")
+    for step in (0, 1):
+        tree_close(load_aligner(tmp / "4x2", step), load_aligner(tmp / "ref", step), f"saved step {step} 4x2")
+    args = ["laten", "train", "--teacher", str(teacher), "--student", str(student), "--task", "mmlu", "--steps", "2",
+            "--lr", "1e-3", "--cutoff-len", "48", "--examples-per-step", "5", "--micro-batch", "4", "--bucket", "16",
+            "--no-progress", "--out", str(tmp / "cli")]
+    for name, rows in (("extract", extract), ("align", align)):
+        (tmp / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        args += [f"--{name}", str(tmp / f"{name}.jsonl")]
+    assert main([*args, "--mesh", MESHES["2x2x2"]]) == 0
+    tree_close(load_aligner(tmp / "cli", 1), want, "pktjax laten train --mesh")
+    print("train_aligner ok")
+
+
+def check_lora_train(tmp: Path) -> None:
+    """``lora_train.train`` (2 steps of 2 micro-batches, dropout on) on 2x2x2 (batches split over data x fsdp, the
+    adapter laid out by the rules) and on 4x2 (interrupted after step 1, resumed on 2x2x2) ends with the same
+    adapter as without a mesh."""
+    from pktjax import lora_train as lt
+    from pktjax.data import Tokenized
+
+    cfg = student_cfg()
+    base, lora = random_params(cfg, 10), random_lora(cfg, 4, 11)
+    rng = np.random.default_rng(12)
+    items = []
+    for n in rng.integers(6, 20, size=16):
+        ids = rng.integers(4, 260, size=n).astype(np.int32)
+        items.append(Tokenized(ids, np.where(np.arange(n) < n // 2, IGNORE, ids).astype(np.int32)))
+    tc = lt.TrainConfig(rank=4, alpha=8.0, lr=1e-3, epochs=1, batch_size=8, micro_batch=4, bucket=16, seed=0,
+                        save_every=1)
+
+    def run(out: str, **kw):
+        return lt.train(base, cfg, lora, items, tmp / out, tc, pad_id=3, progress=False, **kw)
+
+    want = run("ref")
+    batches: list = []
+    spy(lt, "_device_batch", batches, lambda a, out: out)
+    got = run("2x2x2", mesh=MESHES["2x2x2"])
+    assert len(batches) == 4 and all(x.sharding.spec == P(("data", "fsdp"), None) for b in batches for x in b)
+    for t in ("q_proj", "up_proj"):
+        assert got["layers"][t]["a"].sharding.spec == P(None, None, "fsdp"), got["layers"][t]["a"].sharding
+        assert got["layers"][t]["b"].sharding.spec == P(None, "tensor", None), got["layers"][t]["b"].sharding
+    assert got["layers"]["down_proj"]["a"].sharding.spec == P(None, None, "tensor")
+    assert got["embed"]["a"].sharding.spec == P(None, "tensor")
+    assert got["lm_head"]["b"].sharding.spec == P("tensor", None)
+    tree_close(got, want, "lora 2x2x2")
+
+    def stop(step, metrics):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    try:
+        run("4x2", mesh=MESHES["4x2"], on_step=stop)
+    except KeyboardInterrupt:
+        pass
+    tree_close(run("4x2", mesh=MESHES["2x2x2"]), want, "lora 4x2 then 2x2x2")
+    print("lora_train ok")
+
+
 def check_mesh_errors() -> None:
     from pktjax.errors import ConfigError
 
@@ -463,7 +593,8 @@ def main(argv: list[str]) -> None:
         checks[name]()
         return
     with tempfile.TemporaryDirectory() as tmp:
-        {"load": check_load, "orbax": check_orbax}[name](Path(tmp))
+        {"load": check_load, "orbax": check_orbax, "train_aligner": check_train_aligner,
+         "lora_train": check_lora_train}[name](Path(tmp))
 
 
 if __name__ == "__main__":

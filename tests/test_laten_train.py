@@ -129,6 +129,17 @@ def test_non_finite_step_is_skipped(pair, tmp_path, monkeypatch):
     assert not _leaves_equal(load_aligner(tmp_path, 1), load_aligner(tmp_path, 2))
 
 
+def test_only_process_zero_writes_run_and_log(pair, trained, tmp_path, monkeypatch):
+    """Another process of a multi-host run saves its orbax shards but writes no run.json or log.jsonl."""
+    from pktjax import sharding
+
+    monkeypatch.setattr(sharding, "is_main_process", lambda: False)
+    final = pktjax.train_aligner(pair.teacher, pair.student, EXTRACT, ALIGN, tmp_path, CFG, tokenizer=pair.tokenizer,
+                                 progress=False)
+    assert aligner_steps(tmp_path) == [0, 1, 2] and _leaves_equal(final, trained[1])
+    assert not (tmp_path / "run.json").exists() and not (tmp_path / "log.jsonl").exists()
+
+
 def _no_loading(monkeypatch):
     def refuse(*a, **k):
         raise AssertionError("weights were loaded before the input was checked")

@@ -67,3 +67,13 @@ def test_training_lowers_loss_and_resume_is_exact(setup, tmp_path):
         train(base, student.config, lora, items, tmp_path / "resumed", TrainConfig(rank=4, epochs=3), pad_id=3,
               progress=False)
 
+
+def test_only_process_zero_writes_config_and_metrics(setup, tmp_path, monkeypatch):
+    """Another process of a multi-host run saves its orbax shards but writes no config or metrics file."""
+    from pktjax import sharding
+
+    _, student, items, base, lora = setup
+    monkeypatch.setattr(sharding, "is_main_process", lambda: False)
+    train(base, student.config, lora, items, tmp_path, TC, pad_id=3, progress=False)
+    assert (tmp_path / "checkpoints").is_dir()
+    assert not (tmp_path / "train_config.json").exists() and not (tmp_path / "metrics.jsonl").exists()

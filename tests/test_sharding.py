@@ -28,6 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TIMEOUT_S = 600  # per child; a hung child fails its test instead of the whole run
 WORKER_TIMEOUT_S = 300
 CHECKS = {  # test name -> check name, the most expensive first (they start in this order)
+    "test_train_aligner_with_mesh_matches_one_device": "train_aligner",
+    "test_lora_train_with_mesh_matches_one_device": "lora_train",
     "test_lora_step_matches_one_device": "lora",
     "test_aligner_step_matches_one_device": "aligner",
     "test_attribution_matches_one_device": "attribution",
@@ -166,6 +168,23 @@ class _WholeTensors:
         return self.inner.get(name)
 
 
+def test_cli_rejects_a_bad_mesh_before_loading(tmp_path, capsys, monkeypatch):
+    """``--mesh`` errors are ConfigErrors (exit 2) raised before any model is read; a single plain process never
+    calls ``jax.distributed.initialize``."""
+    from pktjax.cli import main
+
+    calls = []
+    monkeypatch.setattr(jax.distributed, "initialize", lambda **kw: calls.append(kw))
+    missing, out = str(tmp_path / "missing"), str(tmp_path / "out")
+    laten = ["laten", "train", "--teacher", missing, "--student", missing, "--task", "gsm", "--out", out]
+    lora = ["lora", "train", "--student", missing, "--task", "gsm", "--out", out]
+    for argv, want in ((laten + ["--mesh", "data=2"], "multiply to 2 but 1 devices"),
+                       (lora + ["--mesh", "fsdp=x"], "must be an integer")):
+        assert main(argv) == 2
+        assert want in capsys.readouterr().err
+    assert not calls and not (tmp_path / "out").exists()
+
+
 def test_load_params_on_one_device_from_any_source(tmp_path):
     from pktjax.checkpoint import SafetensorsSource, load_model
     from tests.sharding_checks import save_random, student_cfg
@@ -204,6 +223,18 @@ def test_aligner_step_matches_one_device(checks):
 
 def test_lora_step_matches_one_device(checks):
     _check(checks, "lora")
+
+
+def test_train_aligner_with_mesh_matches_one_device(checks):
+    """2 steps on 2x2x2, and 4x2 resumed on 2x2x2, save the aligner of the run without a mesh at every step;
+    weights, aligner and gradients carry the rules' shardings while training; ``pktjax laten train --mesh``."""
+    _check(checks, "train_aligner")
+
+
+def test_lora_train_with_mesh_matches_one_device(checks):
+    """2 LoRA steps on 2x2x2, and 4x2 resumed on 2x2x2, end with the adapter of the run without a mesh; the
+    micro-batches are split over data x fsdp and the adapter follows the rules."""
+    _check(checks, "lora_train")
 
 
 # ------------------------------------------------------------------------------------------- two processes

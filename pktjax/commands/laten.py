@@ -44,6 +44,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                    help="loss on prompt tokens too (default: yes for mmlu, no otherwise)")
     p.add_argument("--micro-batch", type=int, default=4, help="examples per compiled forward/backward")
     p.add_argument("--bucket", type=int, default=64, help="sequence lengths round up to a multiple of this")
+    p.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
+                   "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -63,6 +65,7 @@ def _split(args: argparse.Namespace, name: str):
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pktjax.sharding import main_print
     from pktjax.train_aligner import TrainConfig, train_aligner
 
     train_on_inputs = args.task == "mmlu" if args.train_on_inputs is None else args.train_on_inputs
@@ -71,8 +74,8 @@ def _train(args: argparse.Namespace) -> int:
                          micro_batch=args.micro_batch, bucket=args.bucket, seed=args.seed, modules=args.modules,
                          mode=args.mode or "reference", attention=args.attention or "last_key")
     train_aligner(args.teacher, args.student, _split(args, "extract"), _split(args, "align"), args.out, config,
-                  progress=not args.no_progress)
-    print(f"aligner checkpoints in {args.out}/aligner (one per step); metrics in {args.out}/log.jsonl")
+                  progress=not args.no_progress, mesh=args.mesh)
+    main_print(f"aligner checkpoints in {args.out}/aligner (one per step); metrics in {args.out}/log.jsonl")
     return 0
 
 

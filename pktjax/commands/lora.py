@@ -32,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
     t.add_argument("--seed-samples", type=int, default=32, help="seed examples for --init seeking with --teacher")
     t.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
+                   "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
     m = lora.add_parser("merge", help="merge an adapter into the student and save a transformers checkpoint")
@@ -72,6 +74,7 @@ def _train(args: argparse.Namespace) -> int:
     import jax
 
     from pktjax import lora as lora_mod
+    from pktjax import sharding as S
     from pktjax.checkpoint import load_model
     from pktjax.data import read_jsonl, tokenize_seeking
     from pktjax.lora_train import TrainConfig, train
@@ -79,8 +82,9 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax.tokenizer import load_tokenizer
 
     method, path = _parse_init(args.init)
+    mesh = S.as_mesh(args.mesh)
     out = Path(args.out).expanduser()
-    student = load_model(args.student)
+    student = load_model(args.student, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     teacher_lora = _teacher_lora(args, method, path, student, out)
     targets = args.targets or (lora_mod.targets_of(teacher_lora) if teacher_lora else lora_mod.TARGETS)
@@ -93,11 +97,14 @@ def _train(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size, micro_batch=args.micro_batch, cutoff_len=args.cutoff_len,
                      dtype=args.dtype, seed=args.seed, save_every=args.save_every)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=not args.no_progress)
-    adapter = lora_mod.export_peft(trained, student.config, out / "adapter", alpha=args.alpha, dropout=args.dropout,
-                                   initial=None if method == "default" else lora0, base_model=str(args.student),
-                                   overwrite=True)
-    print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")
+    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=not args.no_progress,
+                    mesh=mesh)
+    trained, lora0 = S.to_host((trained, lora0))  # gathered on every process; process 0 writes the adapter
+    if S.is_main_process():
+        adapter = lora_mod.export_peft(trained, student.config, out / "adapter", alpha=args.alpha,
+                                       dropout=args.dropout, initial=None if method == "default" else lora0,
+                                       base_model=str(args.student), overwrite=True)
+        print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")
     return 0
 
 
