@@ -201,6 +201,18 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Model:
                  source=str(path))
 
 
+def read_model_config(path: str | os.PathLike) -> ModelConfig:
+    """A checkpoint's config without its weights: ``config.json`` of a folder, or a ``.gguf`` file's metadata."""
+    path = Path(path).expanduser()
+    if path.suffix == ".gguf" or _is_gguf(path):
+        from pktjax.gguf_io import load_gguf
+
+        return load_gguf(path)[0]
+    if not (path / "config.json").is_file():
+        raise CheckpointError(f"{path}: no config.json here; give a checkpoint folder or a .gguf file.")
+    return ModelConfig.from_file(path / "config.json")
+
+
 def _is_gguf(path: Path) -> bool:
     if not path.is_file():
         return False

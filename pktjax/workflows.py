@@ -1,0 +1,220 @@
+"""Chains of library calls that more than one entry point runs: the ``pktjax`` sub-commands and the main job
+(:mod:`pktjax.transfer`) call these rather than repeating them.
+
+- :func:`extract_to` / :func:`seeking_factors`: Seeking's extraction (teacher sensitivity, layer and sub-matrix
+  selection, SVD) from checkpoint paths into a PEFT adapter folder of the student's shape (cached in a folder);
+- :func:`train_adapter`: a LoRA (standard, PiSSA or Seeking init) fine-tuned on chat examples, exported (PEFT);
+- :func:`merge_adapter`: an adapter folder merged into its student;
+- :func:`analyze_pair`: the neural-incompatibility analysis of a pair (figures, ``report.md``, ``analysis.json``);
+- :func:`probe_examples` / :func:`seed_examples`: the example sets those read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from pktjax.data import LATEN_TASKS, SEEKING_TASKS, laten_split, read_jsonl, seeking_file
+from pktjax.errors import ConfigError, PairError
+
+Examples = list[dict[str, Any]]
+# Defaults of the analysis (`pktjax analyze` and a transfer config's `analysis:` section).
+ANALYSIS_DEFAULTS = {"metric": "cka", "n_examples": 16, "rank": 16,
+                     "modules": ["up_proj", "down_proj", "v_proj", "o_proj"], "batch_size": 4, "cutoff_len": 768,
+                     "max_tokens": 4096, "seeking": True, "full_heatmap": False}
+
+
+# ------------------------------------------------------------------------------------------------------ examples
+
+def probe_examples(task: str, n: int) -> Examples:
+    """The first ``n`` examples of a LaTen task's train split (gsm, mmlu, humaneval, mbpp) or of a JSONL file."""
+    if n < 1:
+        raise ConfigError("the probe set needs at least one example (n_examples >= 1).")
+    path = laten_split(task, "train") if task in LATEN_TASKS else Path(task).expanduser()
+    return read_jsonl(path, limit=n)
+
+
+def seed_examples(task: str, samples: int = 32, probe: int | None = None) -> Examples:
+    """Seeking's seed examples: up to ``samples`` of a Seeking task's shipped samples (gsm, mmlu, super_ni, lima);
+    a task without them (humaneval, mbpp, a JSONL file) uses the first ``probe`` (default ``samples``) examples
+    of its probe set (:func:`probe_examples`)."""
+    if task in SEEKING_TASKS:
+        return read_jsonl(seeking_file(task, "sample"), limit=samples)
+    return probe_examples(task, probe or samples)
+
+
+# ----------------------------------------------------------------------------------------- Seeking and LoRA runs
+
+def extract_to(teacher: str | os.PathLike, student: str | os.PathLike, student_cfg, seeds: str | Sequence[dict],
+               out: str | os.PathLike, *, rank: int, targets=None, samples: int = 32, cutoff_len: int = 2048,
+               dtype: str = "float32") -> dict:
+    """Seeking's extraction from checkpoint paths into the adapter folder ``out`` (+ ``extraction.json``).
+
+    ``seeds``: a Seeking task name or JSONL path (its sample file is read), or the seed examples themselves;
+    at most ``samples`` are used. Returns the plan (``{"layers", "windows"}``)."""
+    import jax.numpy as jnp
+
+    from pktjax.checkpoint import load_model
+    from pktjax.lora import TARGETS, check_targets, export_peft
+    from pktjax.seeking import extract_for_examples, task_file
+    from pktjax.tokenizer import load_tokenizer
+    from pktjax.train_aligner import check_tokenizers
+
+    targets = check_targets(targets or TARGETS)
+    tokenizer = load_tokenizer(teacher)
+    check_tokenizers(tokenizer, load_tokenizer(student))
+    if isinstance(seeds, str):
+        examples = read_jsonl(task_file(seeds, "sample"), limit=samples)
+    else:
+        examples = list(seeds)[:samples]
+    lora, cut = extract_for_examples(load_model(teacher, dtype=getattr(jnp, dtype)), student_cfg, tokenizer,
+                                     examples, rank, targets=targets, cutoff_len=cutoff_len)
+    folder = export_peft(lora, student_cfg, out, alpha=rank, base_model=str(student))
+    info = {"teacher": str(teacher), "student": str(student), "task": seeds if isinstance(seeds, str) else "given",
+            "samples": len(examples), "rank": rank, "teacher_layers": cut["layers"],
+            "windows": {t: [list(w) for w in ws] for t, ws in cut["windows"].items()}}
+    (Path(folder) / "extraction.json").write_text(json.dumps(info, indent=2))
+    return cut
+
+
+def seeking_factors(teacher, student, student_cfg, seeds, folder: str | os.PathLike, **kw) -> dict:
+    """The Seeking LoRA factors cached in ``folder``: extracted there by :func:`extract_to` (same ``seeds`` and
+    keywords) unless a finished extraction (``extraction.json``) is already there, then read back."""
+    from pktjax.lora import import_peft
+
+    folder = Path(folder).expanduser()
+    if not (folder / "extraction.json").is_file():
+        shutil.rmtree(folder, ignore_errors=True)  # an extraction cut short leaves nothing reusable
+        extract_to(teacher, student, student_cfg, seeds, folder, **kw)
+    return import_peft(folder, student_cfg)[0]
+
+
+def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.PathLike, tc, *,
+                  method: str = "default", targets=None, teacher_lora: dict | None = None,
+                  progress: bool = True) -> Path:
+    """Initialise a LoRA (``default`` | ``pissa`` | ``seeking`` from ``teacher_lora``), fine-tune it on
+    ``examples`` (Seeking tokenization, response-only loss; :class:`pktjax.lora_train.TrainConfig` ``tc``) with
+    checkpoints and ``metrics.jsonl`` under ``out``, and export it to ``out/adapter`` in PEFT's format for the
+    *original* student. A run left unfinished in ``out`` resumes. ``student``: a loaded :class:`Model`."""
+    import jax
+
+    from pktjax import lora
+    from pktjax.data import tokenize_seeking
+    from pktjax.lora_train import train
+
+    targets = targets or (lora.targets_of(teacher_lora) if teacher_lora else lora.TARGETS)
+    base, lora0 = lora.init(student.params, student.config, tc.rank, tc.alpha, targets, method,
+                            key=jax.random.key(tc.seed), teacher_lora=teacher_lora)
+    items = [tokenize_seeking(tokenizer, ex, tc.cutoff_len) for ex in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    out = Path(out).expanduser()
+    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress)
+    return lora.export_peft(trained, student.config, out / "adapter", alpha=tc.alpha, dropout=tc.dropout,
+                            initial=None if method == "default" else lora0, base_model=str(student.source),
+                            overwrite=True)
+
+
+def merge_adapter(student, adapter: str | os.PathLike, dtype: str = "float32"):
+    """The :class:`Model` ``student`` with the PEFT adapter folder ``adapter`` merged in, weights cast to ``dtype``."""
+    import jax
+    import jax.numpy as jnp
+
+    from pktjax.checkpoint import Model
+    from pktjax.lora import import_peft, merge_model
+
+    lora, scale = import_peft(adapter, student.config)
+    merged = merge_model(student, lora, scale)
+    cast = jax.tree.map(lambda x: x.astype(getattr(jnp, dtype)), merged.params)
+    return Model(params=cast, config=merged.config, source=merged.source)
+
+
+# ------------------------------------------------------------------------------------------------------ analysis
+
+def shared_tokenizer(teacher_path, student_path, examples: Examples):
+    """The student's tokenizer, after checking that the teacher's tokenizes ``examples`` identically."""
+    from pktjax.analysis import probe_tokens
+    from pktjax.tokenizer import load_tokenizer
+
+    tok_s, tok_t = load_tokenizer(student_path), load_tokenizer(teacher_path)
+    ids_s, ids_t = probe_tokens(examples, tok_s), probe_tokens(examples, tok_t)
+    if any(len(a) != len(b) or (a != b).any() for a, b in zip(ids_s, ids_t)):
+        raise PairError("teacher and student tokenize the probe set differently; representation similarity needs "
+                        "both models to read the same tokens (one tokenizer).")
+    return tok_s
+
+
+def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *, tokenizer,
+                 metric: str = "cka", rank: int = 16, modules: Sequence[str] = tuple(ANALYSIS_DEFAULTS["modules"]),
+                 batch_size: int = 4, cutoff_len: int = 768, max_tokens: int | None = 4096,
+                 triangle: bool = True, seeking_seeds: Examples | None = None, seeking_lora: dict | None = None,
+                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The neural-incompatibility analysis of loaded ``teacher``/``student`` (SPEC §6) into folder ``out``.
+
+    Writes ``representation_<metric>.png/.pdf`` (teacher × student layer heatmaps per module; ``metric``: cka,
+    cosine or both), ``parametric_similarity.png/.pdf`` (per-layer cosine curves of the PiSSA init and, given
+    ``seeking_lora`` or the ``seeking_seeds`` to extract it from, the Seeking init), ``report.md`` and last
+    ``analysis.json`` (every number; its presence marks a finished analysis), and returns that JSON object.
+    """
+    from pktjax import analysis, plots
+
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    modules = tuple(modules)
+    t0 = time.time()
+    rep = {}
+    for m in (("cka", "cosine") if metric == "both" else (metric,)):
+        rep[m] = analysis.representation_similarity(teacher, student, examples, modules, m, tokenizer=tokenizer,
+                                                    batch_size=batch_size, cutoff_len=cutoff_len,
+                                                    max_tokens=max_tokens)
+        plots.plot_heatmaps(rep[m], out / f"representation_{m}", m, triangle=triangle)
+    param, notes = _parametric(teacher, student, modules, rank, tokenizer, cutoff_len, seeking_seeds, seeking_lora)
+    if param:
+        plots.plot_parametric(param, out / "parametric_similarity")
+    meta = {**(meta or {}), "LoRA rank": rank, "seconds": round(time.time() - t0, 1), **notes}
+    (out / "report.md").write_text(analysis.markdown_report(param, rep, meta, triangle))
+    result = _as_json(meta, param, rep, triangle)
+    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    return result
+
+
+def _parametric(teacher, student, modules, rank, tokenizer, cutoff_len, seeds, seeking) -> tuple[dict, dict]:
+    """Parametric similarity of the PiSSA init and, when given or extractable, the Seeking init."""
+    from pktjax import analysis, lora
+    from pktjax.seeking import extract_for_examples
+
+    targets = tuple(m for m in modules if m in lora.LINEAR_NAMES)
+    if not targets:
+        return {}, {"parametric": "skipped (no projection modules given)"}
+    scale = 1.0  # alpha = rank, as in the Seeking setting (SPEC §4)
+    _, pissa = lora.init(student.params, student.config, rank, rank, targets, method="pissa")
+    results = {"PiSSA": analysis.parametric_similarity(student.params, student.config, pissa, scale, targets)}
+    if seeking is None and seeds is None:
+        return results, {"Seeking": "skipped"}
+    try:
+        seeking = seeking or extract_for_examples(teacher, student.config, tokenizer, seeds, rank, targets=targets,
+                                                  cutoff_len=cutoff_len)[0]
+    except PairError as e:
+        return results, {"Seeking": f"skipped ({e})"}
+    results["Seeking"] = analysis.parametric_similarity(student.params, student.config, seeking, scale, targets)
+    return results, {}
+
+
+def _as_json(meta, param, rep, triangle) -> dict[str, Any]:
+    from pktjax.analysis import heatmap_summary
+
+    def lst(x):
+        return np.asarray(x, np.float64).round(6).tolist()
+
+    return {
+        "meta": meta,
+        "parametric": {i: {m: {k: lst(v) for k, v in r.items()} for m, r in per.items()} for i, per in param.items()},
+        "representation": {metric: {m: {"matrix": lst(mat), **heatmap_summary(mat, triangle)}
+                                    for m, mat in mats.items()} for metric, mats in rep.items()},
+        "triangle": triangle,
+    }
