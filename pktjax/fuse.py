@@ -38,11 +38,11 @@ def _check_aligner(aligner: AlignerParams, modules: tuple[str, ...], teacher: So
 def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step: int,
          examples: Sequence[dict[str, Any]] | str | os.PathLike, out: str | os.PathLike, *, rate: float = 0.1,
          seed: int = 42, modules: Sequence[str] | None = None, mode: str | None = None,
-         attention: str | None = None, tokenizer=None) -> Path:
+         attention: str | None = None, layers: int | None = None, tokenizer=None) -> Path:
     """Write the fused student to ``out`` and return its path.
 
     ``aligner_dir``: a :func:`pktjax.train_aligner` output folder; ``step``: which saved aligner to apply.
-    ``modules``, ``mode`` and ``attention`` default to the training run's. Every check (output folder, data,
+    ``modules``, ``mode``, ``attention`` and ``layers`` (K) default to the training run's. Every check (output folder, data,
     pair, aligner sizes) runs before the models are loaded.
     """
     out = Path(out)
@@ -52,9 +52,10 @@ def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step:
     examples = load_examples(examples, "train")
     modules = tuple(modules or run["modules"])
     _check_aligner(aligner, modules, teacher, student)
-    pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer)
+    layers = layers or run["config"].get("layers")
+    pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer, layers=layers)
     example = examples[random.Random(seed).randrange(len(examples))]
     knowledge, _, sel_s = locate_and_extract(pair, example, mode or run["config"]["mode"],
-                                             attention or run["config"]["attention"])
+                                             attention or run["config"]["attention"], layers)
     params = inject(pair.student.params, pair.student.config, sel_s, align(aligner, knowledge))
     return save_model(Model(params=params, config=pair.student.config, source=pair.student.source), out)

@@ -54,7 +54,7 @@ from tqdm.auto import tqdm
 from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
 from pktjax.attribution import ATTENTION, MODES, locate
-from pktjax.checkpoint import Model, load_model
+from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
 from pktjax.errors import ConfigError, DataError, PairError
@@ -88,6 +88,7 @@ class TrainConfig:
     modules: tuple[str, ...] | None = None
     mode: str = "reference"
     attention: str = "last_key"
+    layers: int | None = None  # K, the layers transferred into; None: every student layer (SPEC §3.2 default)
 
     def check(self) -> None:
         for name in ("examples_per_step", "cutoff_len", "micro_batch", "bucket"):
@@ -95,6 +96,8 @@ class TrainConfig:
                 raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
         if not (self.lr > 0 and math.isfinite(self.lr)) or self.mse_weight < 0:
             raise ConfigError(f"lr={self.lr} must be positive and mse_weight={self.mse_weight} non-negative.")
+        if self.layers is not None and self.layers < 1:
+            raise ConfigError(f"layers={self.layers} must be a positive number of layers (or None for all).")
         if self.mode not in MODES or self.attention not in ATTENTION:
             raise ConfigError(f"mode={self.mode!r} / attention={self.attention!r}: choose a mode in {MODES} "
                               f"and attention in {ATTENTION}.")
@@ -115,13 +118,10 @@ class Pair:
 
 
 def peek_config(src: Source) -> ModelConfig:
-    """A model's config without loading its weights (a ``.gguf`` file is loaded)."""
+    """A model's config without loading its weights (folder ``config.json`` or GGUF metadata)."""
     if isinstance(src, Model):
         return src.config
-    path = Path(src).expanduser()
-    if path.is_dir():
-        return ModelConfig.from_file(path / "config.json")
-    return load_model(path).config
+    return read_model_config(src)
 
 
 def _source_path(src: Source) -> str | None:
@@ -153,15 +153,16 @@ def _load(src: Source, mesh: Mesh | None) -> Model:
 
 
 def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequence[str] | None = None,
-                 tokenizer=None, mesh: Mesh | None = None) -> Pair:
+                 tokenizer=None, mesh: Mesh | None = None, layers: int | None = None) -> Pair:
     """Check a teacher/student pair from configs and tokenizers, then load the weights (the heavy part last;
     with ``mesh``, each weight laid out by the sharding rules).
 
     Errors: :class:`PairError` (vocabulary, tokenizer, teacher not larger), :class:`ConfigError` (rate outside
-    (0, 1], ``v_proj`` with GQA, unknown module).
+    (0, 1], ``v_proj`` with GQA, unknown module, ``layers`` beyond either model's depth).
     """
     cfg_t, cfg_s = peek_config(teacher), peek_config(student)
     check_pair(cfg_t, cfg_s)
+    layer_count(cfg_t, cfg_s, layers)
     modules = check_modules(modules, cfg_t, cfg_s)
     n_f, n_a = neuron_counts(cfg_s.intermediate_size, cfg_s.hidden_size, rate)
     if n_a > min(cfg_t.q_dim, cfg_s.q_dim):
@@ -170,14 +171,26 @@ def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequ
     return Pair(_load(teacher, mesh), _load(student, mesh), tokenizer, modules, (n_f, n_a))
 
 
-def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "reference",
-                       attention: str = "last_key") -> tuple[dict[str, jax.Array], Selection, Selection]:
-    """Locate on one example in both models, select ``K = L_S`` layers and ``(N_f, N_a)`` neurons each, extract
-    the teacher's knowledge. Returns ``(knowledge, teacher selection, student selection)``."""
-    k = pair.student.config.num_layers
+def layer_count(teacher: ModelConfig, student: ModelConfig, layers: int | None) -> int:
+    """``K``: ``layers``, or every student layer when ``None``; at most the smaller model's depth."""
+    limit = min(teacher.num_layers, student.num_layers)
+    k = student.num_layers if layers is None else layers
+    if not 1 <= k <= limit:
+        raise ConfigError(f"layers={layers}: K must be between 1 and {limit} (the student has "
+                          f"{student.num_layers} layers, the teacher {teacher.num_layers}).")
+    return k
+
+
+def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "reference", attention: str = "last_key",
+                       layers: int | None = None) -> tuple[dict[str, jax.Array], Selection, Selection]:
+    """Locate on one example in both models, select ``K`` layers (``layers``, default ``L_S``) and
+    ``(N_f, N_a)`` neurons each, extract the teacher's knowledge; neurons are scored only in each model's top
+    ``K`` layers (:func:`pktjax.attribution.locate`). Returns ``(knowledge [K, ...] per module, teacher
+    selection, student selection)``."""
+    k = layer_count(pair.teacher.config, pair.student.config, layers)
     sels = []
     for m in (pair.teacher, pair.student):
-        attr = locate(m.params, m.config, pair.tokenizer, [example], mode=mode, attention=attention)
+        attr = locate(m.params, m.config, pair.tokenizer, [example], mode=mode, attention=attention, layers=k)
         sels.append(select(attr, k, *pair.counts))
     return extract(pair.teacher.params, pair.teacher.config, sels[0], pair.modules), sels[0], sels[1]
 
@@ -401,7 +414,7 @@ def _train_step(step: int, state: dict[str, Any], pair: Pair, example: dict[str,
                 config: TrainConfig, lr: float, mesh: Mesh | None) -> tuple[dict[str, Any], dict[str, Any]]:
     """One aligner step; returns ``(new state, metrics)``. A non-finite loss or gradient leaves the state."""
     t0 = time.perf_counter()
-    knowledge, _, sel_s = locate_and_extract(pair, example, config.mode, config.attention)
+    knowledge, _, sel_s = locate_and_extract(pair, example, config.mode, config.attention, config.layers)
     batches = micro_batches(batch_items, config.micro_batch, pair.tokenizer.eos_token_id, config.bucket,
                             config.cutoff_len)
     loss, ce, mse, grads = step_gradients(state["aligner"], pair.student, sel_s, knowledge, batches,
@@ -441,7 +454,8 @@ def _prepare(teacher: Source, student: Source, extract_examples, align_examples,
     extract_ex = load_examples(extract_examples, "extract")
     align_ex = load_examples(align_examples, "align")
     steps = _check_data(config, len(extract_ex), len(align_ex))
-    pair = prepare_pair(teacher, student, rate=config.rate, modules=config.modules, tokenizer=tokenizer, mesh=mesh)
+    pair = prepare_pair(teacher, student, rate=config.rate, modules=config.modules, tokenizer=tokenizer, mesh=mesh,
+                        layers=config.layers)
     tok = functools.partial(tokenize_laten, pair.tokenizer, cutoff_len=config.cutoff_len,
                             train_on_inputs=config.train_on_inputs)
     order = np.random.default_rng(config.seed).permutation(len(extract_ex))

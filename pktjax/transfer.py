@@ -23,7 +23,8 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
     task: gsm | mmlu | humaneval | mbpp        # LaTen splits (../shared/data/laten/<task>/)
     eval: {task: gsm8k, limit: 32, max_new_tokens: 256, batch_size: 8, few_shot: 0}
     laten: {seeds: [42], steps: null, rate: 0.1, lr: 3e-5, cutoff_len: 768, examples_per_step: 16,
-            micro_batch: 4, fuse_steps: all | last | [1, 2]}      # seeds: [] skips LaTen
+            micro_batch: 4, fuse_steps: all | last | [1, 2], layers: null}   # seeds: [] skips LaTen;
+                                                            # layers: K (default every student layer)
     seeking: {seeds: [1], rank: 16, alpha: 16, dropout: 0.05, lr: 3e-4, epochs: 3, batch_size: 64,
               micro_batch: 8, cutoff_len: 2048, dtype: float32, targets: null, data: null, limit: null,
               samples: 32, seed_data: null, teacher_dtype: float32}
@@ -61,7 +62,7 @@ from pktjax.workflows import ANALYSIS_DEFAULTS
 
 EVAL_TASK = {"gsm": "gsm8k", "mmlu": "mmlu", "humaneval": "humaneval", "mbpp": "mbpp"}
 LATEN_DEFAULTS = {"seeds": [42], "steps": None, "rate": 0.1, "lr": 3e-5, "cutoff_len": 768,
-                  "examples_per_step": 16, "micro_batch": 4, "fuse_steps": "all"}
+                  "examples_per_step": 16, "micro_batch": 4, "fuse_steps": "all", "layers": None}
 EVAL_DEFAULTS = {"task": None, "limit": None, "max_new_tokens": None, "batch_size": 8, "few_shot": 0}
 TRAIN_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch_size", "micro_batch", "cutoff_len", "dtype")
 LORA_DEFAULTS = {"seeds": [LoraTrainConfig.seed], **{k: getattr(LoraTrainConfig, k) for k in TRAIN_KEYS},
@@ -288,7 +289,7 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) ->
     lt, folder = cfg.laten, cfg.out / "laten" / f"seed{seed}"
     tc = TrainConfig(lr=lt["lr"], rate=lt["rate"], steps=lt["steps"], examples_per_step=lt["examples_per_step"],
                      cutoff_len=lt["cutoff_len"], micro_batch=lt["micro_batch"], seed=seed,
-                     train_on_inputs=cfg.task == "mmlu")
+                     train_on_inputs=cfg.task == "mmlu", layers=lt["layers"])
     t0 = time.time()
     if not (folder / "trained.json").is_file():
         train_aligner(teacher, student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),

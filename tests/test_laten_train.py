@@ -213,3 +213,31 @@ def test_cli_train_and_fuse(dirs, tmp_path):
     assert rc == 0 and (tmp_path / "fused" / "config.json").is_file()
     assert main(["laten", "fuse", *common, "--aligner", str(tmp_path / "run"), "--step", "5", "--train",
                  str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "fused2")]) == 2
+
+
+def test_fewer_layers_select_and_fuse_k_layers(pair, dirs, tmp_path):
+    """``layers=K``: K paired layers and [K, ...] knowledge, the same pick as locating every neuron; the fuse
+    takes K from the run; a K beyond the student's depth is refused before loading."""
+    from pktjax.attribution import locate
+    from pktjax.select import select
+
+    k = pair.student.config.num_layers - 1
+    knowledge, sel_t, sel_s = locate_and_extract(pair, EXTRACT[0], layers=k)
+    assert all(v.shape[0] == k for v in knowledge.values()) and sel_s.ffn_layers.shape == (k,)
+    full = locate(pair.teacher.params, pair.teacher.config, pair.tokenizer, EXTRACT[:1])
+    want = select(full, k, *pair.counts)
+    for field in ("ffn_layers", "attn_layers", "ffn_neurons", "attn_neurons"):
+        np.testing.assert_array_equal(np.asarray(getattr(sel_t, field)), np.asarray(getattr(want, field)))
+    cfg = TrainConfig(**{**CFG.__dict__, "steps": 1, "layers": k})
+    pktjax.train_aligner(pair.teacher, pair.student, EXTRACT, ALIGN, tmp_path / "a", cfg, tokenizer=pair.tokenizer,
+                         progress=False)
+    assert json.loads((tmp_path / "a" / "run.json").read_text())["config"]["layers"] == k
+    out = pktjax.fuse(*dirs, tmp_path / "a", 0, ALIGN, tmp_path / "fused")
+    fused, base = pktjax.load_model(out), pair.student
+    changed = [i for i in range(k + 1) if not np.array_equal(np.asarray(fused.params["layers"]["up_proj"][i]),
+                                                             np.asarray(base.params["layers"]["up_proj"][i]))]
+    assert 1 <= len(changed) <= k
+    with pytest.raises(ConfigError, match="layers=9"):
+        pktjax.train_aligner(*dirs, EXTRACT, ALIGN, tmp_path / "b", TrainConfig(**{**CFG.__dict__, "layers": 9}),
+                             progress=False)
+    assert not (tmp_path / "b" / "run.json").exists()

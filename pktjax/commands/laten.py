@@ -29,6 +29,10 @@ def _common(p: argparse.ArgumentParser) -> None:
                         "without v_proj for grouped-query attention)")
     p.add_argument("--mode", choices=("reference", "rmsnorm"), default=None, help="attribution normalisation")
     p.add_argument("--attention", choices=("last_key", "all_keys"), default=None, help="attention-neuron values")
+    p.add_argument("--layers", type=int, default=None,
+                   help="K, the layers transferred into (default: every student layer; the fuse defaults to the "
+                        "training run's); neurons are scored only in each model's top K layers, so a small K "
+                        "makes locating about K/L as costly")
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -72,7 +76,8 @@ def _train(args: argparse.Namespace) -> int:
     config = TrainConfig(lr=args.lr, rate=args.rate, steps=args.steps, examples_per_step=args.examples_per_step,
                          mse_weight=args.mse_weight, cutoff_len=args.cutoff_len, train_on_inputs=train_on_inputs,
                          micro_batch=args.micro_batch, bucket=args.bucket, seed=args.seed, modules=args.modules,
-                         mode=args.mode or "reference", attention=args.attention or "last_key")
+                         mode=args.mode or "reference", attention=args.attention or "last_key",
+                         layers=args.layers)
     train_aligner(args.teacher, args.student, _split(args, "extract"), _split(args, "align"), args.out, config,
                   progress=not args.no_progress, mesh=args.mesh)
     main_print(f"aligner checkpoints in {args.out}/aligner (one per step); metrics in {args.out}/log.jsonl")
@@ -83,6 +88,7 @@ def _fuse(args: argparse.Namespace) -> int:
     from pktjax.fuse import fuse
 
     out = fuse(args.teacher, args.student, args.aligner, args.step, _split(args, "train"), args.out,
-               rate=args.rate, seed=args.seed, modules=args.modules, mode=args.mode, attention=args.attention)
+               rate=args.rate, seed=args.seed, modules=args.modules, mode=args.mode, attention=args.attention,
+               layers=args.layers)
     print(f"fused student saved to {out}")
     return 0
