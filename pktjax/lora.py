@@ -144,7 +144,9 @@ def svd_factors(m: jax.Array, rank: int, split: bool = False) -> tuple[jax.Array
     (PiSSA). Computed in float32 at the highest precision.
     """
     chex.assert_rank(m, {2, 3})
-    return _svd_factors(m.astype(jnp.float32), rank, split)
+    # One SVD at a time: two LAPACK SVDs dispatched concurrently on the CPU backend can deadlock (seen with
+    # jaxlib 0.10 on the Qwen2.5-0.5B shapes), so wait for each before the caller dispatches the next.
+    return jax.block_until_ready(_svd_factors(m.astype(jnp.float32), rank, split))
 
 
 @jax.jit

@@ -266,11 +266,17 @@ def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
     from pktjax.evaluate import evaluate
 
+    from tqdm.auto import tqdm
+
+    from pktjax.sharding import is_main_process
+
     if out.is_file():
         return
     e = cfg.eval
-    evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
-             max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer)
+    label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
+    with tqdm(total=e["limit"], desc=f"eval {label}", unit="ex", disable=not is_main_process()) as bar:
+        evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
+                 max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update)
 
 
 def _fuse_steps(setting: Any, saved: list[int]) -> list[int]:

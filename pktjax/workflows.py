@@ -97,14 +97,16 @@ def seeking_factors(teacher, student, student_cfg, seeds, folder: str | os.PathL
 
 def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.PathLike, tc, *,
                   method: str = "default", targets=None, teacher_lora: dict | None = None,
-                  progress: bool = True) -> Path:
+                  progress: bool = True, mesh=None) -> Path:
     """Initialise a LoRA (``default`` | ``pissa`` | ``seeking`` from ``teacher_lora``), fine-tune it on
     ``examples`` (Seeking tokenization, response-only loss; :class:`pktjax.lora_train.TrainConfig` ``tc``) with
     checkpoints and ``metrics.jsonl`` under ``out``, and export it to ``out/adapter`` in PEFT's format for the
-    *original* student. A run left unfinished in ``out`` resumes. ``student``: a loaded :class:`Model`."""
+    *original* student. A run left unfinished in ``out`` resumes. ``student``: a loaded :class:`Model`;
+    ``mesh``: shard the training over it (every process trains; process 0 writes the adapter)."""
     import jax
 
     from pktjax import lora
+    from pktjax import sharding as S
     from pktjax.data import tokenize_seeking
     from pktjax.lora_train import train
 
@@ -114,7 +116,10 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
     items = [tokenize_seeking(tokenizer, ex, tc.cutoff_len) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = Path(out).expanduser()
-    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress)
+    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress, mesh=mesh)
+    trained, lora0 = S.to_host((trained, lora0))  # gathered on every process
+    if not S.is_main_process():
+        return out / "adapter"
     return lora.export_peft(trained, student.config, out / "adapter", alpha=tc.alpha, dropout=tc.dropout,
                             initial=None if method == "default" else lora0, base_model=str(student.source),
                             overwrite=True)

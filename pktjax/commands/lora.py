@@ -54,32 +54,31 @@ def _parse_init(value: str) -> tuple[str, str | None]:
 
 
 def _teacher_lora(args, method: str, path: str | None, student, out: Path):
-    """The Seeking factors: read from ``path``, from a previous run's ``out/extracted``, or extracted now."""
-    from pktjax.commands.seeking import extract_to
+    """The Seeking factors: read from ``path``, else extracted from ``--teacher`` into ``out/extracted`` (once)."""
     from pktjax.errors import ConfigError
     from pktjax.lora import import_peft
+    from pktjax.workflows import seeking_factors
 
     if method != "seeking":
         return None
-    cached = out / "extracted"
-    if path is None and not cached.is_dir():
-        if not args.teacher:
-            raise ConfigError("--init seeking needs --teacher (or seeking:PATH with an extracted adapter).")
-        extract_to(args.teacher, args.student, student.config, args.task, cached, rank=args.rank or 16,
-                   targets=args.targets, samples=args.seed_samples, cutoff_len=args.cutoff_len)
-    return import_peft(path or cached, student.config)[0]
+    if path is not None:
+        return import_peft(path, student.config)[0]
+    if not args.teacher and not (out / "extracted" / "extraction.json").is_file():
+        raise ConfigError("--init seeking needs --teacher (or seeking:PATH with an extracted adapter).")
+    return seeking_factors(args.teacher, args.student, student.config, args.task, out / "extracted",
+                           rank=args.rank or 16, targets=args.targets, samples=args.seed_samples,
+                           cutoff_len=args.cutoff_len)
 
 
 def _train(args: argparse.Namespace) -> int:
-    import jax
-
     from pktjax import lora as lora_mod
     from pktjax import sharding as S
     from pktjax.checkpoint import load_model
-    from pktjax.data import read_jsonl, tokenize_seeking
-    from pktjax.lora_train import TrainConfig, train
+    from pktjax.data import read_jsonl
+    from pktjax.lora_train import TrainConfig
     from pktjax.seeking import task_file
     from pktjax.tokenizer import load_tokenizer
+    from pktjax.workflows import train_adapter
 
     method, path = _parse_init(args.init)
     mesh = S.as_mesh(args.mesh)
@@ -87,39 +86,21 @@ def _train(args: argparse.Namespace) -> int:
     student = load_model(args.student, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     teacher_lora = _teacher_lora(args, method, path, student, out)
-    targets = args.targets or (lora_mod.targets_of(teacher_lora) if teacher_lora else lora_mod.TARGETS)
     rank = args.rank or (lora_mod.rank_of(teacher_lora) if teacher_lora else 16)
-    base, lora0 = lora_mod.init(student.params, student.config, rank, args.alpha, targets, method,
-                                key=jax.random.key(args.seed), teacher_lora=teacher_lora)
-    items = [tokenize_seeking(tokenizer, ex, args.cutoff_len)
-             for ex in read_jsonl(task_file(args.task, "train"), limit=args.limit)]
     tc = TrainConfig(rank=rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr, epochs=args.epochs,
                      batch_size=args.batch_size, micro_batch=args.micro_batch, cutoff_len=args.cutoff_len,
                      dtype=args.dtype, seed=args.seed, save_every=args.save_every)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=not args.no_progress,
-                    mesh=mesh)
-    trained, lora0 = S.to_host((trained, lora0))  # gathered on every process; process 0 writes the adapter
-    if S.is_main_process():
-        adapter = lora_mod.export_peft(trained, student.config, out / "adapter", alpha=args.alpha,
-                                       dropout=args.dropout, initial=None if method == "default" else lora0,
-                                       base_model=str(args.student), overwrite=True)
-        print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")
+    examples = read_jsonl(task_file(args.task, "train"), limit=args.limit)
+    adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
+                            teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh)
+    S.main_print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")
     return 0
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import jax
-    import jax.numpy as jnp
+    from pktjax.checkpoint import load_model, save_model
+    from pktjax.workflows import merge_adapter
 
-    from pktjax.checkpoint import Model, load_model, save_model
-    from pktjax.lora import import_peft, merge_model
-
-    student = load_model(args.student)
-    lora, scale = import_peft(args.adapter, student.config)
-    merged = merge_model(student, lora, scale)
-    dtype = getattr(jnp, args.dtype)
-    merged = Model(params=jax.tree.map(lambda x: x.astype(dtype), merged.params), config=merged.config,
-                   source=merged.source)
+    merged = merge_adapter(load_model(args.student), args.adapter, args.dtype)
     print(f"merged checkpoint in {save_model(merged, args.out)}")
     return 0
