@@ -448,7 +448,7 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
     _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings})
     curves = plot_aligner_curves(cfg.out)
     lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",
-             f"teacher `{cfg.teacher}` → student `{cfg.student}`", "",
+             f"teacher `{cfg.teacher}` → student `{cfg.student}`", "", *_weights_note(cfg),
              "| method | seed | aligner step | score | 95% CI | n |", "|---|---|---|---|---|---|"]
     for r in rows:
         ci = r.get("ci") or [None, None]
@@ -464,6 +464,16 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
     path = cfg.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _weights_note(cfg: TransferConfig) -> list[str]:
+    """A line saying when the scores are those of GGUF (usually quantized) weights."""
+    gguf = [name for name, spec in (("teacher", cfg.teacher), ("student", cfg.student))
+            if spec.startswith("registry:") or spec.endswith(".gguf")]
+    if not gguf:
+        return []
+    return [f"The {' and '.join(gguf)} weights come from GGUF files (the packaged pair: 4-bit-class "
+            "quantizations), dequantized to float32 on load: every score here is that of the quantized model.", ""]
 
 
 def _analysis_section(out: Path, folder: Path) -> list[str]:
