@@ -47,9 +47,13 @@ def _gguf_tokenizer(path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as e:  # transformers' GGUF path fails in many library-specific ways
+        import importlib.util
+
+        hint = ("Install pktjax[gguf]: transformers builds GGUF tokenizers through modules that import torch. "
+                if importlib.util.find_spec("torch") is None else "")
         raise CheckpointError(f"{path}: cannot build a tokenizer from this GGUF file's metadata "
-                              f"({type(e).__name__}: {e}). Load the tokenizer from the model's Hugging Face "
-                              "folder instead.") from None
+                              f"({type(e).__name__}: {e}). {hint}Or load the tokenizer from the model's Hugging "
+                              "Face folder instead.") from None
     try:
         with atomic_folder(cached, "tokenizer cache", overwrite=True) as tmp:
             tok.save_pretrained(tmp)
