@@ -23,7 +23,6 @@ import numpy as np
 from pktjax.errors import CheckpointError
 
 _MAGIC = b"GGUF"
-_SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
 _NUMPY = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?", 10: "<u8", 11: "<i8",
           12: "<f8"}
@@ -66,17 +65,23 @@ class _Cursor:
         self.pos += n
         return s
 
+    def numbers(self, vtype: int, count: int) -> list:
+        dtype = np.dtype(_NUMPY[vtype])
+        if self.pos + count * dtype.itemsize > len(self.buf):
+            raise _bad(self.path, "GGUF metadata runs past the end of the file (truncated or corrupt).")
+        arr = np.frombuffer(self.buf, dtype, count, self.pos)
+        self.pos += arr.nbytes
+        return arr.tolist()
+
     def value(self, vtype: int) -> Any:
-        if vtype in _SCALARS:
-            return self.unpack(_SCALARS[vtype])
+        if vtype in _NUMPY:
+            return self.numbers(vtype, 1)[0]
         if vtype == _STRING:
             return self.string()
         if vtype == _ARRAY:
             etype, count = self.unpack("<I"), self.unpack("<Q")
             if etype in _NUMPY:  # numbers in one read
-                arr = np.frombuffer(self.buf, _NUMPY[etype], count, self.pos)
-                self.pos += arr.nbytes
-                return arr.tolist()
+                return self.numbers(etype, count)
             return [self.value(etype) for _ in range(count)]
         raise _bad(self.path, f"unknown GGUF value type {vtype} at byte {self.pos} (corrupt file).")
 
