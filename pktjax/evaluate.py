@@ -39,7 +39,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
              few_shot: int = 0, batch_size: int = 8, out: str | os.PathLike | None = None, *,
              tokenizer=None, max_new_tokens: int | None = None, hub: bool = False,
              generator: Generator | None = None, timeout: float = 10.0, workers: int | None = None,
-             add_special_tokens: bool = True, progress: Progress | None = None) -> dict[str, Any]:
+             add_special_tokens: bool = True, progress: Progress | None = None,
+             resume: str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate a model on ``task`` (``gsm8k``, ``mmlu``, ``humaneval``, ``mbpp``) and return the report.
 
     ``model_or_path``: a :class:`~pktjax.checkpoint.Model` or a checkpoint path (its tokenizer is read from the
@@ -47,7 +48,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     (MMLU: dev questions of the subject; GSM8K: LaTen train examples; MBPP: the prompt split). ``generator``:
     optional ``(prompts, max_new_tokens, stop) -> completions`` used instead of the model (e.g. to score saved
     outputs); ``timeout``: seconds per program in the sandbox; ``progress(n)`` is called as examples finish.
-    ``out``: write the report there as JSON.
+    ``out``: write the report there as JSON. ``resume``: a JSONL file of finished completions (generation tasks):
+    each batch is appended as it finishes, and a later call with the same file decodes only the prompts it lacks.
     """
     start = time.time()
     mod = get_task(task)
@@ -67,7 +69,7 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
         exemplars = mod.shots(few_shot, hub)
         prompts = [mod.prompt(ex, exemplars) for ex in examples]
         outputs = _complete(prompts, max_new, mod.STOP, model, tok, generator, batch_size, add_special_tokens,
-                            progress)
+                            progress, _Finished(resume))
         records = _score_generations(mod, examples, prompts, outputs, timeout, workers, settings)
     report = _report(task, records, settings, time.time() - start)
     if out is not None:
@@ -107,26 +109,68 @@ def _order_by_length(tok, prompts: Sequence[str], add_special_tokens: bool) -> t
     return sorted(range(len(ids)), key=lambda i: len(ids[i])), ids
 
 
-def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_special_tokens, progress) -> list[str]:
-    """Greedy completions of ``prompts`` (in their order), batched by similar length."""
-    if generator is not None:
-        outs = list(generator(prompts, max_new, stop))
-        progress(len(prompts))
-        return outs
-    order, ids = _order_by_length(tok, prompts, add_special_tokens)
+class _Finished:
+    """Completions kept in a JSONL file (``{"prompt", "output"}`` per line) so that an interrupted evaluation goes
+    on where it stopped; without a file it keeps nothing."""
+
+    def __init__(self, path: str | os.PathLike | None):
+        self.path = Path(path).expanduser() if path is not None else None
+        self.done: dict[str, str] = {}
+        if self.path is not None and self.path.is_file():
+            for line in self.path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:  # a line cut short by the interruption
+                    continue
+                self.done[row["prompt"]] = row["output"]
+
+    def add(self, prompts: Sequence[str], outputs: Sequence[str]) -> None:
+        if self.path is None:
+            return
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self.path.open("a") as f:
+            f.writelines(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n"
+                         for p, o in zip(prompts, outputs))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_special_tokens, progress,
+              finished: _Finished) -> list[str]:
+    """Greedy completions of ``prompts`` (in their order), batched by similar length; those in ``finished`` are
+    reused, the others recorded there batch by batch."""
+    outputs: list[str | None] = [finished.done.get(p) for p in prompts]
+    todo = [i for i, o in enumerate(outputs) if o is None]
+    if len(todo) < len(prompts):
+        progress(len(prompts) - len(todo))
+    if generator is not None and todo:
+        outs = list(generator([prompts[i] for i in todo], max_new, stop))
+        for i, text in zip(todo, outs):
+            outputs[i] = text
+        finished.add([prompts[i] for i in todo], outs)
+        progress(len(todo))
+    elif todo:
+        _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress, finished)
+    return outputs
+
+
+def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress,
+            finished: _Finished) -> None:
+    """Greedy completions of ``prompts[todo]`` into ``outputs``, batched by similar length."""
+    order, _ = _order_by_length(tok, [prompts[i] for i in todo], add_special_tokens)
     limit = model.config.max_position_embeddings - max_new
     if limit < 1:
         raise PktjaxError(f"max_new_tokens={max_new} leaves no room for a prompt in a context of "
                           f"{model.config.max_position_embeddings} tokens.")
-    outputs: list[str] = [""] * len(prompts)
     for lo in range(0, len(order), batch_size):
-        idx = order[lo:lo + batch_size]
-        gen = generate_text(model.params, model.config, tok, [prompts[i] for i in idx], max_new, stop=stop,
+        idx = [todo[j] for j in order[lo:lo + batch_size]]
+        batch = [prompts[i] for i in idx]
+        gen = generate_text(model.params, model.config, tok, batch, max_new, stop=stop,
                             add_special_tokens=add_special_tokens, max_prompt_tokens=limit)
         for i, text in zip(idx, gen.texts):
             outputs[i] = text
+        finished.add(batch, gen.texts)
         progress(len(idx))
-    return outputs
 
 
 @partial(jax.jit, static_argnames=("cfg",))

@@ -1,14 +1,28 @@
-"""LaTen's *inject* stage (SPEC §3.5): add aligned deltas to the student's selected rows and columns."""
+"""LaTen's *inject* stage (SPEC §3.5): add aligned deltas to the student's selected rows and columns.
+
+Two equal forms: :func:`inject` writes new weights (what *fuse* saves); :func:`delta_adapter` hands the deltas to
+the forward as a sparse adapter, which adds them inside the products (what aligner training differentiates: no
+copy of the stacked weights, and no gradient for the whole weight, only for the ``N`` changed rows / columns).
+"""
 
 from __future__ import annotations
 
 import chex
 import jax
+import jax.numpy as jnp
 
 from pktjax.config import ModelConfig
-from pktjax.extract import check_modules, check_selection, from_knowledge, knowledge_shape, weight_index
+from pktjax.extract import (ROW_MODULES, check_modules, check_selection, from_knowledge, knowledge_shape,
+                            module_index, weight_index)
 from pktjax.model import Params
 from pktjax.select import Selection
+
+
+def _check(cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.Array]) -> None:
+    check_modules(tuple(deltas), cfg)
+    check_selection(cfg, selection)
+    for m, delta in deltas.items():
+        chex.assert_shape(delta, knowledge_shape(cfg, selection, m))
 
 
 def inject(student_params: Params, cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.Array]) -> Params:
@@ -18,11 +32,24 @@ def inject(student_params: Params, cfg: ModelConfig, selection: Selection, delta
     [K, N_f, d_S]``, ``down_proj [K, d_S, N_f]``, ``v_proj [K, N_a, d_S]``, ``o_proj [K, d_S, N_a]``. Pure (the
     input params are untouched, unchanged leaves are shared), jittable and differentiable w.r.t. ``deltas``.
     """
-    check_modules(tuple(deltas), cfg)
-    check_selection(cfg, selection)
+    _check(cfg, selection, deltas)
     layers = dict(student_params["layers"])
     for m, delta in deltas.items():
-        chex.assert_shape(delta, knowledge_shape(cfg, selection, m))
         w = layers[m]
         layers[m] = w.at[weight_index(selection, m)].add(from_knowledge(delta, m).astype(w.dtype))
     return {**student_params, "layers": layers}
+
+
+def delta_adapter(cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.Array]) -> dict:
+    """The injection of :func:`inject` as an adapter for ``forward(..., lora=)``: ``{"layers": {m: {"rows" |
+    "cols": [L, N], "delta": [L, N, d_S] | [L, d_S, N]}}}``, the ``K`` selected layers holding ``deltas`` (same
+    shapes and selection as :func:`inject`) and the others a zero delta. ``forward(params, cfg, ids, lora=
+    delta_adapter(...))`` equals ``forward(inject(params, ...), cfg, ids)`` up to rounding."""
+    _check(cfg, selection, deltas)
+    layers = {}
+    for m, delta in deltas.items():
+        chosen, neurons = module_index(selection, m)
+        full = jnp.zeros((cfg.num_layers, *delta.shape[1:]), delta.dtype).at[chosen].set(delta)
+        index = jnp.zeros((cfg.num_layers, neurons.shape[1]), neurons.dtype).at[chosen].set(neurons)
+        layers[m] = {("rows" if m in ROW_MODULES else "cols"): index, "delta": full}
+    return {"layers": layers}

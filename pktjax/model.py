@@ -16,7 +16,9 @@ Parameters (``[out_features, in_features]`` as in Hugging Face; layers stacked o
 
 A LoRA pytree (see :mod:`pktjax.lora`) mirrors it: ``lora["layers"][name] = {"a": [L, r, in], "b": [L, out, r]}``
 and ``lora["embed"|"lm_head"] = {"a": [r, in], "b": [out, r]}``; the forward adds ``scale * B A x`` without
-merging.
+merging. A sparse delta adapter (LaTen's injection during aligner training, :func:`pktjax.inject.delta_adapter`)
+takes the same place: ``lora["layers"][name] = {"rows": [L, N], "delta": [L, N, in]}`` or ``{"cols": [L, N],
+"delta": [L, out, N]}`` adds ``delta`` to those rows / columns of the weight inside the product.
 """
 
 from __future__ import annotations
@@ -107,14 +109,26 @@ def _dropout(x: jax.Array, spec: LoraSpec | None, salt: int) -> jax.Array:
 
 def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, lora: dict | None = None,
            spec: LoraSpec | None = None, salt: int = 0) -> jax.Array:
-    """``x [..., in] @ w[out, in].T (+ bias) (+ scale * B A dropout(x))``."""
+    """``x [..., in] @ w[out, in].T (+ bias) (+ scale * B A dropout(x))``, or with a sparse delta adapter
+    (``lora = {"rows" | "cols": [N], "delta": ...}``) the output of ``w`` with those rows / columns changed."""
     y = _dot("...i,oi->...o", x, w)
     if bias is not None:
         y = y + bias
+    if lora is not None and "delta" in lora:
+        return _add_sparse_delta(x, y, lora)
     if lora is not None:
         xa = _dot("...i,ri->...r", _dropout(x, spec, salt), lora["a"].astype(x.dtype))
         y = y + (spec.scale if spec else 1.0) * _dot("...r,or->...o", xa, lora["b"].astype(x.dtype))
     return y
+
+
+def _add_sparse_delta(x: jax.Array, y: jax.Array, adapter: dict) -> jax.Array:
+    """``y = x w.T`` -> ``x (w + D).T`` where ``D`` is zero except rows ``adapter["rows"] [N]`` (``delta [N, in]``)
+    or columns ``adapter["cols"] [N]`` (``delta [out, N]``); costs ``N / out`` (``N / in``) of the product."""
+    delta = adapter["delta"].astype(x.dtype)
+    if "rows" in adapter:
+        return y.at[..., adapter["rows"]].add(_dot("...i,ni->...n", x, delta))
+    return y + _dot("...n,on->...o", jnp.take(x, adapter["cols"], axis=-1), delta)
 
 
 def embed(params: Params, input_ids: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None) -> jax.Array:

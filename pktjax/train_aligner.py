@@ -59,7 +59,7 @@ from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
 from pktjax.errors import ConfigError, DataError, PairError
 from pktjax.extract import check_modules, check_pair, extract
-from pktjax.inject import inject
+from pktjax.inject import delta_adapter
 from pktjax.losses import mean_token_ce
 from pktjax.model import forward
 from pktjax.select import Selection, neuron_counts, select
@@ -207,7 +207,7 @@ def aligner_loss(aligner: AlignerParams, student_params, cfg: ModelConfig, selec
     chex.assert_equal_shape([batch["ids"], batch["mask"], batch["labels"]])
     chex.assert_shape(batch["weight"], batch["ids"].shape[:1])
     deltas = align(aligner, knowledge)
-    logits = forward(inject(student_params, cfg, selection, deltas), cfg, batch["ids"], batch["mask"])
+    logits = forward(student_params, cfg, batch["ids"], batch["mask"], lora=delta_adapter(cfg, selection, deltas))
     ce = mean_token_ce(logits, batch["labels"])
     mse = mean_square(deltas)
     return jnp.sum(batch["weight"] * (ce + mse_weight * mse)), (jnp.sum(batch["weight"] * ce), mse)

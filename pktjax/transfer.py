@@ -264,19 +264,22 @@ def check_pair(teacher: Path, student: Path) -> None:
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
-    from pktjax.evaluate import evaluate
-
+    import jax
     from tqdm.auto import tqdm
 
+    from pktjax.evaluate import evaluate
     from pktjax.sharding import is_main_process
 
     if out.is_file():
         return
     e = cfg.eval
     label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
+    partial = out.with_suffix(".partial.jsonl")  # finished batches: an interrupted evaluation goes on from there
     with tqdm(total=e["limit"], desc=f"eval {label}", unit="ex", disable=not is_main_process()) as bar:
         evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
-                 max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update)
+                 max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update,
+                 resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
+    partial.unlink(missing_ok=True)
 
 
 def _fuse_steps(setting: Any, saved: list[int]) -> list[int]:

@@ -183,3 +183,21 @@ def test_evaluate_and_cli_on_a_tiny_model(tiny_dir, tmp_path, capsys):
                      "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "score" in printed and "95% CI" in printed and json.loads(out.read_text())["task"] == "mmlu"
+
+
+def test_an_interrupted_evaluation_resumes_from_its_finished_batches(tiny_dir, tmp_path):
+    folder, partial = str(tiny_dir("llama2")), tmp_path / "gsm.partial.jsonl"
+    kw = dict(limit=3, max_new_tokens=24, batch_size=2)
+    whole = evaluate(folder, "gsm8k", **kw)
+
+    def stop_after_first_batch(n):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        evaluate(folder, "gsm8k", resume=partial, progress=stop_after_first_batch, **kw)
+    assert len(partial.read_text().splitlines()) == 2  # the first batch was kept
+    seen = []
+    resumed = evaluate(folder, "gsm8k", resume=partial, progress=seen.append, **kw)
+    assert seen == [2, 1]  # two completions reused, one decoded
+    assert [r["output"] for r in resumed["records"]] == [r["output"] for r in whole["records"]]
+    assert len(partial.read_text().splitlines()) == 3

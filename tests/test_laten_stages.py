@@ -11,6 +11,7 @@ import pktjax
 from pktjax.data import Tokenized
 from pktjax.errors import ConfigError, PairError
 from pktjax.extract import check_pair, default_modules
+from pktjax.inject import delta_adapter
 from pktjax.select import Selection
 from pktjax.train_aligner import lr_schedule, micro_batches
 
@@ -106,6 +107,40 @@ def test_inject_changes_only_selected_entries(student):
         np.testing.assert_array_equal(changed, want, err_msg=name)
     for name in ("embed", "final_norm", "lm_head"):
         assert new[name] is student.params[name]
+
+
+@pytest.mark.parametrize("family", ["llama2", "qwen2"])
+def test_delta_adapter_forward_equals_inject(tiny_dir, family):
+    """Training's in-product injection gives inject's logits and gradients; K < L and different FFN/attention
+    layers leave some layers without a delta (qwen2: biased v_proj, grouped KV heads, so up/down/o only)."""
+    model = pktjax.load_model(tiny_dir(family, layers=3))
+    cfg = model.config
+    sel = _selection([2], [0], 5, 3, cfg.intermediate_size, cfg.q_dim, 2)
+    modules = default_modules(cfg)
+    shapes = {m: (1, 5, cfg.hidden_size) if m == "up_proj" else (1, cfg.hidden_size, 5) if m == "down_proj"
+              else (1, 3, cfg.hidden_size) if m == "v_proj" else (1, cfg.hidden_size, 3) for m in modules}
+    keys = jax.random.split(jax.random.PRNGKey(3), len(shapes))
+    deltas = {m: 0.3 * jax.random.normal(k, s) for k, (m, s) in zip(keys, shapes.items())}
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, cfg.vocab_size, (2, 7)))
+    mask = jnp.asarray([[0, 0, 1, 1, 1, 1, 1], [1] * 7])
+
+    def via_inject(d):
+        return pktjax.forward(pktjax.inject(model.params, cfg, sel, d), cfg, ids, mask)
+
+    def via_adapter(d):
+        return pktjax.forward(model.params, cfg, ids, mask, lora=delta_adapter(cfg, sel, d))
+
+    want, got = via_inject(deltas), via_adapter(deltas)
+    assert float(jnp.abs(want - pktjax.forward(model.params, cfg, ids, mask)).max()) > 1e-2  # the deltas matter
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    g_want = jax.grad(lambda d: jnp.sum(jnp.sin(via_inject(d))))(deltas)
+    g_got = jax.jit(jax.grad(lambda d: jnp.sum(jnp.sin(via_adapter(d)))))(deltas)
+    for m in modules:
+        scale = float(np.abs(np.asarray(g_want[m])).max())
+        np.testing.assert_allclose(np.asarray(g_got[m]), np.asarray(g_want[m]), rtol=0, atol=1e-5 * scale, err_msg=m)
+    adapter = delta_adapter(cfg, sel, deltas)["layers"]
+    assert adapter["up_proj"]["rows"].shape == (3, 5) and adapter["down_proj"]["delta"].shape == (3, cfg.hidden_size, 5)
+    np.testing.assert_array_equal(np.asarray(adapter["up_proj"]["delta"][:2]), 0.0)  # layers 0, 1: no delta
 
 
 def test_inject_of_minus_extract_zeroes_the_selection(student):

@@ -37,8 +37,11 @@ def test_weights_and_aligner_bytes_by_hand():
     per_module = 5120 * 5120 + 4096 * 5120  # W1 [d_T, d_T] + W2 [d_S, d_T]
     assert r["held"]["aligner (float32)"] == 4 * per_module * 4
     assert r["held"]["AdamW state"] == 2 * r["held"]["aligner (float32)"] + 4  # mu, nu and the int32 count
-    # inject rewrites the student's up, down, v, o stacks: 32 x (2 x 11008 x 4096 + 2 x 4096^2) bf16 values
-    assert r["train"]["injected student modules"] == 32 * (2 * 11008 * 4096 + 2 * 4096 * 4096) * 2
+    # N_f = 1100, N_a = 409 over K = L = 32 layers: knowledge [K, N, d_T] in bf16, the aligner's hidden layer
+    # before and after relu (f32), the deltas [K, N, d_S], the adapter's [L, N, d_S] and both cotangents (f32)
+    n = 2 * 1100 + 2 * 409
+    assert r["train"]["knowledge, hidden, deltas"] == 32 * n * (5120 * 2 + 2 * 5120 * 4 + 4 * 4096 * 4)
+    assert "injected student modules" not in r["train"]  # the deltas enter inside the products
 
 
 def test_fsdp_divides_weights_and_batch_and_tensor_divides_heads():

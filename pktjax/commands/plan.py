@@ -15,11 +15,11 @@ layer ``2 H T^2 4 / t``; one neuron block ``2 chunk V 4 / t`` (logits and its ex
 the captured trace ``L (4 d + f + 2 q) 4``; the scores ``L (f + q) 4``; one FSDP-gathered layer of weights x2
 (when ``fsdp > 1``).
 
-Training step (one micro-batch, gradients through the student, no rematerialisation): the injected copy of
-the student's transferred modules (``inject`` writes new stacked ``[L, out, in]`` tensors, rules); knowledge
-``K N d_T s``, aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` (split like the
-knowledge); residuals saved for the backward pass ``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]``
-(layer input, 2 norms, attention and FFN outputs, residual; q and context, k, v; gate, up, silu(gate), their
+Training step (one micro-batch, gradients through the student, no rematerialisation): knowledge ``K N d_T s``,
+aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and the same again padded to all ``L``
+layers for the forward's delta adapter (``L = K`` by default; split like the knowledge; the student's weights are
+not copied: the deltas enter inside the products); residuals saved for the backward pass
+``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]`` (layer input, 2 norms, attention and FFN outputs, residual; q and context, k, v; gate, up, silu(gate), their
 product; float32 attention probabilities and their cast); logits ``3 b' T V 4 / t`` (logits, log-softmax and
 their cotangent); one FSDP-gathered layer of weights x2.
 
@@ -157,7 +157,8 @@ def activation_bytes(cfg, s: int, inp: PlanInput, micro_batch: int) -> int:
 
 def knowledge_bytes(inp: PlanInput, modules: tuple[str, ...], s: int) -> int:
     """Knowledge (weight dtype), the aligner's hidden layer before and after relu (float32), deltas and their
-    cotangents (float32), split by the rules."""
+    cotangents (float32), twice (``[K, N, d_S]`` from the aligner, ``[L, N, d_S]`` in the delta adapter), split by
+    the rules."""
     import jax
     import jax.numpy as jnp
 
@@ -172,7 +173,7 @@ def knowledge_bytes(inp: PlanInput, modules: tuple[str, ...], s: int) -> int:
     for m in modules:
         n = n_f if m in ("up_proj", "down_proj") else n_a
         total += rows(n, d_t, jnp.bfloat16 if s == 2 else jnp.float32)
-        total += 2 * rows(n, d_t, jnp.float32) + 2 * rows(n, d_s, jnp.float32)
+        total += 2 * rows(n, d_t, jnp.float32) + 4 * rows(n, d_s, jnp.float32)
     return total
 
 
@@ -202,7 +203,6 @@ def plan(inp: PlanInput) -> dict[str, Any]:
     locate = {"attribution (teacher)": locate_bytes(inp.teacher, inp.dtype, inp),
               "attribution (student)": locate_bytes(inp.student, inp.dtype, inp)}
     train = {
-        "injected student modules": tree_bytes({"layers": {m: student["layers"][m] for m in modules}}, inp.mesh),
         "knowledge, hidden, deltas": knowledge_bytes(inp, modules, s),
         "activations (1 micro-batch)": activation_bytes(inp.student, s, inp, inp.micro_batch),
         "gathered layer": gathered_layer(inp.student, s, inp.mesh),
