@@ -411,11 +411,20 @@ def _check_data(cfg: TransferConfig) -> None:
         _seeking_seeds(cfg)
 
 
-def _timed(timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
+def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
+    """Run one stage; its seconds add to those that earlier, interrupted runs spent on it (``timings.json``)."""
+    from pktjax.sharding import is_main_process
+
+    path = cfg.out / "timings.json"
     t = time.time()
-    result = fn(*args)
-    timings[key] = time.time() - t
-    return result
+    try:
+        return fn(*args)
+    finally:
+        spent = json.loads(path.read_text()) if path.is_file() else {}
+        spent[key] = spent.get(key, 0.0) + time.time() - t
+        timings[key] = spent[key]
+        if is_main_process():
+            _write_json(path, spent)
 
 
 def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
@@ -428,19 +437,19 @@ def run_transfer(cfg: TransferConfig) -> Path:
     _check_data(cfg)
     _claim_output(cfg)
     timings: dict[str, float] = {}
-    t0 = time.time()
     teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
     student = resolve_model(cfg.student, cfg.out / "models" / "student")
     check_pair(teacher, student)
-    rows = [_timed(timings, f"eval {name}", _base_row, cfg, name, path)
+    rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
             for name, path in (("student", student), ("teacher", teacher))]
     for seed in cfg.laten["seeds"]:
-        rows += _timed(timings, f"laten seed {seed}", _laten_seed, cfg, teacher, student, int(seed))
+        rows += _timed(cfg, timings, f"laten seed {seed}", _laten_seed, cfg, teacher, student, int(seed))
     for name in POSTPKT:
         for seed in (getattr(cfg, name) or {}).get("seeds", []):
-            rows.append(_timed(timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student, int(seed)))
-    analysis = None if cfg.analysis is None else _timed(timings, "analysis", _analysis, cfg, teacher, student)
-    timings["total"] = time.time() - t0
+            rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
+                               int(seed)))
+    analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
+    timings["total"] = sum(timings.values())
     return write_report(cfg, rows, timings, analysis)
 
 
@@ -458,7 +467,7 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
         ci_txt = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "—"
         lines.append(f"| {r['method']} | {r['seed'] if r['seed'] is not None else '—'} | "
                      f"{r['step'] if r['step'] is not None else '—'} | {r['score']:.3f} | {ci_txt} | {r.get('n')} |")
-    lines += ["", *_seed_summary(rows), "", "## Timings (s)", ""]
+    lines += ["", *_seed_summary(rows), "", "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     if curves:
         lines += ["", f"![aligner curves]({curves.name})"]

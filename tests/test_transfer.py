@@ -42,7 +42,14 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     stamp = (out / "eval" / "student.json").stat().st_mtime_ns
     run_transfer(read_config(path))
     assert (out / "eval" / "student.json").stat().st_mtime_ns == stamp
-    assert json.loads((out / "scores.json").read_text())["rows"] == scores["rows"]
+    again = json.loads((out / "scores.json").read_text())
+    assert again["rows"] == scores["rows"]
+    # the stages' seconds are kept across runs: the rerun adds its (short) checks to them
+    first, second = scores["timings"], again["timings"]
+    assert first["eval teacher"] > 0 and second["eval teacher"] >= first["eval teacher"]
+    assert second["total"] == pytest.approx(sum(v for k, v in second.items() if k != "total"))
+    assert json.loads((out / "timings.json").read_text())["eval teacher"] == second["eval teacher"]
+    assert not list(out.rglob("*.partial.jsonl"))  # finished evaluations leave no partial file
 
 
 def test_bad_configs_fail_before_heavy_work(tmp_path):
