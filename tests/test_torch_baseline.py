@@ -122,16 +122,20 @@ def _torch_aligner(aligner):
     return out
 
 
-def test_aligner_step_matches(pair):
+@pytest.mark.parametrize("injection", ["products", "weights"])
+def test_aligner_step_matches(pair, injection):
+    """Both ways to inject (deltas inside the products, or written into new weights) in both frameworks."""
     (_, sel_s), knowledge = _located(pair)
     batches = micro_batches(_items(0, 6), 4, 2, 8, 16)  # 6 examples: the second micro-batch has filler rows
     aligner = init_aligner(jax.random.key(0), MODULES, 32, 32)
-    loss, new, grads = jx.aligner_step(aligner, pair["s"][0], sel_s, knowledge, batches, OPTIMIZER.init(aligner))
+    step = jx.aligner_step if injection == "products" else jx.aligner_step_weights
+    loss, new, grads = step(aligner, pair["s"][0], sel_s, knowledge, batches, OPTIMIZER.init(aligner))
     ours = _torch_aligner(aligner)
     student = pair["s"][1].requires_grad_(False)
     t_loss = talign.aligner_step(ours, talign.make_optimizer(ours, jx.ALIGNER_LR), student, _as_torch(sel_s),
                                  {m: torch.as_tensor(np.array(k)) for m, k in knowledge.items()},
-                                 [_tensors(b) for b in batches])
+                                 [_tensors(b) for b in batches], injection=injection)
+    assert not any(p.grad is not None for p in student.parameters())  # the student stays frozen
     assert abs(float(t_loss) - float(loss)) <= 1e-5 * abs(float(loss))
     for m in MODULES:
         for w in ("w1", "w2"):
@@ -197,7 +201,7 @@ def test_bench_runs_end_to_end(tmp_path):
     rec = json.loads(out.read_text())
     stages = rec["stages"]
     assert set(stages) == {"attribution_teacher", "attribution_student", "select", "extract", "aligner_step",
-                           "lora_step"}
+                           "aligner_step_weights", "lora_step"}
     for name, entry in stages.items():
         assert all(k in entry for k in REQUIRED), name
         assert entry["ratio"] == pytest.approx(entry["torch_s"] / entry["pktjax_s"])
@@ -208,5 +212,6 @@ def test_bench_runs_end_to_end(tmp_path):
     assert isinstance(stages["select"]["selection_identical"], bool)
     assert stages["extract"]["knowledge_max_abs_diff"] == 0.0
     assert stages["aligner_step"]["update_max_abs_diff"] <= 1e-5
+    assert stages["aligner_step_weights"]["update_max_abs_diff"] <= 1e-5
     assert stages["lora_step"]["grad_max_rel_diff"] <= 1e-5
     assert "| attribution_teacher |" in (tmp_path / "RESULTS.md").read_text()

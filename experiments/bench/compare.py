@@ -88,6 +88,7 @@ def agreement(torch_out: dict[str, Any], jax_out: dict[str, Any], work) -> dict[
     if torch_out.get("float64"):
         _float64_fields(torch_out, jax_out, out)
     out["extract"] = {"knowledge_max_abs_diff": max_diffs(torch_out["extract"], jax_out["extract"])[0]}
-    out["aligner_step"] = step_agreement(torch_out["aligner_step"], jax_out["aligner_step"], work.aligner)
+    for stage in ("aligner_step", "aligner_step_weights"):
+        out[stage] = step_agreement(torch_out[stage], jax_out[stage], work.aligner)
     out["lora_step"] = step_agreement(torch_out["lora_step"], jax_out["lora_step"], work.lora)
     return out

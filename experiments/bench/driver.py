@@ -14,7 +14,7 @@ from experiments.bench.torch_phase import TorchPhase
 from experiments.bench.workload import Workload
 
 STAGES = ("attribution_teacher", "attribution_student", "floor_teacher", "floor_student", "select", "extract",
-          "aligner_step", "lora_step")
+          "aligner_step", "aligner_step_weights", "lora_step")
 
 
 def _log(stage: str, framework: str, m) -> None:

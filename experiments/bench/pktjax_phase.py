@@ -6,7 +6,7 @@ import dataclasses
 import functools
 import gc
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -83,12 +83,18 @@ class PktjaxPhase:
         return self._job(lambda _: extract(self.teacher.params, self.teacher.config, self.picked[0], MODULES))
 
     def _aligner_step(self) -> Job:
+        return self._aligner_job(aligner_step)
+
+    def _aligner_step_weights(self) -> Job:
+        return self._aligner_job(aligner_step_weights)
+
+    def _aligner_job(self, step: Callable) -> Job:
         from pktjax.train_aligner import OPTIMIZER
 
         knowledge = self.results["extract"].output
         batches = [{k: jnp.asarray(v) for k, v in b.items()} for b in self.work.aligner_batches]
         aligner = jax.tree.map(jnp.asarray, self.work.aligner)
-        run = functools.partial(aligner_step, aligner, self.student, self.picked[1], knowledge, batches)
+        run = functools.partial(step, aligner, self.student, self.picked[1], knowledge, batches)
         return self._job(run, lambda: OPTIMIZER.init(aligner))
 
     def _lora_step(self) -> Job:
@@ -107,18 +113,21 @@ class PktjaxPhase:
     def outputs(self) -> dict[str, Any]:
         """The stage outputs the comparison needs, as NumPy (the LoRA entry comes from :meth:`lora_exact`)."""
         res = self.results
-        loss, aligner, grads = res["aligner_step"].output
         return {
             "attribution_teacher": _fields(res["attribution_teacher"].output),
             "attribution_student": _fields(res["attribution_student"].output),
             "select": [_fields(s) for s in res["select"].output],
             "extract": as_numpy(res["extract"].output),
-            "aligner_step": {"loss": float(loss), "params": as_numpy(aligner), "grads": as_numpy(grads)},
+            **{stage: _step_outputs(*res[stage].output) for stage in ("aligner_step", "aligner_step_weights")},
         }
 
     def close(self) -> None:
         del self.teacher, self.student, self.models
         gc.collect()
+
+
+def _step_outputs(loss, aligner, grads) -> dict[str, Any]:
+    return {"loss": float(loss), "params": as_numpy(aligner), "grads": as_numpy(grads)}
 
 
 def aligner_step(aligner, student, selection: Selection, knowledge, batches, opt_state):
@@ -127,6 +136,35 @@ def aligner_step(aligner, student, selection: Selection, knowledge, batches, opt
     from pktjax.train_aligner import apply_update, step_gradients
 
     loss, _ce, _mse, grads = step_gradients(aligner, student, selection, knowledge, batches, 1000.0)
+    new, _ = apply_update(aligner, opt_state, grads, jnp.float32(ALIGNER_LR))
+    return loss, new, grads
+
+
+def _loss_injected_weights(aligner, params, cfg, selection: Selection, knowledge, batch):
+    """The training loss of one micro-batch with the deltas written into new weights (:func:`pktjax.inject`)
+    instead of the delta adapter: the other way to inject, compared with the baseline's ``"weights"``."""
+    from pktjax.align import align, mean_square
+    from pktjax.inject import inject
+    from pktjax.losses import mean_token_ce
+    from pktjax.model import forward
+
+    deltas = align(aligner, knowledge)
+    ce = mean_token_ce(forward(inject(params, cfg, selection, deltas), cfg, batch["ids"], batch["mask"]),
+                       batch["labels"])
+    return jnp.sum(batch["weight"] * (ce + 1000.0 * mean_square(deltas)))
+
+
+_grad_injected_weights = jax.jit(jax.value_and_grad(_loss_injected_weights), static_argnums=2)
+
+
+def aligner_step_weights(aligner, student, selection: Selection, knowledge, batches, opt_state):
+    """:func:`aligner_step` with the injected-weights loss."""
+    from pktjax.train_aligner import apply_update
+
+    loss = grads = None
+    for batch in batches:
+        l_b, g_b = _grad_injected_weights(aligner, student.params, student.config, selection, knowledge, batch)
+        loss, grads = (l_b, g_b) if loss is None else (loss + l_b, jax.tree.map(jnp.add, grads, g_b))
     new, _ = apply_update(aligner, opt_state, grads, jnp.float32(ALIGNER_LR))
     return loss, new, grads
 

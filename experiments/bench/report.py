@@ -17,7 +17,8 @@ import psutil
 
 from experiments.bench.measure import Measured
 
-STAGES = ("attribution_teacher", "attribution_student", "select", "extract", "aligner_step", "lora_step")
+STAGES = ("attribution_teacher", "attribution_student", "select", "extract", "aligner_step", "aligner_step_weights",
+          "lora_step")
 PACKAGES = ("jax", "jaxlib", "torch", "transformers", "peft", "optax", "numpy", "pktjax")
 
 

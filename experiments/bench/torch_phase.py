@@ -87,6 +87,12 @@ class TorchPhase:
         return Job(lambda _: extract(self.teacher, self.picked[0], MODULES), self.sync, self.memory)
 
     def _aligner_step(self) -> Job:
+        return self._aligner_job("products")
+
+    def _aligner_step_weights(self) -> Job:
+        return self._aligner_job("weights")
+
+    def _aligner_job(self, injection: str) -> Job:
         knowledge = self.results["extract"].output
         batches = [_tensors(b, self.device) for b in self.work.aligner_batches]
 
@@ -101,7 +107,9 @@ class TorchPhase:
 
         def run(state):
             aligner, opt = state
-            return talign.aligner_step(aligner, opt, self.student, self.picked[1], knowledge, batches), aligner
+            loss = talign.aligner_step(aligner, opt, self.student, self.picked[1], knowledge, batches,
+                                       injection=injection)
+            return loss, aligner
 
         return Job(run, self.sync, self.memory, setup)
 
@@ -141,16 +149,12 @@ class TorchPhase:
     def outputs(self) -> dict[str, Any]:
         """The stage outputs the comparison needs, as NumPy (the LoRA entry comes from :meth:`lora_exact`)."""
         res = self.results
-        loss, aligner = res["aligner_step"].output
         return {
             "attribution_teacher": _numpy(res["attribution_teacher"].output.as_dict()),
             "attribution_student": _numpy(res["attribution_student"].output.as_dict()),
             "select": [_numpy(p.as_dict()) for p in res["select"].output],
             "extract": _numpy(res["extract"].output),
-            "aligner_step": {"loss": float(loss),
-                             "params": {m: {"w1": _numpy(h.w1), "w2": _numpy(h.w2)} for m, h in aligner.items()},
-                             "grads": {m: {"w1": _numpy(h.w1.grad), "w2": _numpy(h.w2.grad)}
-                                       for m, h in aligner.items()}},
+            **{stage: _aligner_outputs(*res[stage].output) for stage in ("aligner_step", "aligner_step_weights")},
         }
 
     def close(self) -> None:
@@ -158,3 +162,8 @@ class TorchPhase:
         gc.collect()
         if self.device == "cuda":
             torch.cuda.empty_cache()
+
+
+def _aligner_outputs(loss: torch.Tensor, aligner: torch.nn.ModuleDict) -> dict[str, Any]:
+    return {"loss": float(loss), "params": {m: {"w1": _numpy(h.w1), "w2": _numpy(h.w2)} for m, h in aligner.items()},
+            "grads": {m: {"w1": _numpy(h.w1.grad), "w2": _numpy(h.w2.grad)} for m, h in aligner.items()}}

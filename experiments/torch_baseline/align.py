@@ -1,21 +1,27 @@
-"""The aligner of SPEC §3.4–§3.6 in PyTorch: hypernetworks, injection through functional weights, one step.
+"""The aligner of SPEC §3.4–§3.6 in PyTorch: hypernetworks, injection, one step.
 
-``g(x) = W2 relu(W1 x)`` per module (``W1 [d_T, d_T]``, ``W2 [d_S, d_T]``, no biases). The student stays frozen:
-its injected weights are built out of place (``index_add``) and passed to ``torch.func.functional_call``, so the
-gradient reaches only the aligner. The loss of ``P`` examples is
+``g(x) = W2 relu(W1 x)`` per module (``W1 [d_T, d_T]``, ``W2 [d_S, d_T]``, no biases). The student stays frozen
+and the gradient reaches only the aligner. Two ways to inject, the same loss up to rounding: ``"products"``
+(forward hooks add ``x delta^T`` to the selected outputs of up/v, or ``x[..., cols] delta^T`` to the outputs of
+down/o, as pktjax's training does; no gradient for the full weights) and ``"weights"`` (the injected weights are
+built out of place with ``index_add`` and passed to ``torch.func.functional_call``, as the authors' code rewrites
+the weights; autograd then forms the full weight gradients of the selected layers). The loss of ``P`` examples is
 ``sum_p [CE_p + lambda * sum_m mean(g_m(K_m)^2)]``, accumulated over micro-batches, then one AdamW step.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from functools import partial
+from typing import Iterator, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
 from experiments.torch_baseline.locate import positions
-from experiments.torch_baseline.selection import ROW_MODULES, Picked, module_index, module_weight, weight_name
+from experiments.torch_baseline.selection import (ROW_MODULES, Picked, module_index, module_of, module_weight,
+                                                  weight_name)
 
 IGNORE = -100
 INIT_STD = 1e-5
@@ -68,6 +74,30 @@ def injected_weights(student: torch.nn.Module, picked: Picked, deltas: dict[str,
     return weights
 
 
+def _add_rows(neurons: torch.Tensor, delta: torch.Tensor, module, args, out: torch.Tensor) -> torch.Tensor:
+    return out.index_add(-1, neurons, F.linear(args[0], delta.to(out.dtype)))  # delta [N, in]
+
+
+def _add_columns(neurons: torch.Tensor, delta: torch.Tensor, module, args, out: torch.Tensor) -> torch.Tensor:
+    return out + F.linear(args[0].index_select(-1, neurons), delta.to(out.dtype))  # delta [out, N]
+
+
+@contextmanager
+def deltas_in_products(student: torch.nn.Module, picked: Picked, deltas: dict[str, torch.Tensor]) -> Iterator[None]:
+    """While open, the selected modules' outputs carry the deltas (forward hooks; the weights are untouched)."""
+    handles = []
+    for m, delta in deltas.items():
+        layers, neurons = module_index(picked, m)
+        add = _add_rows if m in ROW_MODULES else _add_columns
+        for i, layer in enumerate(layers.tolist()):
+            handles.append(module_of(student, layer, m).register_forward_hook(partial(add, neurons[i], delta[i])))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
 def mean_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Per-example mean next-token cross-entropy ``[B]`` over labels that are not ``IGNORE``."""
     targets = labels[:, 1:]
@@ -75,31 +105,38 @@ def mean_token_ce(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return nll.sum(1) / (targets != IGNORE).sum(1).clamp(min=1)
 
 
-def student_logits(student: torch.nn.Module, weights: dict, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+def student_logits(student: torch.nn.Module, picked: Picked, deltas: dict[str, torch.Tensor],
+                   batch: dict[str, torch.Tensor], injection: str = "products") -> torch.Tensor:
+    """The injected student's logits ``[B, T, V]`` (``injection``: ``"products"`` or ``"weights"``)."""
     kwargs = dict(input_ids=batch["ids"], attention_mask=batch["mask"], position_ids=positions(batch["mask"]),
                   use_cache=False)
-    return functional_call(student, weights, args=(), kwargs=kwargs).logits
+    if injection == "weights":
+        return functional_call(student, injected_weights(student, picked, deltas), args=(), kwargs=kwargs).logits
+    if injection != "products":
+        raise ValueError(f"injection {injection!r}: choose products or weights")
+    with deltas_in_products(student, picked, deltas):
+        return student(**kwargs).logits
 
 
 def aligner_loss(aligner: torch.nn.ModuleDict, student: torch.nn.Module, picked: Picked,
                  knowledge: dict[str, torch.Tensor], batch: dict[str, torch.Tensor],
-                 mse_weight: float = MSE_WEIGHT) -> torch.Tensor:
+                 mse_weight: float = MSE_WEIGHT, injection: str = "products") -> torch.Tensor:
     """``sum_b weight_b (CE_b + mse_weight * sum_m mean(delta_m^2))`` over one micro-batch."""
     deltas = align(aligner, knowledge)
-    ce = mean_token_ce(student_logits(student, injected_weights(student, picked, deltas), batch), batch["labels"])
+    ce = mean_token_ce(student_logits(student, picked, deltas, batch, injection), batch["labels"])
     mse = sum(d.square().mean() for d in deltas.values())
     return (batch["weight"] * (ce + mse_weight * mse)).sum()
 
 
 def aligner_step(aligner: torch.nn.ModuleDict, optimizer: torch.optim.Optimizer, student: torch.nn.Module,
                  picked: Picked, knowledge: dict[str, torch.Tensor], batches: Sequence[dict[str, torch.Tensor]],
-                 mse_weight: float = MSE_WEIGHT) -> torch.Tensor:
+                 mse_weight: float = MSE_WEIGHT, injection: str = "products") -> torch.Tensor:
     """Gradient of the summed loss over ``batches`` (micro-batches of the ``P`` examples), then one AdamW step.
     The student must not require gradients. Returns the loss (detached)."""
     optimizer.zero_grad(set_to_none=True)
     total = None
     for batch in batches:
-        loss = aligner_loss(aligner, student, picked, knowledge, batch, mse_weight)
+        loss = aligner_loss(aligner, student, picked, knowledge, batch, mse_weight, injection)
         loss.backward()
         total = loss.detach() if total is None else total + loss.detach()
     optimizer.step()

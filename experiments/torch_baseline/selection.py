@@ -45,11 +45,15 @@ def select(scores: Scores, n_layers: int, ffn_count: int, attn_count: int) -> Pi
                   attn_neurons=top_indices(scores.attn[attn_layers], attn_count))
 
 
+def module_of(model: torch.nn.Module, layer: int, module: str) -> torch.nn.Linear:
+    """The ``module`` projection (``up_proj``, ``o_proj``, ...) of decoder layer ``layer``."""
+    block = model.model.layers[layer]
+    return getattr(block.mlp if module in FFN_MODULES else block.self_attn, module)
+
+
 def module_weight(model: torch.nn.Module, layer: int, module: str) -> torch.Tensor:
     """The ``[out, in]`` weight of ``module`` in decoder layer ``layer``."""
-    block = model.model.layers[layer]
-    owner = block.mlp if module in FFN_MODULES else block.self_attn
-    return getattr(owner, module).weight
+    return module_of(model, layer, module).weight
 
 
 def module_index(picked: Picked, module: str) -> tuple[torch.Tensor, torch.Tensor]:
