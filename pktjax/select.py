@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import functools
 
-import chex
 import jax
 import jax.numpy as jnp
 from flax import struct
@@ -53,7 +52,9 @@ def select(attr: Attribution, n_layers: int, ffn_count: int, attn_count: int) ->
     """Top ``n_layers`` layers (separately for attention and FFN, then sorted by index) and, in each, the top
     ``ffn_count`` FFN neurons and ``attn_count`` attention neurons. Jittable with the counts static."""
     n_l, f = attr.ffn.shape
-    chex.assert_shape([attr.layer_attn, attr.layer_ffn], (n_l,))
+    if attr.layer_attn.shape != (n_l,) or attr.layer_ffn.shape != (n_l,) or attr.attn.shape[0] != n_l:
+        raise ConfigError(f"select: scores of {n_l} layers need layer_attn, layer_ffn [{n_l}] and attn [{n_l}, n]; "
+                          f"got {attr.layer_attn.shape}, {attr.layer_ffn.shape}, {attr.attn.shape}.")
     for name, count, limit in (("n_layers", n_layers, n_l), ("ffn_count", ffn_count, f),
                                ("attn_count", attn_count, attr.attn.shape[1])):
         if not 1 <= count <= limit:

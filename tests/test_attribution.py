@@ -239,6 +239,8 @@ def test_select_on_hand_made_scores_breaks_ties_to_lower_index():
     assert sel.attn_layers.tolist() == [1, 2] and sel.ffn_layers.tolist() == [0, 3]
     assert sel.ffn_neurons.tolist() == [[1, 2, 4], [3, 1, 2]]
     assert sel.attn_neurons.tolist() == [[0, 1], [1, 0]]
+    with pytest.raises(ConfigError, match="layer_attn"):
+        select(attr.replace(layer_attn=jnp.zeros(3)), 2, 3, 2)
 
 
 @pytest.mark.parametrize("family", ["llama2", "qwen2"])

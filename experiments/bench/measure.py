@@ -1,4 +1,4 @@
-"""Wall-clock timing (a warm-up, then timed repetitions) and peak memory of one stage.
+"""Wall-clock timing (a warm-up, then timed repetitions) and peak memory of one stage (from a further call).
 
 CPU: the peak of the process's resident set, sampled by a thread every few milliseconds, minus the resident set
 just before the repetition (glibc must return freed blocks to the system for this to see each repetition on its
@@ -9,6 +9,7 @@ stage whose peak stays under an earlier stage's shows the earlier high-water mar
 
 from __future__ import annotations
 
+import math
 import statistics
 import sys
 import threading
@@ -108,6 +109,7 @@ class Measured:
     peak_mb: float = 0.0
     output: Any = None
     warmup_s: float = 0.0  # the first call: includes JAX's compilation
+    calls_per_rep: int = 1  # calls averaged in each repetition (fast stages)
 
     @property
     def median(self) -> float:
@@ -125,30 +127,44 @@ class Job:
     setup: Callable[[], Any] = lambda: None
 
 
-def _call(job: Job, result: Measured, timed: bool) -> None:
-    state = job.setup()
-    with job.memory.track() as mem:
+MIN_REP_S = 0.05  # a repetition of a faster stage runs it several times and records the mean
+
+
+def _seconds(job: Job, calls: int = 1) -> tuple[float, Any]:
+    """Mean seconds of ``calls`` calls (``setup`` before each, untimed) and the last call's output."""
+    total, out = 0.0, None
+    for _ in range(calls):
+        state = job.setup()
         t0 = time.perf_counter()
         out = job.sync(job.run(state))
-        seconds = time.perf_counter() - t0
-    if timed:
-        result.seconds.append(seconds)
-        result.peak_mb = max(result.peak_mb, mem.delta_mb)
-    else:
-        result.warmup_s += seconds
-    result.output = out
+        total += time.perf_counter() - t0
+    return total / calls, out
+
+
+def _peak_mb(job: Job) -> float:
+    """Peak-memory excess of one further call (untimed: the probe's polling would slow a fast stage)."""
+    state = job.setup()
+    with job.memory.track() as mem:
+        job.sync(job.run(state))
+    return mem.delta_mb
 
 
 def measure_jobs(jobs: list[Job], reps: int, warmup: int = 1) -> list[Measured]:
-    """Each job ``warmup`` times untimed, then ``reps`` timed rounds in which every job runs once in turn: on a
-    machine whose load drifts, the jobs being compared see the same conditions."""
+    """Each job ``warmup`` times untimed, then ``reps`` timed rounds in which every job runs once in turn (on a
+    machine whose load drifts, the jobs being compared see the same conditions), then one call each for the
+    peak memory. A job faster than ``MIN_REP_S`` runs ``ceil(MIN_REP_S / t)`` times per repetition (at most 1000,
+    ``t`` from one calibration call), so that sub-millisecond stages are not timer and scheduler noise."""
     results = [Measured() for _ in jobs]
     for _ in range(warmup):
         for job, res in zip(jobs, results):
-            _call(job, res, timed=False)
+            res.warmup_s += _seconds(job)[0]
+    calls = [min(1000, max(1, math.ceil(MIN_REP_S / max(_seconds(job)[0], 1e-6)))) for job in jobs]
     for _ in range(reps):
-        for job, res in zip(jobs, results):
-            _call(job, res, timed=True)
+        for job, res, n in zip(jobs, results, calls):
+            seconds, res.output = _seconds(job, n)
+            res.seconds.append(seconds)
+    for job, res, n in zip(jobs, results, calls):
+        res.peak_mb, res.calls_per_rep = _peak_mb(job), n
     return results
 
 

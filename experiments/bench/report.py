@@ -59,7 +59,8 @@ def stage_entry(ours: Measured, theirs: Measured, agree: dict[str, Any],
     entry = {"pktjax_s": ours.median, "torch_s": theirs.median, "ratio": theirs.median / ours.median,
              "pktjax_peak_mb": round(ours.peak_mb, 1), "torch_peak_mb": round(theirs.peak_mb, 1),
              "pktjax_reps_s": ours.seconds, "torch_reps_s": theirs.seconds,
-             "pktjax_first_call_s": ours.warmup_s, "torch_first_call_s": theirs.warmup_s, **agree}
+             "pktjax_first_call_s": ours.warmup_s, "torch_first_call_s": theirs.warmup_s,
+             "pktjax_calls_per_rep": ours.calls_per_rep, "torch_calls_per_rep": theirs.calls_per_rep, **agree}
     if floor is not None:
         entry["matmul_floor_s"] = floor.median
         entry["pktjax_over_floor"] = ours.median / floor.median
