@@ -59,7 +59,7 @@ from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
 from pktjax.errors import ConfigError, DataError, PairError
 from pktjax.extract import check_modules, check_pair, extract
-from pktjax.inject import delta_adapter
+from pktjax.inject import delta_adapter, inject
 from pktjax.losses import mean_token_ce
 from pktjax.model import forward
 from pktjax.select import Selection, neuron_counts, select
@@ -199,21 +199,28 @@ def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "referen
 
 
 def aligner_loss(aligner: AlignerParams, student_params, cfg: ModelConfig, selection: Selection,
-                 knowledge: dict[str, jax.Array], batch: dict[str, jax.Array], mse_weight: float | jax.Array):
+                 knowledge: dict[str, jax.Array], batch: dict[str, jax.Array], mse_weight: float | jax.Array,
+                 injection: str = "products"):
     """``sum_b weight_b * (CE_b + mse_weight * MSE)`` over one micro-batch; returns ``(loss, (ce_sum, mse))``.
 
     ``batch``: ``ids, mask, labels [B, T]`` (left padded) and ``weight [B]`` (1 for an example, 0 for filler).
+    ``injection`` (static): ``"products"`` adds the deltas inside the forward's products (:func:`delta_adapter`,
+    what training uses); ``"weights"`` writes them into new weights first (:func:`inject`; same loss up to
+    rounding, slower: it copies the stacks and differentiates the whole weights).
     """
     chex.assert_equal_shape([batch["ids"], batch["mask"], batch["labels"]])
     chex.assert_shape(batch["weight"], batch["ids"].shape[:1])
     deltas = align(aligner, knowledge)
-    logits = forward(student_params, cfg, batch["ids"], batch["mask"], lora=delta_adapter(cfg, selection, deltas))
+    if injection == "weights":
+        logits = forward(inject(student_params, cfg, selection, deltas), cfg, batch["ids"], batch["mask"])
+    else:
+        logits = forward(student_params, cfg, batch["ids"], batch["mask"], lora=delta_adapter(cfg, selection, deltas))
     ce = mean_token_ce(logits, batch["labels"])
     mse = mean_square(deltas)
     return jnp.sum(batch["weight"] * (ce + mse_weight * mse)), (jnp.sum(batch["weight"] * ce), mse)
 
 
-_micro_grad = jax.jit(jax.value_and_grad(aligner_loss, has_aux=True), static_argnums=2)
+_micro_grad = jax.jit(jax.value_and_grad(aligner_loss, has_aux=True), static_argnums=(2, 7))
 
 
 def micro_batches(items: Sequence[Tokenized], size: int, pad_id: int, bucket: int,
@@ -234,11 +241,13 @@ def micro_batches(items: Sequence[Tokenized], size: int, pad_id: int, bucket: in
 
 
 def step_gradients(aligner: AlignerParams, student: Model, selection: Selection, knowledge: dict[str, jax.Array],
-                   batches: Sequence[dict[str, np.ndarray]], mse_weight: float, mesh: Mesh | None = None):
+                   batches: Sequence[dict[str, np.ndarray]], mse_weight: float, mesh: Mesh | None = None,
+                   injection: str = "products"):
     """Loss and aligner gradient summed over micro-batches: ``(loss, ce_sum, mse, grads)`` (device arrays).
 
     ``knowledge``: ``{module: [K, n, d_T]}``; ``batches``: ``ids, mask, labels [B, T]``, ``weight [B]``. With
     ``mesh``: knowledge laid out by the rules, rows split over ``(data, fsdp)``, ``grads`` sharded like the aligner.
+    ``injection``: see :func:`aligner_loss`.
     """
     grad_fn = _micro_grad
     if mesh is not None:
@@ -247,7 +256,7 @@ def step_gradients(aligner: AlignerParams, student: Model, selection: Selection,
     loss = ce = mse = grads = None
     for batch in batches:
         (l_b, (ce_b, mse)), g_b = grad_fn(aligner, student.params, student.config, selection, knowledge, batch,
-                                          mse_weight)
+                                          mse_weight, injection)
         loss, ce = (l_b, ce_b) if loss is None else (loss + l_b, ce + ce_b)
         grads = g_b if grads is None else jax.tree.map(jnp.add, grads, g_b)
     return loss, ce, mse, grads
@@ -275,7 +284,7 @@ def apply_update(aligner: AlignerParams, opt_state, grads: AlignerParams, lr: ja
 def _sharded_steps(mesh: Mesh) -> tuple[Callable, Callable]:
     """``(micro-batch gradient, update)`` on ``mesh``: jitted with explicit shardings from the rules (batch split
     over ``(data, fsdp)``); the update donates the aligner and optimizer state."""
-    grad = S.cached_sharded_jit(jax.value_and_grad(aligner_loss, has_aux=True), mesh, static_argnums=(2,),
+    grad = S.cached_sharded_jit(jax.value_and_grad(aligner_loss, has_aux=True), mesh, static_argnums=(2, 7),
                                 batch_argnums=(5,))
     return grad, S.cached_sharded_jit(apply_update, mesh, donate_argnums=(0, 1))
 

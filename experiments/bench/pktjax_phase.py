@@ -130,43 +130,19 @@ def _step_outputs(loss, aligner, grads) -> dict[str, Any]:
     return {"loss": float(loss), "params": as_numpy(aligner), "grads": as_numpy(grads)}
 
 
-def aligner_step(aligner, student, selection: Selection, knowledge, batches, opt_state):
+def aligner_step(aligner, student, selection: Selection, knowledge, batches, opt_state, injection: str = "products"):
     """One step of :mod:`pktjax.train_aligner` from ``aligner``: its gradient over the micro-batches, then its
-    AdamW update at the schedule's first learning rate. Returns ``(loss, new aligner, gradient)``."""
+    AdamW update at the schedule's first learning rate. Returns ``(loss, new aligner, gradient)``. ``injection``:
+    :func:`pktjax.train_aligner.aligner_loss`'s (``"weights"`` is compared with the baseline's ``"weights"``)."""
     from pktjax.train_aligner import apply_update, step_gradients
 
-    loss, _ce, _mse, grads = step_gradients(aligner, student, selection, knowledge, batches, 1000.0)
+    loss, _ce, _mse, grads = step_gradients(aligner, student, selection, knowledge, batches, 1000.0,
+                                            injection=injection)
     new, _ = apply_update(aligner, opt_state, grads, jnp.float32(ALIGNER_LR))
     return loss, new, grads
 
 
-def _loss_injected_weights(aligner, params, cfg, selection: Selection, knowledge, batch):
-    """The training loss of one micro-batch with the deltas written into new weights (:func:`pktjax.inject`)
-    instead of the delta adapter: the other way to inject, compared with the baseline's ``"weights"``."""
-    from pktjax.align import align, mean_square
-    from pktjax.inject import inject
-    from pktjax.losses import mean_token_ce
-    from pktjax.model import forward
-
-    deltas = align(aligner, knowledge)
-    ce = mean_token_ce(forward(inject(params, cfg, selection, deltas), cfg, batch["ids"], batch["mask"]),
-                       batch["labels"])
-    return jnp.sum(batch["weight"] * (ce + 1000.0 * mean_square(deltas)))
-
-
-_grad_injected_weights = jax.jit(jax.value_and_grad(_loss_injected_weights), static_argnums=2)
-
-
-def aligner_step_weights(aligner, student, selection: Selection, knowledge, batches, opt_state):
-    """:func:`aligner_step` with the injected-weights loss."""
-    from pktjax.train_aligner import apply_update
-
-    loss = grads = None
-    for batch in batches:
-        l_b, g_b = _grad_injected_weights(aligner, student.params, student.config, selection, knowledge, batch)
-        loss, grads = (l_b, g_b) if loss is None else (loss + l_b, jax.tree.map(jnp.add, grads, g_b))
-    new, _ = apply_update(aligner, opt_state, grads, jnp.float32(ALIGNER_LR))
-    return loss, new, grads
+aligner_step_weights = functools.partial(aligner_step, injection="weights")
 
 
 def lora_optimizer():
