@@ -7,12 +7,14 @@
 #   3. if time is left, the same benchmark at the full Llama-2 widths with the depth cut (--layers).
 # Every log and JSON lands in $OUT (default /tmp/gpu_check). Needs the GSM8K LaTen splits: PKTJAX_DATA, else
 # .devdata/ in this checkout (a copy of ../shared/data/laten/gsm), else ../shared/data.
-#   OUT=/tmp/g bash experiments/gpu_check.sh            # BUDGET_S=480 by default
+#   OUT=/tmp/g bash experiments/gpu_check.sh            # BUDGET_S=480, STEP_S=300, BENCH_S=240 by default
 #   SMALL=1 bash experiments/gpu_check.sh               # a CPU rehearsal of the same steps at small sizes
 set -uo pipefail
 
 OUT=${OUT:-/tmp/gpu_check}
 BUDGET_S=${BUDGET_S:-480}
+STEP_S=${STEP_S:-300}    # at most this long for step 1
+BENCH_S=${BENCH_S:-240}  # and for step 2
 PY=${PY:-python3}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false
@@ -49,12 +51,12 @@ EOF
 } 2>&1 | tee "$OUT/machine.txt"
 
 stamp "1. LaTen step, $step_size shapes" | tee "$OUT/laten_step.log"
-timeout "$(( $(left) < 300 ? $(left) : 300 ))" "$PY" experiments/bench_laten_step.py --size "$step_size" \
+timeout "$(( $(left) < STEP_S ? $(left) : STEP_S ))" "$PY" experiments/bench_laten_step.py --size "$step_size" \
   "${step_args[@]}" 2>&1 | tee -a "$OUT/laten_step.log"
 stamp "laten step exit ${PIPESTATUS[0]}" | tee -a "$OUT/laten_step.log"
 
 stamp "2. benchmark vs PyTorch, $bench_size" | tee "$OUT/bench_$bench_size.log"
-timeout "$(( $(left) < 240 ? $(left) : 240 ))" "$PY" -m experiments.bench --size "$bench_size" --device "$device" \
+timeout "$(( $(left) < BENCH_S ? $(left) : BENCH_S ))" "$PY" -m experiments.bench --size "$bench_size" --device "$device" \
   --out "$OUT/bench_${bench_size}_$device.json" --markdown "$OUT/RESULTS_$device.md" 2>&1 \
   | tee -a "$OUT/bench_$bench_size.log"
 stamp "bench exit ${PIPESTATUS[0]}" | tee -a "$OUT/bench_$bench_size.log"

@@ -76,6 +76,19 @@ def test_selection_identical_with_ties():
     np.testing.assert_array_equal(ours.attn_layers.numpy(), [1, 2])  # ties to the lower index
 
 
+def test_selection_agreement_counts_swapped_slots():
+    layers = np.array([0, 2])
+    ref = {"ffn_layers": layers, "ffn_neurons": np.array([[5, 1, 7], [2, 3, 4]]),
+           "attn_layers": layers, "attn_neurons": np.array([[0, 1], [2, 3]])}
+    ours = dict(ref, ffn_neurons=np.array([[5, 7, 1], [2, 3, 4]]))  # near-equal scores 1 and 7 swapped
+    out = compare.selection_agreement(ours, ref)
+    assert not out["identical"] and out["ffn_neuron_overlap"] == 1.0
+    assert out["ffn_slots_differ"] == 2 and out["attn_slots_differ"] == 0
+    other = dict(ref, attn_layers=np.array([0, 3]))
+    out = compare.selection_agreement(other, ref)
+    assert out["attn_layer_overlap"] == 0.5 and "attn_slots_differ" not in out
+
+
 def _located(pair):
     """pktjax's selections (K = L_S, N_f = 4, N_a = 3) and the teacher's knowledge."""
     sels = [select(attribution(m.params, m.config, IDS, TARGET), 2, 4, 3) for m, _ in (pair["t"], pair["s"])]

@@ -36,14 +36,18 @@ def _pairs(layers: np.ndarray, neurons: np.ndarray) -> set[tuple[int, int]]:
 
 
 def selection_agreement(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray]) -> dict[str, Any]:
-    """Identical arrays, and the fraction of selected layers and (layer, neuron) pairs both sides chose."""
+    """Identical arrays, the fraction of selected layers and (layer, neuron) pairs both sides chose, and, where the
+    layers agree, in how many slots of the ``[n_layers, k]`` neuron lists (descending score order) the neuron
+    differs: the same neurons in another order means near-equal scores swapped places."""
     same = all(np.array_equal(ours[k], ref[k]) for k in ref)
     out = {"identical": bool(same)}
     for kind in ("ffn", "attn"):
         lo, lr = ours[f"{kind}_layers"], ref[f"{kind}_layers"]
+        no, nr = ours[f"{kind}_neurons"], ref[f"{kind}_neurons"]
         out[f"{kind}_layer_overlap"] = len(set(lo.tolist()) & set(lr.tolist())) / len(lr)
-        po, pr = _pairs(lo, ours[f"{kind}_neurons"]), _pairs(lr, ref[f"{kind}_neurons"])
-        out[f"{kind}_neuron_overlap"] = len(po & pr) / len(pr)
+        out[f"{kind}_neuron_overlap"] = len(_pairs(lo, no) & _pairs(lr, nr)) / len(_pairs(lr, nr))
+        if np.array_equal(lo, lr) and no.shape == nr.shape:
+            out[f"{kind}_slots_differ"] = int(np.sum(no != nr))
     return out
 
 

@@ -111,6 +111,10 @@ def _agreement_text(name: str, e: dict[str, Any]) -> str:
         t, s = e["teacher"], e["student"]
         text = (f"identical: {e['selection_identical']} (FFN/attention neuron overlap T {t['ffn_neuron_overlap']:.3f}/"
                 f"{t['attn_neuron_overlap']:.3f}, S {s['ffn_neuron_overlap']:.3f}/{s['attn_neuron_overlap']:.3f})")
+        swapped = [f"{m} {kind}: {e[m][f'{kind}_slots_differ']}" for m in ("teacher", "student")
+                   for kind in ("ffn", "attn") if e[m].get(f"{kind}_slots_differ")]
+        if swapped:
+            text += "; slots holding another neuron: " + ", ".join(swapped)
         if "pktjax_matches_float64" in t:
             text += "; equal to float64's selection: " + ", ".join(
                 f"{side} {'T' if t[f'{side}_matches_float64'] else '-'}{'S' if s[f'{side}_matches_float64'] else '-'}"
