@@ -99,18 +99,18 @@ def _gain(w_u: jax.Array, target: jax.Array, shift: jax.Array, base_logp: jax.Ar
     """``log p(w | x + delta) - log p(w | x)`` ``[n]`` from ``shift [n, d]`` (the normalised change) and
     ``base_logp [n|1, V]`` (``log_softmax`` at ``x``): ``z_w - log sum_v p_v e^{z_v}`` with ``z = W_U shift``.
 
-    The log-sum is formed as ``t + log1p(sum_v p_v expm1(z_v - t))`` with ``t = max(0, max z)``: a small change
-    gives a small sum whose error is relative to itself, where ``logsumexp(z + base_logp)`` would carry the
-    absolute rounding of log-probabilities of size ~10 (measured against a float64 recomputation at 1/10 of the
-    Llama-2 widths: 1.4e-4 of the largest score that way, 4.5e-6 this way). Rows where the sum falls below -1/2
-    (a change that moves most of the mass) take the plain ``logsumexp``, which is accurate there; it is computed
-    only for blocks that hold such a row, so the usual cost is one ``[n, V]`` pass of ``expm1``."""
+    The log-sum is formed as ``log1p(s)`` with ``s = sum_v p_v expm1(z_v)``: a small change gives a small ``s``
+    whose error is relative to itself, where ``logsumexp(z + base_logp)`` would carry the absolute rounding of
+    log-probabilities of size ~10 (measured against a float64 recomputation at 1/10 of the Llama-2 widths: 1.4e-4
+    of the largest score that way, 4.5e-6 this way). Rows where ``s`` falls below -1/2 (a change that moves most
+    of the mass) or is not finite (some ``z_v`` beyond float32's ``exp`` range) take the plain ``logsumexp``,
+    which is accurate there; it is computed only for blocks that hold such a row, so the usual cost is one
+    ``[n, V]`` pass of ``expm1`` over the products."""
     z = _logits(w_u, shift)
-    top = jnp.maximum(jnp.max(z, axis=1, keepdims=True), 0.0)
     p = jax.lax.optimization_barrier(jnp.exp(base_logp))  # [n|1, V] once, not again for every row of z
-    small = jnp.sum(jnp.expm1(z - top) * p, axis=1)
-    near = top[:, 0] + jnp.log1p(jnp.maximum(small, -0.5))
-    far = small < -0.5
+    small = jnp.sum(jnp.expm1(z) * p, axis=1)
+    near = jnp.log1p(jnp.maximum(small, -0.5))
+    far = ~(small >= -0.5) | ~jnp.isfinite(small)  # NaN (0 * inf) compares false
     lse = jax.lax.cond(jnp.any(far), lambda: jnp.where(far, jax.nn.logsumexp(z + base_logp, axis=1), near),
                        lambda: near)
     return jnp.take(z, target, axis=1) - lse

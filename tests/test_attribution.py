@@ -282,8 +282,9 @@ def test_locate_in_top_layers_only_gives_the_same_selection(tiny_dir, family):
 
 
 def test_gain_matches_float64_for_small_and_mass_moving_changes():
-    """The log-probability gain in both of its regimes: small changes (``log1p`` of a small sum) and a change that
-    moves most of the mass to a token the base gave little (the block falls back to ``logsumexp``)."""
+    """The log-probability gain in both of its regimes: small changes (``log1p`` of a small sum), and a change that
+    moves most of the mass to a token the base gave little or one whose ``exp`` overflows float32 (the block falls
+    back to ``logsumexp``)."""
     from pktjax.attribution import _gain
 
     rng = np.random.default_rng(0)
@@ -293,19 +294,23 @@ def test_gain_matches_float64_for_small_and_mass_moving_changes():
     base[7] = 12.0  # token 7 holds most of the base mass
     base_logp = (base - np.log(np.sum(np.exp(base - base.max()))) - base.max()).astype(np.float32)[None]
     small_shift = 1e-3 * rng.normal(size=(2, d))
-    big_shift = 4.0 * (w_u[11] - w_u[7])[None] / np.linalg.norm(w_u[11] - w_u[7])  # away from 7, toward 11
+    away_shift = -2.0 * w_u[7][None] / np.linalg.norm(w_u[7])  # takes most of the mass from token 7
+    big_shift = 4.0 * (w_u[11] - w_u[7])[None] / np.linalg.norm(w_u[11] - w_u[7])  # a large sum, still log1p
 
     def want(shift):
         z = shift.astype(np.float64) @ w_u.T.astype(np.float64)
         lse = np.log(np.sum(np.exp(base_logp[0].astype(np.float64) + z), axis=1))
         return z[:, target] - lse
 
-    for shift, far in ((small_shift, False), (np.concatenate([small_shift, big_shift]), True)):
+    huge_shift = 100.0 * w_u[11][None] / np.sum(w_u[11] ** 2)  # z_11 = 100: e^100 overflows float32
+
+    for shift, far in ((small_shift, False), (np.concatenate([small_shift, away_shift]), True),
+                       (np.concatenate([small_shift, big_shift]), False),
+                       (np.concatenate([small_shift, huge_shift]), True)):
         shift = shift.astype(np.float32)
         z = shift.astype(np.float64) @ w_u.T.astype(np.float64)
-        top = np.maximum(z.max(1, keepdims=True), 0)
-        moved = np.sum(np.expm1(z - top) * np.exp(base_logp[0].astype(np.float64)), axis=1) < -0.5
-        assert moved.any() == far
+        s = np.sum(np.expm1(z) * np.exp(base_logp[0].astype(np.float64)), axis=1)
+        assert ((s < -0.5) | (np.abs(z).max(1) > 88)).any() == far
         got = np.asarray(jax.jit(_gain)(jnp.asarray(w_u), jnp.int32(target), jnp.asarray(shift), jnp.asarray(base_logp)))
         ref = want(shift)
         assert np.max(np.abs(got - ref)) <= 1e-5 * np.max(np.abs(ref)) + 1e-9, (got, ref)
