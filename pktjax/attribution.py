@@ -122,15 +122,17 @@ def _neuron_scores(base: jax.Array, coef: jax.Array, w_out: jax.Array, base_logp
     ``l`` in ``layers [K]``; the rows of other layers are ``-inf`` (not scored).
 
     ``base [L, d]``, ``coef [L, n]``, ``w_out [L, d, n]`` (output columns), ``base_logp [L, V]``,
-    ``score(base [1, d], delta [c, d], base_logp [1, V]) -> [c]``. One sequential loop over ``K * ceil(n / c)``
-    blocks of ``c = min(chunk, n)`` columns, each read straight from ``w_out`` (no gathered copy); the last block
-    of a layer is shifted back to end at ``n`` (it overlaps its neighbour), so nothing is padded.
+    ``score(base [1, d], delta [c, d], base_logp [1, V]) -> [c]``. One sequential loop over ``K * B`` blocks,
+    ``B = ceil(n / chunk)`` per layer of ``c = ceil(n / B)`` columns each (at most ``chunk``, and evenly sized,
+    so a layer costs ``B c < n + B`` rows rather than ``B * chunk``), each read straight from ``w_out`` (no
+    gathered copy); the last block of a layer is shifted back to end at ``n`` (it overlaps its neighbour by
+    ``B c - n`` columns), so nothing is padded.
     """
     n_l, d, n = w_out.shape
     chex.assert_shape([base], (n_l, d))
     chex.assert_shape([coef], (n_l, n))
-    c = min(chunk, n)
-    blocks = -(-n // c)
+    blocks = -(-n // chunk)
+    c = -(-n // blocks)
 
     def block(i: jax.Array) -> jax.Array:
         layer, start = layers[i // blocks], jnp.minimum((i % blocks) * c, n - c)
@@ -240,7 +242,7 @@ def attribution(params: Params, cfg: ModelConfig, input_ids: Any, target_id: Any
     ``target_id`` the token predicted after the last position. ``mode``: ``"reference"`` (the authors'
     normalisation by a scalar from the last layer's output) or ``"rmsnorm"`` (the model's final RMSNorm);
     ``attention``: ``"last_key"`` (``alpha_{last->last} v_last`` per head, the reference) or ``"all_keys"`` (the
-    head's full output at the last position). ``chunk`` neurons are scored per ``[chunk, d] x [d, V]`` block.
+    head's full output at the last position). At most ``chunk`` neurons are scored per ``[chunk, d] x [d, V]`` block.
     ``ffn_layers`` / ``attn_layers``: score the neurons of these layers only (default all); the rows of the
     others are ``-inf``. Returns ``layer_attn [L]``, ``layer_ffn [L]``, ``ffn [L, f]``, ``attn [L, H*hd]``
     (float32).
