@@ -45,7 +45,8 @@ def selection_agreement(ours: dict[str, np.ndarray], ref: dict[str, np.ndarray])
         lo, lr = ours[f"{kind}_layers"], ref[f"{kind}_layers"]
         no, nr = ours[f"{kind}_neurons"], ref[f"{kind}_neurons"]
         out[f"{kind}_layer_overlap"] = len(set(lo.tolist()) & set(lr.tolist())) / len(lr)
-        out[f"{kind}_neuron_overlap"] = len(_pairs(lo, no) & _pairs(lr, nr)) / len(_pairs(lr, nr))
+        pr = _pairs(lr, nr)
+        out[f"{kind}_neuron_overlap"] = len(_pairs(lo, no) & pr) / len(pr)
         if np.array_equal(lo, lr) and no.shape == nr.shape:
             out[f"{kind}_slots_differ"] = int(np.sum(no != nr))
     return out
