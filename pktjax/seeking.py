@@ -153,10 +153,20 @@ def extract_lora(teacher: Model, student_cfg: ModelConfig, sens: Params, rank: i
     return lora
 
 
+def top_keys(params: Params, targets: Iterable[str]) -> set[str]:
+    """The entries outside ``params["layers"]`` that :func:`pktjax.lora.weight` reads for ``targets``."""
+    keys = {"embed"} if "embed_tokens" in targets else set()
+    if "lm_head" in targets:
+        keys.add("lm_head" if "lm_head" in params else "embed")
+    return keys
+
+
 def extract_for_examples(teacher: Model, student_cfg: ModelConfig, tokenizer, examples: list[dict[str, Any]],
                          rank: int, *, targets: Iterable[str] = TARGETS,
                          cutoff_len: int = 2048) -> tuple[LoRA, dict[str, Any]]:
     """The whole extraction from seed examples: sensitivity on the teacher, plan, SVD. Returns ``(lora, plan)``."""
-    sens = sensitivity(teacher.params, teacher.config, seed_batches(tokenizer, examples, cutoff_len))
+    targets = check_targets(targets)
+    sens = sensitivity(teacher.params, teacher.config, seed_batches(tokenizer, examples, cutoff_len),
+                       top=top_keys(teacher.params, targets))
     cut = plan(sens, teacher.config, student_cfg, targets)
     return extract_lora(teacher, student_cfg, sens, rank, targets=targets, cut=cut), cut

@@ -27,30 +27,41 @@ def _example_loss(params: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.Ar
     return mean_token_ce(logits, labels[None])[0]
 
 
-@partial(jax.jit, static_argnums=2, donate_argnums=0)
-def _accumulate(acc: Params, params: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.Array,
+@partial(jax.jit, static_argnums=3, donate_argnums=0)
+def _accumulate(acc: Params, scored: Params, fixed: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.Array,
                 labels: jax.Array) -> Params:
-    """``acc + Σ_rows |θ ⊙ ∇L_row|`` for ``ids, mask, labels [B, T]``, one row at a time (one gradient in memory)."""
+    """``acc + Σ_rows |θ ⊙ ∇L_row|`` over the ``scored`` parameters (``fixed`` ones are constants), for
+    ``ids, mask, labels [B, T]``, one row at a time (one gradient in memory)."""
 
     def one(total, row):
-        grads = jax.grad(_example_loss)(params, cfg, *row)
+        grads = jax.grad(lambda p: _example_loss({**fixed, **p}, cfg, *row))(scored)
         return jax.tree.map(lambda s, p, g: s + jnp.abs(p.astype(jnp.float32) * g.astype(jnp.float32)),
-                            total, params, grads), None
+                            total, scored, grads), None
 
     return jax.lax.scan(one, acc, (ids, mask, labels))[0]
 
 
-def sensitivity(params: Params, cfg: ModelConfig, batches: Iterable[Batch]) -> Params:
+def sensitivity(params: Params, cfg: ModelConfig, batches: Iterable[Batch],
+                top: Iterable[str] | None = None) -> Params:
     """``Σ |θ ⊙ ∂L/∂θ|`` over every row of every batch (float32, shaped like ``params``).
 
     ``batches``: :class:`pktjax.data.Batch` objects (``ids, mask, labels [B, T]``, left-padded, labels
     ``IGNORE`` outside the response), e.g. from :func:`seed_batches`. The jitted step compiles once per batch shape.
+    ``top``: the entries outside ``"layers"`` to score (``embed``, ``lm_head``, ``final_norm``; default all);
+    the others are neither differentiated nor returned, which spares two ``[V, d]`` buffers per vocabulary matrix.
     """
-    acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+    top = set(params) - {"layers"} if top is None else set(top)
+    unknown = top - set(params)
+    if unknown or "layers" in top:
+        raise ValueError(f"top={sorted(top)}: choose among {sorted(set(params) - {'layers'})}.")
+    scored = {k: v for k, v in params.items() if k == "layers" or k in top}
+    fixed = {k: v for k, v in params.items() if k not in scored}
+    acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), scored)
     for batch in batches:
         chex.assert_rank([batch.ids, batch.mask, batch.labels], 2)
         chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
-        acc = _accumulate(acc, params, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.mask), jnp.asarray(batch.labels))
+        acc = _accumulate(acc, scored, fixed, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.mask),
+                          jnp.asarray(batch.labels))
     return acc
 
 

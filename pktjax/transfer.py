@@ -344,15 +344,17 @@ def _seeking_factors(cfg: TransferConfig, teacher: Path, student: Path, student_
 def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
     """One LoRA-trained student of section ``name`` (seeking, lora or pissa): train from its init, merge the
     adapter, evaluate. ``<name>/seed<s>/`` holds the adapter, checkpoints, metrics and ``eval.json`` (the marker)."""
-    from pktjax.checkpoint import load_model
+    from pktjax.checkpoint import load_model, read_model_config
     from pktjax.tokenizer import load_tokenizer
     from pktjax.workflows import merge_adapter, train_adapter
 
     sec, folder = getattr(cfg, name), cfg.out / name / f"seed{seed}"
     report = folder / "eval.json"
     if not report.is_file():
+        # the extraction holds the teacher and its gradients: it runs before the student is loaded
+        teacher_lora = _seeking_factors(cfg, teacher, student, read_model_config(student)) \
+            if name == "seeking" else None
         model, tokenizer = load_model(student), load_tokenizer(student)
-        teacher_lora = _seeking_factors(cfg, teacher, student, model.config) if name == "seeking" else None
         examples = read_jsonl(_train_data(cfg, sec), limit=sec["limit"])
         adapter = train_adapter(model, tokenizer, examples, folder, lora_config(sec, seed), method=POSTPKT[name][1],
                                 targets=sec["targets"], teacher_lora=teacher_lora)

@@ -139,6 +139,16 @@ def test_sensitivity_matches_torch_autograd(tiny_dir):
         names += 1
     assert names == len(ref)
 
+    # scoring fewer top-level entries leaves the layers' sensitivities as they were and drops those entries
+    top = seeking.top_keys(model.params, ["o_proj"])
+    layers_only = pktjax.sensitivity(model.params, model.config, batches, top=top)
+    assert set(layers_only) == {"layers"}
+    for key, full in sens["layers"].items():
+        np.testing.assert_allclose(layers_only["layers"][key], full, rtol=1e-6, atol=1e-9, err_msg=key)
+    assert seeking.top_keys(model.params, ["lm_head"]) == {"embed"}  # tied: the head reads the embedding
+    with pytest.raises(ValueError, match="choose among"):
+        pktjax.sensitivity(model.params, model.config, batches, top=["lm_head"])
+
 
 def test_pair_errors(pair):
     teacher, student = pair
