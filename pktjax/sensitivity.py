@@ -42,14 +42,17 @@ def _accumulate(acc: Params, scored: Params, fixed: Params, cfg: ModelConfig, id
 
 
 def sensitivity(params: Params, cfg: ModelConfig, batches: Iterable[Batch],
-                top: Iterable[str] | None = None) -> Params:
+                top: Iterable[str] | None = None, progress: bool = True) -> Params:
     """``Σ |θ ⊙ ∂L/∂θ|`` over every row of every batch (float32, shaped like ``params``).
 
     ``batches``: :class:`pktjax.data.Batch` objects (``ids, mask, labels [B, T]``, left-padded, labels
     ``IGNORE`` outside the response), e.g. from :func:`seed_batches`. The jitted step compiles once per batch shape.
     ``top``: the entries outside ``"layers"`` to score (``embed``, ``lm_head``, ``final_norm``; default all);
     the others are neither differentiated nor returned, which spares two ``[V, d]`` buffers per vocabulary matrix.
+    ``progress``: a bar over the batches.
     """
+    from tqdm.auto import tqdm
+
     top = set(params) - {"layers"} if top is None else set(top)
     unknown = top - set(params)
     if unknown or "layers" in top:
@@ -57,7 +60,7 @@ def sensitivity(params: Params, cfg: ModelConfig, batches: Iterable[Batch],
     scored = {k: v for k, v in params.items() if k == "layers" or k in top}
     fixed = {k: v for k, v in params.items() if k not in scored}
     acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), scored)
-    for batch in batches:
+    for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
         chex.assert_rank([batch.ids, batch.mask, batch.labels], 2)
         chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
         acc = _accumulate(acc, scored, fixed, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.mask),

@@ -53,8 +53,9 @@ def random_params(cfg: ModelConfig, key: jax.Array, std: float = 0.2, dtype=jnp.
     return params
 
 
-def save_random_model(folder: str | os.PathLike, cfg: ModelConfig, seed: int = 0) -> Path:
-    """Write a random ``cfg`` model plus the byte tokenizer as a Hugging Face checkpoint folder."""
-    folder = save_model(Model(params=random_params(cfg, jax.random.key(seed)), config=cfg), folder)
+def save_random_model(folder: str | os.PathLike, cfg: ModelConfig, seed: int = 0, std: float = 0.2) -> Path:
+    """Write a random ``cfg`` model plus the byte tokenizer as a Hugging Face checkpoint folder. Wide models need
+    ``std`` near ``1 / sqrt(hidden)`` to keep activations finite."""
+    folder = save_model(Model(params=random_params(cfg, jax.random.key(seed), std), config=cfg), folder)
     build_tokenizer().save_pretrained(folder)
     return folder

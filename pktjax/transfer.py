@@ -193,17 +193,18 @@ def _claim_output(cfg: TransferConfig) -> None:
     _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw})
 
 
-def parse_tiny(spec: str) -> tuple[ModelConfig, int]:
-    """``tiny:hidden=64,layers=4,...,seed=1`` -> ``(config, seed)`` of a random model."""
+def parse_tiny(spec: str) -> tuple[ModelConfig, int, float]:
+    """``tiny:hidden=64,layers=4,...,seed=1,std=0.2`` -> ``(config, seed, std)`` of a random model."""
     from pktjax.tiny import tiny_config
 
     fields = dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(",") if kv)
-    seed = int(fields.pop("seed", 0))
+    seed, std = int(fields.pop("seed", 0)), float(fields.pop("std", 0.2))
     model_type = fields.pop("model_type", "llama")
     try:
-        return tiny_config(model_type=model_type, **{k: int(v) for k, v in fields.items()}), seed
+        return tiny_config(model_type=model_type, **{k: int(v) for k, v in fields.items()}), seed, std
     except TypeError as e:
-        raise ConfigError(f"{spec}: {e}; tiny models take hidden, layers, inter, heads, kv_heads, seed.") from None
+        raise ConfigError(f"{spec}: {e}; tiny models take hidden, layers, inter, heads, kv_heads, vocab, seed, "
+                          "std and model_type.") from None
 
 
 def resolve_model(spec: str, folder: Path) -> Path:
@@ -213,8 +214,8 @@ def resolve_model(spec: str, folder: Path) -> Path:
         from pktjax.tiny import save_random_model
 
         if not (folder / "config.json").is_file():
-            cfg, seed = parse_tiny(spec)
-            save_random_model(folder, cfg, seed)
+            cfg, seed, std = parse_tiny(spec)
+            save_random_model(folder, cfg, seed, std=std)
         return folder
     if spec.startswith("registry:"):
         from pktjax.registry import packaged_path
