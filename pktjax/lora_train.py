@@ -291,6 +291,7 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
                                  tc.dropout)
             new_lora, opt_state, m = update(state["lora"], state["opt_state"], acc, np.int32(step), tc, total)
             state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
+            m, acc = jax.block_until_ready((m, acc))  # the step's time, not only its dispatch
             metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0)
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")

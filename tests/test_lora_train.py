@@ -1,6 +1,7 @@
 """The LoRA trainer: schedule, loss goes down, kill-and-resume gives the same adapter, CLI train + merge."""
 
 import json
+import time
 
 import jax
 import numpy as np
@@ -77,3 +78,21 @@ def test_only_process_zero_writes_config_and_metrics(setup, tmp_path, monkeypatc
     train(base, student.config, lora, items, tmp_path, TC, pad_id=3, progress=False)
     assert (tmp_path / "checkpoints").is_dir()
     assert not (tmp_path / "train_config.json").exists() and not (tmp_path / "metrics.jsonl").exists()
+
+
+def test_logged_step_seconds_cover_the_computation(tmp_path):
+    """``seconds`` in metrics.jsonl is a step's whole time, not the time to dispatch it (JAX runs asynchronously)."""
+    from pktjax.data import Tokenized
+    from pktjax.tiny import random_params, tiny_config
+
+    cfg = tiny_config(hidden=256, layers=4, inter=1024, heads=4, vocab=8000)
+    base, lora = L.init(random_params(cfg, jax.random.key(0), 0.05), cfg, 4, 8, key=jax.random.key(1))
+    rng = np.random.default_rng(0)
+    items = [Tokenized(ids=rng.integers(5, 8000, 256).astype(np.int32),
+                       labels=np.where(np.arange(256) < 128, -100, 1).astype(np.int32)) for _ in range(12)]
+    ticks = []
+    train(base, cfg, lora, items, tmp_path, TrainConfig(rank=4, alpha=8, batch_size=4, micro_batch=4, epochs=1),
+          pad_id=0, progress=False, on_step=lambda s, m: ticks.append((time.perf_counter(), m["seconds"])))
+    wall = ticks[-1][0] - ticks[0][0]  # steps 2 and 3, compiled already
+    logged = ticks[1][1] + ticks[2][1]
+    assert 0.7 * wall < logged <= wall, (wall, logged)
