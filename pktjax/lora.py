@@ -217,8 +217,8 @@ def _default_lora(key: jax.Array, shapes: tuple[tuple[str, tuple[int, ...]], ...
     return lora
 
 
-@partial(jax.jit, static_argnums=(1, 2, 3))
 def _pissa_lora(params: Params, targets: tuple[str, ...], rank: int, scale: float) -> LoRA:
+    # not jitted: inside one traced computation the per-target SVDs could run concurrently (see svd_factors)
     lora: LoRA = {}
     for t in targets:
         lora = set_factors(lora, t, _pissa_factors(params, t, rank, scale))

@@ -59,6 +59,18 @@ def test_init_keeps_logits(tiny_dir, family, method):
         np.testing.assert_allclose(np.asarray(L.delta(lora, "up_proj", 4.0)[0]), (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5)
 
 
+
+def test_svds_run_one_at_a_time_outside_any_trace(tiny_dir, monkeypatch):
+    """Concurrent CPU SVDs can deadlock, so PiSSA and Seeking call the SVD eagerly, one target at a time: every
+    call gets a concrete array (inside a traced computation XLA may run several at once)."""
+    student = pktjax.load_model(tiny_dir("qwen2"))
+    calls, svd = [], L._svd
+    monkeypatch.setattr(L, "_svd", lambda m: calls.append(isinstance(m, jax.core.Tracer)) or svd(m))
+    L.init(student.params, student.config, 4, 16, method="pissa")
+    _extracted(tiny_dir, "qwen2")
+    assert len(calls) == 2 * len(L.TARGETS) and not any(calls)  # one SVD per target and init
+
+
 def test_default_init_is_peft_standard(tiny_dir):
     student = pktjax.load_model(tiny_dir("llama2"))
     base, lora = L.init(student.params, student.config, 4, 8, key=jax.random.key(3))
