@@ -25,23 +25,8 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _cpu_sync_dispatch() -> None:
-    """Run CPU computations as they are dispatched, unless ``JAX_CPU_ENABLE_ASYNC_DISPATCH`` says otherwise.
-
-    A long ``pktjax transfer`` on the CPU once stopped for good inside JAX's CPU asynchronous dispatch (every
-    thread idle, the main one waiting for a buffer that never became ready; cf. jax-ml/jax#25861). The CPU gains
-    little from dispatching ahead, so the command line turns it off; accelerators are not affected."""
-    import os
-
-    import jax
-
-    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" not in os.environ:
-        jax.config.update("jax_cpu_enable_async_dispatch", False)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _cpu_sync_dispatch()
     from pktjax.sharding import initialize_distributed
 
     initialize_distributed()  # before any jax call touches the devices; a no-op in a single plain process

@@ -136,22 +136,3 @@ def test_bad_sections_and_models_fail_early(tmp_path, monkeypatch):
         run_transfer(read_config(_config(tmp_path, student="registry:qwen2.5-coder/student", out=str(tmp_path / "r"))))
     with pytest.raises(CheckpointError, match="unknown packaged model"):
         run_transfer(read_config(_config(tmp_path, student="registry:qwen2.5-coder/tiny", out=str(tmp_path / "r2"))))
-
-
-def test_command_line_dispatches_cpu_work_synchronously(monkeypatch):
-    """The CLI turns off JAX's CPU asynchronous dispatch unless the environment chooses."""
-    import jax
-
-    from pktjax import cli
-
-    before = jax.config.read("jax_cpu_enable_async_dispatch")
-    try:
-        jax.config.update("jax_cpu_enable_async_dispatch", True)
-        monkeypatch.setenv("JAX_CPU_ENABLE_ASYNC_DISPATCH", "1")
-        cli._cpu_sync_dispatch()
-        assert jax.config.read("jax_cpu_enable_async_dispatch") is True
-        monkeypatch.delenv("JAX_CPU_ENABLE_ASYNC_DISPATCH")
-        cli._cpu_sync_dispatch()
-        assert jax.config.read("jax_cpu_enable_async_dispatch") is False
-    finally:
-        jax.config.update("jax_cpu_enable_async_dispatch", before)
