@@ -52,6 +52,26 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert not list(out.rglob("*.partial.jsonl"))  # finished evaluations leave no partial file
 
 
+
+def test_sigterm_ends_a_stage_with_its_seconds_recorded(tmp_path):
+    """``timeout`` or a scheduler's SIGTERM stops the run like Ctrl-C: the interrupted stage keeps its time."""
+    import os
+    import signal
+    import time
+
+    from pktjax.commands.transfer import exit_on_sigterm
+    from pktjax.transfer import _timed
+
+    cfg = read_config(_config(tmp_path))
+    cfg.out.mkdir(parents=True)
+    before = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(SystemExit) as stopped, exit_on_sigterm():
+        _timed(cfg, {}, "eval student", lambda: (os.kill(os.getpid(), signal.SIGTERM), time.sleep(30)))
+    assert stopped.value.code == 128 + signal.SIGTERM
+    assert json.loads((cfg.out / "timings.json").read_text())["eval student"] > 0
+    assert signal.getsignal(signal.SIGTERM) is before  # the handler is gone after the block
+
+
 def test_bad_configs_fail_before_heavy_work(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         run_transfer(read_config(_config(tmp_path, teacher=str(tmp_path / "missing"))))

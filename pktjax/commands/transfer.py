@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
+import threading
+from typing import Iterator
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -12,10 +16,30 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_run)
 
 
+@contextlib.contextmanager
+def exit_on_sigterm() -> Iterator[None]:
+    """Within the block, SIGTERM (``timeout``, a scheduler's preemption, ``kill``) ends the run as Ctrl-C does:
+    the stage in progress still records its seconds in ``timings.json``, then the process exits with 143."""
+    if threading.current_thread() is not threading.main_thread():  # signal handlers live in the main thread
+        yield
+        return
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    before = signal.signal(signal.SIGTERM, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def _run(args: argparse.Namespace) -> int:
     from pktjax.transfer import read_config, run_transfer
 
-    report = run_transfer(read_config(args.config, args.out))
+    cfg = read_config(args.config, args.out)
+    with exit_on_sigterm():
+        report = run_transfer(cfg)
     print(report.read_text())
     print(f"report: {report}")
     return 0
