@@ -24,16 +24,15 @@ def write_shapes(src: str, dst: str, weights: bool = False, seed: int = 0, std: 
     """Write ``src``'s config and tokenizer into ``dst``; with ``weights``, random weights too (atomically)."""
     import jax
 
-    from pktjax.checkpoint import Model, read_model_config, save_model
+    from pktjax.checkpoint import Model, copy_tokenizer, read_model_config, save_model
     from pktjax.tiny import random_params
-    from pktjax.tokenizer import load_tokenizer
 
     cfg, dst_path = read_model_config(src), Path(dst).expanduser()
     if weights:  # save_model copies src's tokenizer along, inside its atomic write
         save_model(Model(params=random_params(cfg, jax.random.key(seed), std), config=cfg, source=str(src)), dst_path)
     else:
         dst_path.mkdir(parents=True, exist_ok=True)
-        load_tokenizer(src).save_pretrained(dst_path)
+        copy_tokenizer(str(src), dst_path)
         (dst_path / "config.json").write_text(json.dumps(cfg.to_hf_dict(), indent=2))
     return dst_path
 

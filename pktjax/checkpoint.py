@@ -271,7 +271,7 @@ def save_model(model: Model, path: str | os.PathLike, shard_bytes: int = 4 << 30
         hf["torch_dtype"] = jnp.dtype(dtype).name
         (tmp / "config.json").write_text(json.dumps(hf, indent=2))
         _write_shards(tmp, iter_hf_tensors(model.params, cfg), shard_bytes)
-        _copy_tokenizer(model.source, tmp)
+        copy_tokenizer(model.source, tmp)
     return path
 
 
@@ -298,7 +298,9 @@ def _write_shards(folder: Path, tensors: Iterator[tuple[str, np.ndarray]], shard
     (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _copy_tokenizer(source: str | None, dest: Path) -> None:
+def copy_tokenizer(source: str | None, dest: Path) -> None:
+    """Copy the tokenizer files of checkpoint folder ``source`` into ``dest``, or build and save a ``.gguf``
+    file's tokenizer there."""
     if source is None:
         return
     src = Path(source)

@@ -89,23 +89,25 @@ def target_shape(cfg: ModelConfig, target: str) -> tuple[int, int]:
     return cfg.vocab_size, cfg.hidden_size
 
 
+def top_key(params: Params, target: str) -> str:
+    """The entry outside ``params["layers"]`` that holds ``embed_tokens`` or ``lm_head`` (the embedding when tied)."""
+    return "lm_head" if target == "lm_head" and "lm_head" in params else "embed"
+
+
 def weight(params: Params, target: str) -> jax.Array:
     """A target's weight in LoRA orientation: ``[L, out, in]`` for layers, ``[d, V]`` (embedding transposed),
     ``[V, d]`` for the head (the embedding when tied). Works on any pytree shaped like the parameters."""
     if target in LINEAR_NAMES:
         return params["layers"][target]
-    if target == "embed_tokens":
-        return params["embed"].T
-    return params["lm_head"] if "lm_head" in params else params["embed"]
+    w = params[top_key(params, target)]
+    return w.T if target == "embed_tokens" else w
 
 
 def with_weight(params: Params, target: str, w: jax.Array) -> Params:
     """Inverse of :func:`weight`: a new params pytree with the target's weight replaced."""
     if target in LINEAR_NAMES:
         return {**params, "layers": {**params["layers"], target: w}}
-    if target == "embed_tokens":
-        return {**params, "embed": w.T}
-    return {**params, ("lm_head" if "lm_head" in params else "embed"): w}
+    return {**params, top_key(params, target): w.T if target == "embed_tokens" else w}
 
 
 def check_rank(cfg: ModelConfig, targets: Sequence[str], rank: int) -> None:

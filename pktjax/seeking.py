@@ -19,8 +19,8 @@ from pktjax.checkpoint import Model
 from pktjax.config import ModelConfig
 from pktjax.data import SEEKING_TASKS, seeking_file
 from pktjax.errors import PairError
-from pktjax.lora import (LINEAR_NAMES, TARGETS, LoRA, check_rank, check_targets, set_factors, svd_factors,
-                         target_shape, tie_head, weight)
+from pktjax.lora import (LINEAR_NAMES, TARGETS, TOP_TARGETS, LoRA, check_rank, check_targets, set_factors,
+                         svd_factors, target_shape, tie_head, top_key, weight)
 from pktjax.sensitivity import seed_batches, sensitivity
 
 Params = dict[str, Any]
@@ -155,10 +155,7 @@ def extract_lora(teacher: Model, student_cfg: ModelConfig, sens: Params, rank: i
 
 def top_keys(params: Params, targets: Iterable[str]) -> set[str]:
     """The entries outside ``params["layers"]`` that :func:`pktjax.lora.weight` reads for ``targets``."""
-    keys = {"embed"} if "embed_tokens" in targets else set()
-    if "lm_head" in targets:
-        keys.add("lm_head" if "lm_head" in params else "embed")
-    return keys
+    return {top_key(params, t) for t in targets if t in TOP_TARGETS}
 
 
 def extract_for_examples(teacher: Model, student_cfg: ModelConfig, tokenizer, examples: list[dict[str, Any]],

@@ -59,7 +59,6 @@ def test_init_keeps_logits(tiny_dir, family, method):
         np.testing.assert_allclose(np.asarray(L.delta(lora, "up_proj", 4.0)[0]), (u[:, :4] * s[:4]) @ vt[:4], atol=1e-5)
 
 
-
 def test_svds_run_one_at_a_time_outside_any_trace(tiny_dir, monkeypatch):
     """Concurrent CPU SVDs can deadlock, so PiSSA and Seeking call the SVD eagerly, one target at a time: every
     call gets a concrete array (inside a traced computation XLA may run several at once)."""

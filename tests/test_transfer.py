@@ -52,7 +52,6 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert not list(out.rglob("*.partial.jsonl"))  # finished evaluations leave no partial file
 
 
-
 def test_sigterm_ends_a_stage_with_its_seconds_recorded(tmp_path):
     """``timeout`` or a scheduler's SIGTERM stops the run like Ctrl-C: the interrupted stage keeps its time."""
     import os
