@@ -441,8 +441,9 @@ def load_params(cfg: ModelConfig, source: Any, dtype: Any = jnp.float32, mesh: M
 
 def launched_on_cluster(env: Mapping[str, str] | None = None) -> bool:
     """Whether this process is one of several: ``PKTJAX_DISTRIBUTED=1`` (set by ``tpu_setup/launch.sh`` on a TPU
-    VM or slice, where jax finds the workers through the metadata server), several ``TPU_WORKER_HOSTNAMES``, a
-    SLURM or Open MPI job of several tasks, or ``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES > 1``."""
+    VM or slice, where jax finds the workers through the metadata server), several ``TPU_WORKER_HOSTNAMES`` or a
+    ``MEGASCALE_COORDINATOR_ADDRESS`` (multislice), a SLURM or Open MPI job of several tasks, or
+    ``JAX_COORDINATOR_ADDRESS`` with ``JAX_NUM_PROCESSES > 1``."""
     env = os.environ if env is None else env
     if env.get("PKTJAX_DISTRIBUTED", "").lower() in ("1", "true", "yes"):
         return True

@@ -21,7 +21,8 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
     teacher: PATH | registry:qwen2.5-coder/teacher | tiny:hidden=64,layers=4,inter=96,heads=4,seed=1 | org/name
     student: PATH | registry:qwen2.5-coder/student | tiny:... | org/name
     task: gsm | mmlu | humaneval | mbpp        # LaTen splits (../shared/data/laten/<task>/)
-    eval: {task: gsm8k, limit: 32, max_new_tokens: 256, batch_size: 8, few_shot: 0}
+    eval: {task: null, limit: null, max_new_tokens: null, batch_size: 8, few_shot: 0}   # task: from the top
+                                       # `task`; limit: the whole test set; max_new_tokens: the task's (512)
     laten: {seeds: [42], steps: null, rate: 0.1, lr: 3e-5, cutoff_len: 768, examples_per_step: 16,
             micro_batch: 4, fuse_steps: all | last | [1, 2], layers: null}   # seeds: [] skips LaTen;
                                                             # layers: K (default every student layer)
@@ -36,9 +37,9 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
 
 LoRA-trained students default to SPEC §4 (the Seeking authors' trainer: rank 16, alpha 16, dropout 0.05,
 lr 3e-4, 3 epochs, batch 64, all nine target modules), trained on the task's LaTen train split (``data``: a
-JSONL file or a Seeking task name instead; ``limit``: its first N examples). Seeking's seed examples are the 32
-shipped samples of a Seeking task (gsm, mmlu), else the first ``samples`` of the train split (``seed_data``
-overrides). The analysis reuses the ``seeking`` stage's extraction when ranks and modules allow.
+JSONL file or a Seeking task name instead; ``limit``: its first N examples). Seeking's seed examples are up to
+``samples`` (default 32) of a Seeking task's shipped samples (gsm, mmlu, super_ni, lima), else the first
+``samples`` of the train split (``seed_data`` names another source). The analysis reuses the ``seeking`` stage's extraction when ranks and modules allow.
 """
 
 from __future__ import annotations
