@@ -1,0 +1,81 @@
+"""Copy the small, publishable files of a ``pktjax transfer`` run folder into a results folder.
+
+    python -m experiments.collect_results runs/qwen-coder-mbpp-cpu experiments/results/mbpp_cpu
+
+Takes the report (``report.md``, ``scores.json``, ``timings.json``, ``transfer.json``, ``aligner_curves.png``),
+the per-example records of every evaluation, the aligner logs, the LoRA-trained students' metrics and training
+configs, Seeking's extraction summary and the analysis's numbers and PNG figures; leaves out weights,
+checkpoints and adapters. Nested files are flattened by seed so a results folder reads at a glance::
+
+    eval/student.json                      <- eval/student.json
+    laten/seed42_step0_eval.json           <- laten/seed42/step0/eval.json
+    laten/seed42_aligner_log.jsonl         <- laten/seed42/aligner/log.jsonl
+    lora/seed1_metrics.jsonl               <- lora/seed1/metrics.jsonl        (also seeking/, pissa/)
+    seeking/extraction.json                <- seeking/extracted/extraction.json
+    analysis/analysis.json, analysis/*.png <- analysis/
+
+Every file is written to a temporary name and renamed, so an interrupted copy leaves no half-written file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+from pathlib import Path
+
+TOP = ("report.md", "scores.json", "timings.json", "transfer.json", "aligner_curves.png")
+# (pattern relative to the run folder, destination built from the match's named groups)
+NESTED = (
+    (r"eval/(?P<name>[^/]+\.json)", "eval/{name}"),
+    (r"laten/seed(?P<seed>\d+)/step(?P<step>\d+)/eval\.json", "laten/seed{seed}_step{step}_eval.json"),
+    (r"laten/seed(?P<seed>\d+)/aligner/log\.jsonl", "laten/seed{seed}_aligner_log.jsonl"),
+    (r"(?P<m>seeking|lora|pissa)/seed(?P<seed>\d+)/(?P<name>eval\.json|metrics\.jsonl|train_config\.json)",
+     "{m}/seed{seed}_{name}"),
+    (r"seeking/extracted/extraction\.json", "seeking/extraction.json"),
+    (r"analysis/(?P<name>[^/]+\.(?:json|png))", "analysis/{name}"),
+)
+
+
+def plan(run: Path) -> dict[str, Path]:
+    """``{destination relative path: source file}`` of every file :func:`collect` copies from ``run``."""
+    if not (run / "transfer.json").is_file():
+        raise SystemExit(f"{run} is not a pktjax transfer run folder (no transfer.json): name the folder given "
+                         "as `out` in the run's config.")
+    out = {name: run / name for name in TOP if (run / name).is_file()}
+    for path in sorted(p for p in run.rglob("*") if p.is_file()):
+        rel = path.relative_to(run).as_posix()
+        for pattern, dest in NESTED:
+            m = re.fullmatch(pattern, rel)
+            if m:
+                out[dest.format(**m.groupdict())] = path
+                break
+    return out
+
+
+def collect(run: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
+    """Copy :func:`plan`'s files of ``run`` into ``dest`` (created; files already there are replaced). Returns
+    the destination paths written, relative to ``dest``."""
+    run, dest = Path(run), Path(dest)
+    files = plan(run)
+    for rel, src in files.items():
+        target = dest / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(target.name + ".tmp")
+        shutil.copyfile(src, tmp)
+        os.replace(tmp, target)
+    return sorted(files)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("run", help="the run folder (the config's `out`)")
+    ap.add_argument("dest", help="the results folder to fill")
+    args = ap.parse_args(argv)
+    written = collect(args.run, args.dest)
+    print(f"{len(written)} files copied into {args.dest}")
+
+
+if __name__ == "__main__":
+    main()
