@@ -14,7 +14,8 @@ Stages, each skipped when its result file already exists (so an interrupted run 
    (standard LoRA init) and ``pissa/seed<s>/eval.json`` (PiSSA init), each with its PEFT adapter beside it;
 5. optional: ``analysis/analysis.json``: the neural-incompatibility analysis of the pair (figures + numbers);
 6. ``report.md`` + ``scores.json`` + ``aligner_curves.png``: the table of scores with confidence intervals,
-   the spread over seeds, the analysis figures, the timings.
+   the spread over seeds, each trained model against the base student (:func:`vs_student`), the analysis
+   figures, the timings.
 
 Config (YAML or JSON; an unknown key anywhere is an error naming the allowed ones)::
 
@@ -460,7 +461,11 @@ def run_transfer(cfg: TransferConfig) -> Path:
 def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[str, float],
                  analysis: Path | None = None) -> Path:
     """``scores.json``, ``aligner_curves.png`` and ``report.md`` (scores with CIs, the spread over seeds, the
-    analysis figures and numbers when there is an ``analysis`` folder)."""
+    analysis figures and numbers when there is an ``analysis`` folder). Each trained model's row also gets
+    ``vs_student``, its example-by-example comparison with the base student (:func:`vs_student`)."""
+    base = next((r["report"] for r in rows if r["method"] == "base student"), None)
+    rows = [dict(r, vs_student=vs_student(base, r["report"])) if base and r["seed"] is not None else r
+            for r in rows]
     _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings})
     curves = plot_aligner_curves(cfg.out)
     lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",
@@ -471,7 +476,7 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
         ci_txt = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "—"
         lines.append(f"| {r['method']} | {r['seed'] if r['seed'] is not None else '—'} | "
                      f"{r['step'] if r['step'] is not None else '—'} | {r['score']:.3f} | {ci_txt} | {r.get('n')} |")
-    lines += ["", *_seed_summary(rows), "", "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
+    lines += ["", *_seed_summary(rows), "", *_paired_section(rows), "", "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     if curves:
         lines += ["", f"![aligner curves]({curves.name})"]
@@ -514,6 +519,38 @@ def _seed_summary(rows: list[dict[str, Any]]) -> list[str]:
         sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
         out.append(f"| {method} | {step if step is not None else '—'} | {len(xs)} | {statistics.mean(xs):.3f} | "
                    f"{sd:.3f} | {min(xs):.3f} | {max(xs):.3f} |")
+    return out
+
+
+def vs_student(base_report: str | os.PathLike, report: str | os.PathLike) -> dict[str, Any] | None:
+    """A trained model against the base student on the same examples: ``gained`` (solved here only), ``lost``
+    (solved by the base student only), ``changed`` (outputs unlike the base student's), ``n`` and ``p``, the exact
+    McNemar test of gained against lost. ``None`` when the two evaluations did not score the same example ids."""
+    from pktjax.tasks.common import mcnemar_exact
+
+    base, new = ({r["id"]: r for r in json.loads(Path(f).read_text())["records"]} for f in (base_report, report))
+    if base.keys() != new.keys():
+        return None
+    gained = sum(bool(new[k]["correct"]) and not base[k]["correct"] for k in base)
+    lost = sum(bool(base[k]["correct"]) and not new[k]["correct"] for k in base)
+    changed = sum(new[k]["output"] != base[k]["output"] for k in base)
+    return {"gained": gained, "lost": lost, "changed": changed, "n": len(base), "p": mcnemar_exact(gained, lost)}
+
+
+def _paired_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``vs_student`` comparisons as a table (empty without trained rows)."""
+    rows = [r for r in rows if "vs_student" in r]
+    if not rows:
+        return []
+    out = ["## Against the base student, example by example", "",
+           "gained: solved here and not by the base student; lost: the reverse; changed: outputs unlike the base "
+           "student's; p: exact two-sided McNemar test of gained against lost.", "",
+           "| method | seed | aligner step | gained | lost | changed | p |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v, step = r["vs_student"], r["step"] if r["step"] is not None else "—"
+        cells = ("— (other examples)",) * 4 if v is None else (
+            v["gained"], v["lost"], f"{v['changed']} of {v['n']}", f"{v['p']:.3f}")
+        out.append(f"| {r['method']} | {r['seed']} | {step} | " + " | ".join(map(str, cells)) + " |")
     return out
 
 

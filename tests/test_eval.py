@@ -2,6 +2,7 @@
 MMLU letter scoring and prompt formats, and evaluate / `pktjax eval` end to end on a tiny model."""
 
 import json
+import math
 import re
 
 import numpy as np
@@ -12,7 +13,7 @@ from pktjax.cli import main as cli_main
 from pktjax.data import data_root
 from pktjax.evaluate import evaluate
 from pktjax.tasks import gsm8k, humaneval, mbpp, mmlu
-from pktjax.tasks.common import wilson_interval
+from pktjax.tasks.common import mcnemar_exact, wilson_interval
 
 
 # ------------------------------------------------------------------------------------------------ code tasks
@@ -145,6 +146,19 @@ def test_wilson_interval():
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
     lo, hi = wilson_interval(50, 100)
     assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+
+
+def test_mcnemar_exact_against_the_binomial_distribution():
+    def by_enumeration(b, c):  # P of every split of the n discordant examples at most as likely as the observed one
+        n = b + c
+        probs = [math.comb(n, k) / 2 ** n for k in range(n + 1)]
+        return min(1.0, sum(q for q in probs if q <= probs[b] * (1 + 1e-12)))
+
+    for b, c in [(0, 0), (1, 0), (0, 5), (2, 7), (10, 3), (6, 6), (0, 20)]:
+        assert mcnemar_exact(b, c) == pytest.approx(by_enumeration(b, c), rel=1e-12)
+    assert mcnemar_exact(0, 5) == pytest.approx(2 / 32)  # 0.0625: five losses alone are not significant at 5%
+    with pytest.raises(ValueError, match="negative"):
+        mcnemar_exact(-1, 2)
 
 
 # ------------------------------------------------------------------------------------------------ end to end

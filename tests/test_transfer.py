@@ -8,7 +8,7 @@ import yaml
 
 from pktjax.cli import main
 from pktjax.errors import CheckpointError, ConfigError
-from pktjax.transfer import read_config, run_transfer
+from pktjax.transfer import read_config, run_transfer, vs_student
 
 TEACHER = "tiny:hidden=48,layers=3,inter=64,heads=4,seed=1"
 STUDENT = "tiny:hidden=32,layers=2,inter=48,heads=4,seed=2"
@@ -38,6 +38,10 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert (out / "aligner_curves.png").stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "| LaTen | 1 | 0 |" in text
+    base, laten = scores["rows"][0], scores["rows"][2]  # the paired comparison agrees with the scores
+    v = laten["vs_student"]
+    assert v["n"] == 6 and v["gained"] - v["lost"] == round(6 * (laten["score"] - base["score"]))
+    assert "vs_student" not in base and "## Against the base student, example by example" in text
     # a rerun resumes: nothing is recomputed and the numbers are identical
     stamp = (out / "eval" / "student.json").stat().st_mtime_ns
     run_transfer(read_config(path))
@@ -50,6 +54,18 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert second["total"] == pytest.approx(sum(v for k, v in second.items() if k != "total"))
     assert json.loads((out / "timings.json").read_text())["eval teacher"] == second["eval teacher"]
     assert not list(out.rglob("*.partial.jsonl"))  # finished evaluations leave no partial file
+
+
+def test_vs_student_counts_each_example_against_the_base_student(tmp_path):
+    def report(name, rows):
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps({"records": [{"id": i, "output": o, "correct": c} for i, o, c in rows]}))
+        return path
+
+    base = report("base", [("a", "x", True), ("b", "y", False), ("c", "z", False), ("d", "w", True)])
+    new = report("new", [("b", "y2", True), ("a", "x", True), ("d", "w2", False), ("c", "z2", True)])
+    assert vs_student(base, new) == {"gained": 2, "lost": 1, "changed": 3, "n": 4, "p": 1.0}
+    assert vs_student(base, report("fewer", [("a", "x", True)])) is None  # other examples: no pairing
 
 
 def test_sigterm_ends_a_stage_with_its_seconds_recorded(tmp_path):

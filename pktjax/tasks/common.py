@@ -1,4 +1,4 @@
-"""Helpers shared by the task modules: benchmark paths, the chat prompt, confidence intervals."""
+"""Helpers shared by the task modules: benchmark paths, the chat prompt, confidence intervals, paired tests."""
 
 from __future__ import annotations
 
@@ -57,3 +57,15 @@ def wilson_interval(correct: int, n: int, z: float = 1.959963984540054) -> tuple
     lo = 0.0 if correct == 0 else max(0.0, centre - half)
     hi = 1.0 if correct == n else min(1.0, centre + half)
     return lo, hi
+
+
+def mcnemar_exact(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value of a paired comparison on the same examples: ``gained`` examples that only
+    the new model gets right, ``lost`` that only the old one does. Under the null each discordant example goes
+    either way with probability 1/2: ``p = min(1, 2 P[Binomial(n, 1/2) <= min(gained, lost)])``, ``n = gained +
+    lost``; 1 when ``n == 0``."""
+    if gained < 0 or lost < 0:
+        raise ValueError(f"gained={gained}, lost={lost}: counts cannot be negative.")
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1))
+    return min(1.0, 2 * tail / 2 ** n)
