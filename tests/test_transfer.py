@@ -171,3 +171,11 @@ def test_bad_sections_and_models_fail_early(tmp_path, monkeypatch):
         run_transfer(read_config(_config(tmp_path, student="registry:qwen2.5-coder/student", out=str(tmp_path / "r"))))
     with pytest.raises(CheckpointError, match="unknown packaged model"):
         run_transfer(read_config(_config(tmp_path, student="registry:qwen2.5-coder/tiny", out=str(tmp_path / "r2"))))
+
+
+@pytest.mark.parametrize("config", sorted((Path(__file__).parents[1] / "experiments" / "configs").glob("*.yaml")),
+                         ids=lambda p: p.name)
+def test_shipped_configs_are_valid(config, tmp_path):
+    cfg = read_config(config, out=str(tmp_path / "run"))
+    assert cfg.teacher and cfg.student and cfg.task
+    assert cfg.laten["seeds"] or any(getattr(cfg, name) for name in ("seeking", "lora", "pissa"))
