@@ -40,7 +40,8 @@ LoRA-trained students default to SPEC §4 (the Seeking authors' trainer: rank 16
 lr 3e-4, 3 epochs, batch 64, all nine target modules), trained on the task's LaTen train split (``data``: a
 JSONL file or a Seeking task name instead; ``limit``: its first N examples). Seeking's seed examples are up to
 ``samples`` (default 32) of a Seeking task's shipped samples (gsm, mmlu, super_ni, lima), else the first
-``samples`` of the train split (``seed_data`` names another source). The analysis reuses the ``seeking`` stage's extraction when ranks and modules allow.
+``samples`` of the train split (``seed_data`` names another source). The analysis reuses the ``seeking``
+stage's extraction when ranks and modules allow.
 """
 
 from __future__ import annotations
@@ -476,7 +477,8 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
         ci_txt = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "—"
         lines.append(f"| {r['method']} | {r['seed'] if r['seed'] is not None else '—'} | "
                      f"{r['step'] if r['step'] is not None else '—'} | {r['score']:.3f} | {ci_txt} | {r.get('n')} |")
-    lines += ["", *_seed_summary(rows), "", *_paired_section(rows), "", "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
+    lines += ["", *_seed_summary(rows), "", *_paired_section(rows), "",
+              "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     if curves:
         lines += ["", f"![aligner curves]({curves.name})"]
