@@ -1,0 +1,147 @@
+"""The transfer job's report: ``scores.json``, ``report.md`` and ``aligner_curves.png``."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+from pathlib import Path
+from typing import Any
+
+from pktjax.transfer.config import TransferConfig
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, default=str))
+    os.replace(tmp, path)
+
+
+def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[str, float],
+                 analysis: Path | None = None) -> Path:
+    """``scores.json``, ``aligner_curves.png`` and ``report.md`` (scores with CIs, the spread over seeds, the
+    analysis figures and numbers when there is an ``analysis`` folder). Each trained model's row also gets
+    ``vs_student``, its example-by-example comparison with the base student (:func:`vs_student`)."""
+    base = next((r["report"] for r in rows if r["method"] == "base student"), None)
+    rows = [dict(r, vs_student=vs_student(base, r["report"])) if base and r["seed"] is not None else r
+            for r in rows]
+    _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings})
+    curves = plot_aligner_curves(cfg.out)
+    lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",
+             f"teacher `{cfg.teacher}` → student `{cfg.student}`", "", *_weights_note(cfg),
+             "| method | seed | aligner step | score | 95% CI | n |", "|---|---|---|---|---|---|"]
+    for r in rows:
+        ci = r.get("ci") or [None, None]
+        ci_txt = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "—"
+        lines.append(f"| {r['method']} | {r['seed'] if r['seed'] is not None else '—'} | "
+                     f"{r['step'] if r['step'] is not None else '—'} | {r['score']:.3f} | {ci_txt} | {r.get('n')} |")
+    lines += ["", *_seed_summary(rows), "", *_paired_section(rows), "",
+              "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
+    lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
+    if curves:
+        lines += ["", f"![aligner curves]({curves.name})"]
+    if analysis is not None:
+        lines += ["", *_analysis_section(cfg.out, analysis)]
+    path = cfg.out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def _weights_note(cfg: TransferConfig) -> list[str]:
+    """A line saying when the scores are those of GGUF (usually quantized) weights."""
+    gguf = [name for name, spec in (("teacher", cfg.teacher), ("student", cfg.student))
+            if spec.startswith("registry:") or spec.endswith(".gguf")]
+    if not gguf:
+        return []
+    return [f"The {' and '.join(gguf)} weights come from GGUF files (the packaged pair: 4-bit-class "
+            "quantizations), dequantized to float32 on load: every score here is that of the quantized model.", ""]
+
+
+def _analysis_section(out: Path, folder: Path) -> list[str]:
+    """The analysis' own report (headings one level down) and its figures, linked relative to ``out``."""
+    text = (folder / "report.md").read_text().splitlines()
+    body = ["#" + line if line.startswith("#") else line for line in text]
+    figures = sorted(folder.glob("representation_*.png")) + sorted(folder.glob("parametric_similarity.png"))
+    rel = folder.relative_to(out)
+    return [*body, "", *[f"![{p.stem.replace('_', ' ')}]({rel / p.name})" for p in figures],
+            "", f"Every number: [{rel / 'analysis.json'}]({rel / 'analysis.json'})."]
+
+
+def _seed_summary(rows: list[dict[str, Any]]) -> list[str]:
+    """Mean and spread over seeds of each trained method's score (per aligner step for LaTen)."""
+    groups: dict[tuple[str, Any], list[float]] = {}
+    for r in rows:
+        if r["seed"] is not None:
+            groups.setdefault((r["method"], r["step"]), []).append(r["score"])
+    out = ["## Spread over seeds", "", "| method | aligner step | seeds | mean | std | min | max |",
+           "|---|---|---|---|---|---|---|"]
+    for (method, step), xs in groups.items():
+        sd = statistics.stdev(xs) if len(xs) > 1 else 0.0
+        out.append(f"| {method} | {step if step is not None else '—'} | {len(xs)} | {statistics.mean(xs):.3f} | "
+                   f"{sd:.3f} | {min(xs):.3f} | {max(xs):.3f} |")
+    return out
+
+
+def vs_student(base_report: str | os.PathLike, report: str | os.PathLike) -> dict[str, Any] | None:
+    """A trained model against the base student on the same examples: ``gained`` (solved here only), ``lost``
+    (solved by the base student only), ``changed`` (outputs unlike the base student's), ``n`` and ``p``, the exact
+    McNemar test of gained against lost. ``None`` when the two evaluations did not score the same example ids."""
+    from pktjax.tasks.common import mcnemar_exact
+
+    base, new = ({r["id"]: r for r in json.loads(Path(f).read_text())["records"]} for f in (base_report, report))
+    if base.keys() != new.keys():
+        return None
+    gained = sum(bool(new[k]["correct"]) and not base[k]["correct"] for k in base)
+    lost = sum(bool(base[k]["correct"]) and not new[k]["correct"] for k in base)
+    changed = sum(new[k]["output"] != base[k]["output"] for k in base)
+    return {"gained": gained, "lost": lost, "changed": changed, "n": len(base), "p": mcnemar_exact(gained, lost)}
+
+
+def _paired_section(rows: list[dict[str, Any]]) -> list[str]:
+    """The ``vs_student`` comparisons as a table (empty without trained rows)."""
+    rows = [r for r in rows if "vs_student" in r]
+    if not rows:
+        return []
+    out = ["## Against the base student, example by example", "",
+           "gained: solved here and not by the base student; lost: the reverse; changed: outputs unlike the base "
+           "student's; p: exact two-sided McNemar test of gained against lost.", "",
+           "| method | seed | aligner step | gained | lost | changed | p |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        v, step = r["vs_student"], r["step"] if r["step"] is not None else "—"
+        cells = ("— (other examples)",) * 4 if v is None else (
+            v["gained"], v["lost"], f"{v['changed']} of {v['n']}", f"{v['p']:.3f}")
+        out.append(f"| {r['method']} | {r['seed']} | {step} | " + " | ".join(map(str, cells)) + " |")
+    return out
+
+
+def plot_aligner_curves(out: Path) -> Path | None:
+    """Loss, CE and MSE per aligner step for every seed, from each run's ``log.jsonl``."""
+    logs = sorted((out / "laten").glob("seed*/aligner/log.jsonl"))
+    if not logs:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    keys = ("loss", "ce", "mse")
+    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
+    for log in logs:
+        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        for ax, key in zip(axes, keys):
+            pts = [(r["step"], r[key]) for r in recs if key in r]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=log.parts[-3])
+    for ax, key in zip(axes, keys):
+        ax.set_xlabel("aligner step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_title(key)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    path = out / "aligner_curves.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

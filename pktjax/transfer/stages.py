@@ -1,0 +1,222 @@
+"""The transfer job's stages, each skipped when its result file exists (:func:`run_transfer`)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from pktjax.config import ModelConfig
+from pktjax.data import laten_split, read_jsonl
+from pktjax.errors import ConfigError
+from pktjax.transfer.config import POSTPKT, TransferConfig, lora_config
+from pktjax.transfer.models import check_pair, resolve_model
+from pktjax.transfer.report import _write_json, write_report
+
+
+def _claim_output(cfg: TransferConfig) -> None:
+    """Refuse a folder that holds another run; record this run's config otherwise."""
+    marker = cfg.out / "transfer.json"
+    if marker.is_file():
+        if json.loads(marker.read_text()).get("fingerprint") != cfg.fingerprint():
+            raise ConfigError(f"{cfg.out}: holds a run of another config; choose a new output folder "
+                              "(or rerun the same config to resume).")
+        return
+    if cfg.out.exists() and any(cfg.out.iterdir()):
+        raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
+    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw})
+
+
+def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
+    """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
+    import jax
+    from tqdm.auto import tqdm
+
+    from pktjax.evaluate import evaluate
+    from pktjax.sharding import is_main_process
+
+    if out.is_file():
+        return
+    e = cfg.eval
+    label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
+    partial = out.with_suffix(".partial.jsonl")  # finished batches: an interrupted evaluation goes on from there
+    with tqdm(total=e["limit"], desc=f"eval {label}", unit="ex", disable=not is_main_process()) as bar:
+        evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
+                 max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update,
+                 resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
+    partial.unlink(missing_ok=True)
+
+
+def _fuse_steps(setting: Any, saved: list[int]) -> list[int]:
+    if setting == "all":
+        return saved
+    if setting == "last":
+        return saved[-1:]
+    return [s for s in saved if s in set(setting)]
+
+
+def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) -> list[dict[str, Any]]:
+    """Train the aligner for one seed, fuse and evaluate the chosen steps; returns one row per step."""
+    from pktjax.fuse import fuse
+    from pktjax.train_aligner import TrainConfig, aligner_steps, train_aligner
+
+    lt, folder = cfg.laten, cfg.out / "laten" / f"seed{seed}"
+    tc = TrainConfig(lr=lt["lr"], rate=lt["rate"], steps=lt["steps"], examples_per_step=lt["examples_per_step"],
+                     cutoff_len=lt["cutoff_len"], micro_batch=lt["micro_batch"], seed=seed,
+                     train_on_inputs=cfg.task == "mmlu", layers=lt["layers"])
+    t0 = time.time()
+    if not (folder / "trained.json").is_file():
+        train_aligner(teacher, student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
+                      folder / "aligner", tc)
+        _write_json(folder / "trained.json", {"seconds": time.time() - t0})
+    rows = []
+    for step in _fuse_steps(lt["fuse_steps"], aligner_steps(folder / "aligner")):
+        report_path = folder / f"step{step}" / "eval.json"
+        if not report_path.is_file():
+            fused = folder / f"step{step}" / "model"
+            shutil.rmtree(fused, ignore_errors=True)  # a fuse cut short leaves nothing reusable
+            fuse(teacher, student, folder / "aligner", step, laten_split(cfg.task, "train"), fused,
+                 rate=lt["rate"], seed=seed)
+            _evaluate(fused, cfg, report_path)
+            shutil.rmtree(fused, ignore_errors=True)  # keep the report, not a copy of the student per step
+        rows.append({"method": "LaTen", "seed": seed, "step": step, **_score(report_path)})
+    return rows
+
+
+def _train_data(cfg: TransferConfig, sec: dict[str, Any]) -> Path:
+    """A LoRA section's fine-tuning examples: ``data`` (a JSONL file or a Seeking task) or the LaTen train split."""
+    from pktjax.seeking import task_file
+
+    return task_file(str(sec["data"]), "train") if sec["data"] else laten_split(cfg.task, "train")
+
+
+def _seeking_seeds(cfg: TransferConfig) -> list[dict[str, Any]]:
+    from pktjax.workflows import seed_examples
+
+    return seed_examples(str(cfg.seeking["seed_data"] or cfg.task), cfg.seeking["samples"])
+
+
+def _seeking_factors(cfg: TransferConfig, teacher: Path, student: Path, student_cfg: ModelConfig) -> dict:
+    """Seeking's extracted LoRA, computed once for every seed (and the analysis) in ``seeking/extracted``."""
+    from pktjax.workflows import seeking_factors
+
+    s = cfg.seeking
+    return seeking_factors(teacher, student, student_cfg, _seeking_seeds(cfg), cfg.out / "seeking" / "extracted",
+                           rank=s["rank"], targets=s["targets"], samples=s["samples"], cutoff_len=s["cutoff_len"],
+                           dtype=s["teacher_dtype"])
+
+
+def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
+    """One LoRA-trained student of section ``name`` (seeking, lora or pissa): train from its init, merge the
+    adapter, evaluate. ``<name>/seed<s>/`` holds the adapter, checkpoints, metrics and ``eval.json`` (the marker)."""
+    from pktjax.checkpoint import load_model, read_model_config
+    from pktjax.tokenizer import load_tokenizer
+    from pktjax.workflows import merge_adapter, train_adapter
+
+    sec, folder = getattr(cfg, name), cfg.out / name / f"seed{seed}"
+    report = folder / "eval.json"
+    if not report.is_file():
+        # the extraction holds the teacher and its gradients: it runs before the student is loaded
+        teacher_lora = _seeking_factors(cfg, teacher, student, read_model_config(student)) \
+            if name == "seeking" else None
+        model, tokenizer = load_model(student), load_tokenizer(student)
+        examples = read_jsonl(_train_data(cfg, sec), limit=sec["limit"])
+        adapter = train_adapter(model, tokenizer, examples, folder, lora_config(sec, seed), method=POSTPKT[name][1],
+                                targets=sec["targets"], teacher_lora=teacher_lora)
+        merged = merge_adapter(model, adapter).replace(source=str(adapter))  # the eval report names the adapter
+        _evaluate(merged, cfg, report, tokenizer=tokenizer)
+    return {"method": POSTPKT[name][0], "seed": seed, "step": None, **_score(report)}
+
+
+def _analysis(cfg: TransferConfig, teacher: Path, student: Path) -> Path:
+    """The neural-incompatibility analysis into ``analysis/`` (``analysis.json`` marks it finished)."""
+    from pktjax.checkpoint import load_model
+    from pktjax.workflows import analyze_pair, probe_examples, seed_examples, shared_tokenizer
+
+    a, folder = cfg.analysis, cfg.out / "analysis"
+    if (folder / "analysis.json").is_file():
+        return folder
+    shutil.rmtree(folder, ignore_errors=True)  # an analysis cut short leaves nothing reusable
+    examples = probe_examples(cfg.task, int(a["n_examples"]))
+    tokenizer = shared_tokenizer(teacher, student, examples)
+    t_model, s_model = load_model(teacher), load_model(student)
+    reuse = a["seeking"] and _reuses_seeking(cfg)
+    meta = {"teacher": cfg.teacher, "student": cfg.student,
+            "probe": f"{cfg.task} train split ({len(examples)} examples)"}
+    if reuse:
+        meta["Seeking init"] = "the seeking stage's extraction (seeking/extracted)"
+    analyze_pair(t_model, s_model, examples, folder, tokenizer=tokenizer, metric=a["metric"], rank=int(a["rank"]),
+                 modules=a["modules"], batch_size=int(a["batch_size"]), cutoff_len=int(a["cutoff_len"]),
+                 max_tokens=a["max_tokens"], triangle=not a["full_heatmap"], meta=meta,
+                 seeking_lora=_seeking_factors(cfg, teacher, student, s_model.config) if reuse else None,
+                 seeking_seeds=seed_examples(cfg.task, probe=len(examples)) if a["seeking"] and not reuse else None)
+    return folder
+
+
+def _reuses_seeking(cfg: TransferConfig) -> bool:
+    """Whether the ``seeking`` stage's extraction serves the analysis (same rank, covers its modules)."""
+    from pktjax.lora import TARGETS
+
+    s = cfg.seeking
+    return s is not None and s["rank"] == cfg.analysis["rank"] and \
+        set(cfg.analysis["modules"]) & set(TARGETS) <= set(s["targets"] or TARGETS)
+
+
+def _score(report_path: Path) -> dict[str, Any]:
+    rep = json.loads(report_path.read_text())
+    return {"score": rep["score"], "ci": rep.get("ci95"), "n": rep.get("n"), "report": str(report_path)}
+
+
+def _check_data(cfg: TransferConfig) -> None:
+    """Read one example of every data file the config needs: a missing or empty one fails before the models."""
+    for split in ("extract", "align", "train"):
+        read_jsonl(laten_split(cfg.task, split), limit=1)
+    for name in POSTPKT:
+        if getattr(cfg, name) is not None:
+            read_jsonl(_train_data(cfg, getattr(cfg, name)), limit=1)
+    if cfg.seeking is not None:
+        _seeking_seeds(cfg)
+
+
+def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
+    """Run one stage; its seconds add to those that earlier, interrupted runs spent on it (``timings.json``)."""
+    from pktjax.sharding import is_main_process
+
+    path = cfg.out / "timings.json"
+    t = time.time()
+    try:
+        return fn(*args)
+    finally:
+        spent = json.loads(path.read_text()) if path.is_file() else {}
+        spent[key] = spent.get(key, 0.0) + time.time() - t
+        timings[key] = spent[key]
+        if is_main_process():
+            _write_json(path, spent)
+
+
+def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
+    _evaluate(path, cfg, cfg.out / "eval" / f"{name}.json")
+    return {"method": f"base {name}", "seed": None, "step": None, **_score(cfg.out / "eval" / f"{name}.json")}
+
+
+def run_transfer(cfg: TransferConfig) -> Path:
+    """Run every stage of ``cfg`` (resuming finished ones) and return the report path."""
+    _check_data(cfg)
+    _claim_output(cfg)
+    timings: dict[str, float] = {}
+    teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
+    student = resolve_model(cfg.student, cfg.out / "models" / "student")
+    check_pair(teacher, student)
+    rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
+            for name, path in (("student", student), ("teacher", teacher))]
+    for seed in cfg.laten["seeds"]:
+        rows += _timed(cfg, timings, f"laten seed {seed}", _laten_seed, cfg, teacher, student, int(seed))
+    for name in POSTPKT:
+        for seed in (getattr(cfg, name) or {}).get("seeds", []):
+            rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
+                               int(seed)))
+    analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
+    timings["total"] = sum(timings.values())
+    return write_report(cfg, rows, timings, analysis)
