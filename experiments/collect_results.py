@@ -2,14 +2,15 @@
 
     python -m experiments.collect_results runs/qwen-coder-mbpp-cpu experiments/results/mbpp_cpu
 
-Takes the report (``report.md``, ``scores.json``, ``timings.json``, ``transfer.json``, ``aligner_curves.png``),
+Takes the report (``report.md``, ``scores.json``, ``timings.json``, ``transfer.json``, the PNG figures),
 the per-example records of every evaluation, the aligner logs, the LoRA-trained students' metrics and training
 configs, Seeking's extraction summary and the analysis's numbers and PNG figures; leaves out weights,
 checkpoints and adapters. Nested files are flattened by seed so a results folder reads at a glance::
 
     eval/student.json                      <- eval/student.json
-    laten/seed42_step0_eval.json           <- laten/seed42/step0/eval.json
+    laten/seed42_step0_eval.json           <- laten/seed42/step0/eval.json      (also injection.json)
     laten/seed42_aligner_log.jsonl         <- laten/seed42/aligner/log.jsonl
+    laten/lr3e-05/seed42_step0_eval.json   <- laten/lr3e-05/seed42/step0/eval.json  (several learning rates)
     lora/seed1_metrics.jsonl               <- lora/seed1/metrics.jsonl        (also seeking/, pissa/)
     seeking/extraction.json                <- seeking/extracted/extraction.json
     analysis/analysis.json, analysis/*.png <- analysis/
@@ -25,12 +26,13 @@ import re
 import shutil
 from pathlib import Path
 
-TOP = ("report.md", "scores.json", "timings.json", "transfer.json", "aligner_curves.png")
+TOP = ("report.md", "scores.json", "timings.json", "transfer.json", "aligner_curves.png", "delta_vs_score.png")
 # (pattern relative to the run folder, destination built from the match's named groups)
 NESTED = (
     (r"eval/(?P<name>[^/]+\.json)", "eval/{name}"),
-    (r"laten/seed(?P<seed>\d+)/step(?P<step>\d+)/eval\.json", "laten/seed{seed}_step{step}_eval.json"),
-    (r"laten/seed(?P<seed>\d+)/aligner/log\.jsonl", "laten/seed{seed}_aligner_log.jsonl"),
+    (r"laten/(?P<lr>lr[^/]+/)?seed(?P<seed>\d+)/step(?P<step>\d+)/(?P<name>eval|injection)\.json",
+     "laten/{lr}seed{seed}_step{step}_{name}.json"),
+    (r"laten/(?P<lr>lr[^/]+/)?seed(?P<seed>\d+)/aligner/log\.jsonl", "laten/{lr}seed{seed}_aligner_log.jsonl"),
     (r"(?P<m>seeking|lora|pissa)/seed(?P<seed>\d+)/(?P<name>eval\.json|metrics\.jsonl|train_config\.json)",
      "{m}/seed{seed}_{name}"),
     (r"seeking/extracted/extraction\.json", "seeking/extraction.json"),
@@ -49,7 +51,7 @@ def plan(run: Path) -> dict[str, Path]:
         for pattern, dest in NESTED:
             m = re.fullmatch(pattern, rel)
             if m:
-                out[dest.format(**m.groupdict())] = path
+                out[dest.format(**{k: v or "" for k, v in m.groupdict().items()})] = path
                 break
     return out
 

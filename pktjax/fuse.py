@@ -2,11 +2,13 @@
 
 Locate on one example of the train split (picked by ``random.Random(seed)``), extract at the chosen ``rate``
 (it may differ from the training rate), apply the aligner saved after ``step``, inject, and write a Hugging Face
-checkpoint folder with :func:`pktjax.save_model`.
+checkpoint folder with :func:`pktjax.save_model`, plus ``injection.json`` in it: the aligner step, rate, seed and
+example used, and the size of the injected deltas (:func:`pktjax.inject.delta_sizes`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import random
 from pathlib import Path
@@ -15,9 +17,12 @@ from typing import Any, Sequence
 from pktjax.align import AlignerParams, align, aligner_dims
 from pktjax.checkpoint import Model, save_model
 from pktjax.errors import CheckpointError, ConfigError, PairError
-from pktjax.inject import inject
+from pktjax.inject import delta_sizes, inject
 from pktjax.train_aligner import (Source, load_aligner, load_examples, locate_and_extract, peek_config,
                                   prepare_pair, read_run)
+
+
+INJECTION = "injection.json"  # the fuse record inside the fused checkpoint folder
 
 
 def _check_out(out: Path) -> None:
@@ -54,8 +59,15 @@ def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step:
     _check_aligner(aligner, modules, teacher, student)
     layers = layers or run["config"].get("layers")
     pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer, layers=layers)
-    example = examples[random.Random(seed).randrange(len(examples))]
-    knowledge, _, sel_s = locate_and_extract(pair, example, mode or run["config"]["mode"],
+    index = random.Random(seed).randrange(len(examples))
+    knowledge, _, sel_s = locate_and_extract(pair, examples[index], mode or run["config"]["mode"],
                                              attention or run["config"]["attention"], layers)
-    params = inject(pair.student.params, pair.student.config, sel_s, align(aligner, knowledge))
-    return save_model(Model(params=params, config=pair.student.config, source=pair.student.source), out)
+    deltas = align(aligner, knowledge)
+    record = {"aligner": str(aligner_dir), "step": step, "rate": rate, "seed": seed, "example": index,
+              "modules": list(modules), "delta": delta_sizes(pair.student.params, pair.student.config, sel_s, deltas)}
+    params = inject(pair.student.params, pair.student.config, sel_s, deltas)
+    out = save_model(Model(params=params, config=pair.student.config, source=pair.student.source), out)
+    tmp = out / ".injection.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1))
+    os.replace(tmp, out / INJECTION)
+    return out

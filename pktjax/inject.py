@@ -3,6 +3,7 @@
 Two equal forms: :func:`inject` writes new weights (what *fuse* saves); :func:`delta_adapter` hands the deltas to
 the forward as a sparse adapter, which adds them inside the products (what aligner training differentiates: no
 copy of the stacked weights, and no gradient for the whole weight, only for the ``N`` changed rows / columns).
+:func:`delta_sizes` measures an injection against the weights it changes (aligner logs, fuse records, reports).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from pktjax.config import ModelConfig
-from pktjax.extract import (ROW_MODULES, check_modules, check_selection, from_knowledge, knowledge_shape,
+from pktjax.extract import (ROW_MODULES, check_modules, check_selection, extract, from_knowledge, knowledge_shape,
                             module_index, weight_index)
 from pktjax.model import Params
 from pktjax.select import Selection
@@ -53,3 +54,27 @@ def delta_adapter(cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.
         index = jnp.zeros((cfg.num_layers, neurons.shape[1]), neurons.dtype).at[chosen].set(neurons)
         layers[m] = {("rows" if m in ROW_MODULES else "cols"): index, "delta": full}
     return {"layers": layers}
+
+
+@jax.jit
+def _square_sums(weights: dict[str, jax.Array], deltas: dict[str, jax.Array]) -> dict[str, tuple[jax.Array, ...]]:
+    sq = lambda x: jnp.sum(jnp.square(x.astype(jnp.float32)))  # noqa: E731  (XLA sums in a tree: float32 is enough)
+    return {m: (sq(deltas[m]), sq(weights[m])) for m in deltas}
+
+
+def delta_sizes(student_params: Params, cfg: ModelConfig, selection: Selection,
+                deltas: dict[str, jax.Array]) -> dict[str, dict[str, float]]:
+    """How large an injection is next to what it changes: ``{module | "all": {"rms", "weight_rms",
+    "relative"}}``, with ``rms`` the root mean square of the deltas, ``weight_rms`` that of the student's entries
+    they are added to (the same rows / columns, before injection) and ``relative = rms / weight_rms``;
+    ``"all"`` pools every module's entries. Arguments as :func:`inject`; plain floats, for logs and reports."""
+    _check(cfg, selection, deltas)
+    sums = jax.device_get(_square_sums(extract(student_params, cfg, selection, tuple(deltas)), deltas))
+    counts = {m: int(d.size) for m, d in deltas.items()}
+    sums["all"] = tuple(sum(float(s[i]) for s in sums.values()) for i in range(2))
+    counts["all"] = sum(counts.values())
+    out = {}
+    for m, (d2, w2) in sums.items():
+        rms, w_rms = (float(x / counts[m]) ** 0.5 for x in (d2, w2))
+        out[m] = {"rms": rms, "weight_rms": w_rms, "relative": rms / w_rms if w_rms > 0 else None}
+    return out

@@ -116,3 +116,41 @@ def _integer_ticks(ax, shape: tuple[int, int]) -> None:
 
     for axis in (ax.xaxis, ax.yaxis):
         axis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+
+
+_SEED_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "*")
+
+
+def plot_score_vs_delta(points, stem: str | Path, references: dict[str, float] | None = None,
+                        dpi: int = 110) -> list[Path]:
+    """Score against the relative size of the injected deltas, one point per fused LaTen student.
+
+    ``points``: ``(group, seed, step, relative size, score)`` tuples (group: e.g. the method with its learning
+    rate; one colour each, one marker per seed, the aligner step written beside each point); ``references``:
+    ``{label: score}`` drawn as horizontal lines (the base student and teacher). The x axis is logarithmic.
+    Writes ``stem.png`` and ``stem.pdf`` and returns their paths.
+    """
+    points = list(points)
+    if not points or any(p[3] <= 0 for p in points):
+        raise ValueError("plot_score_vs_delta needs at least one point, each with a positive relative size.")
+    fig = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    groups = list(dict.fromkeys(p[0] for p in points))
+    seeds = list(dict.fromkeys(p[1] for p in points))
+    for colour, group in zip(_INIT_COLOURS * len(groups), groups):
+        for marker, seed in zip(_SEED_MARKERS * len(seeds), seeds):
+            mine = sorted((p for p in points if p[0] == group and p[1] == seed), key=lambda p: p[2])
+            if mine:
+                ax.plot([p[3] for p in mine], [p[4] for p in mine], ls=":", lw=0.8, color=colour, marker=marker,
+                        ms=5, label=f"{group}, seed {seed}")
+                for p in mine:
+                    ax.annotate(str(p[2]), (p[3], p[4]), textcoords="offset points", xytext=(3, 3), fontsize=7,
+                                color=colour)
+    for (label, score), style in zip((references or {}).items(), ("--", "-.", ":")):
+        ax.axhline(score, color="0.35", ls=style, lw=1.0, label=f"{label} ({score:.3f})")
+    ax.set_xscale("log")
+    ax.set(xlabel="RMS of injected deltas / RMS of the weights they change", ylabel="score",
+           title="LaTen students: score against delta size (numbers: aligner step)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
+    return _save(fig, stem, dpi)

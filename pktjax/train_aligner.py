@@ -11,12 +11,19 @@ split by ``random.Random(t).sample``, plus the extract example)::
 micro-batches (left padded, lengths bucketed, one compiled function per bucket); only the aligner trains, with
 AdamW (b1 0.9, b2 0.95, weight decay 0.05) and a one-cycle cosine learning rate indexed by the step.
 
+The schedule always spans the whole extract split (``N`` = its size: 20 for gsm, mmlu and humaneval, 32 for mbpp),
+as the authors' ``OneCycleLR(total_steps=N)``: step 0 runs at ``lr/25``, the peak comes at step ``0.1 N - 1`` (step
+1 for ``N = 20``; between steps 2 and 3 for ``N = 32``), and the last step ``N - 1`` again runs at ``lr/25``.
+``TrainConfig.steps`` only stops the run early; it never reshapes the schedule, so a run stopped after 8 steps
+holds exactly the first 8 checkpoints of the full run, and running it again with more steps continues it.
+
 Output folder::
 
     run.json        settings, model sizes, modules and the shuffled order (a resumed run must match it)
     aligner/<t>/    aligner parameters after step t (orbax), every step kept: pick one for fusing
     state/<t>/      aligner + optimizer state after the last finished step (orbax), for resuming
-    log.jsonl       one line of metrics per step
+    log.jsonl       one line of metrics per step, with the size of what checkpoint t injects on step t's
+                    selection (``delta``: :func:`pktjax.inject.delta_sizes`)
 
 Calling :func:`train_aligner` again on the same folder resumes after the last saved step and ends with the same
 aligner as an uninterrupted run, on any mesh.
@@ -59,7 +66,7 @@ from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
 from pktjax.errors import ConfigError, DataError, PairError
 from pktjax.extract import check_modules, check_pair, extract
-from pktjax.inject import delta_adapter, inject
+from pktjax.inject import delta_adapter, delta_sizes, inject
 from pktjax.losses import mean_token_ce
 from pktjax.model import forward
 from pktjax.select import Selection, neuron_counts, select
@@ -71,7 +78,8 @@ Source = Model | str | os.PathLike
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Settings of an aligner run (SPEC §3.6 defaults). ``steps=None``: the size of the extract split.
+    """Settings of an aligner run (SPEC §3.6 defaults). ``steps``: stop after this many steps (``None``: run the
+    whole extract split); the learning-rate schedule spans the whole split either way.
     ``micro_batch`` examples go through one compiled forward/backward; lengths round up to ``bucket``.
     ``train_on_inputs``: loss on prompt tokens too (the command line turns it on for MMLU)."""
 
@@ -267,10 +275,26 @@ def step_gradients(aligner: AlignerParams, student: Model, selection: Selection,
 OPTIMIZER = optax.chain(optax.scale_by_adam(b1=0.9, b2=0.95, eps=1e-8), optax.add_decayed_weights(0.05))
 
 
-def lr_schedule(lr: float, steps: int) -> optax.Schedule:
-    """One-cycle cosine: ``lr/25`` at step 0, ``lr`` at step ``floor(0.1 (steps - 1))``, ``lr/25`` at the last
-    step ``steps - 1`` (torch ``OneCycleLR(pct_start=0.1, final_div_factor=1)`` for 20 steps)."""
-    return optax.cosine_onecycle_schedule(max(steps - 1, 1), lr, pct_start=0.1, div_factor=25.0, final_div_factor=1.0)
+def lr_schedule(lr: float, total: int) -> Callable[[int], float]:
+    """The authors' one-cycle cosine over ``total`` steps (torch ``OneCycleLR(max_lr=lr, total_steps=total,
+    pct_start=0.1, final_div_factor=1, anneal_strategy="cos")``): ``step -> learning rate``.
+
+    Warm-up from ``lr/25`` at step 0 to ``lr`` at step ``p = 0.1 total - 1`` (not always an integer), then down
+    to ``lr/25`` at step ``total - 1``; each phase is ``end + (start - end) (1 + cos(pi t)) / 2`` with ``t`` the
+    fraction of the phase done. ``total`` is the extract split's size, whatever number of steps is run."""
+    if total < 1:
+        raise ConfigError(f"the schedule needs at least one step (total={total}).")
+    low, peak, last = lr / 25.0, 0.1 * total - 1.0, total - 1.0
+
+    def cos(start: float, end: float, t: float) -> float:
+        return end + (start - end) / 2.0 * (1.0 + math.cos(math.pi * t))
+
+    def schedule(step: int) -> float:
+        if step <= peak:
+            return cos(low, lr, step / peak) if peak > 0 else lr
+        return cos(lr, low, (step - peak) / (last - peak))
+
+    return schedule
 
 
 @jax.jit
@@ -402,18 +426,23 @@ def load_examples(src: Sequence[dict[str, Any]] | str | os.PathLike, what: str) 
 
 
 def _check_data(config: TrainConfig, n_extract: int, n_align: int) -> int:
+    """The number of steps to run (``config.steps``, at most the extract split's size)."""
     steps = n_extract if config.steps is None else config.steps
     if not 1 <= steps <= n_extract:
-        raise ConfigError(f"steps={steps} must be between 1 and the extract split's size {n_extract}.")
+        raise ConfigError(f"steps={steps} must be between 1 and the extract split's size {n_extract} (the "
+                          "schedule always spans the whole split; steps only stops the run early).")
     if n_align < config.examples_per_step - 1:
         raise DataError(f"the align split has {n_align} examples; each step draws {config.examples_per_step - 1} "
                         "of them. Use a larger split or fewer examples per step.")
     return steps
 
 
-def _run_record(pair: Pair, config: TrainConfig, order: np.ndarray, steps: int, n_align: int) -> dict[str, Any]:
+def _run_record(pair: Pair, config: TrainConfig, order: np.ndarray, n_extract: int, n_align: int) -> dict[str, Any]:
+    """What a resumed run must match. ``steps`` is left out: stopping earlier or going on later is the same run
+    (the schedule spans ``schedule_steps``, the whole extract split)."""
     t, s = pair.teacher.config, pair.student.config
-    return {"config": {**dataclasses.asdict(config), "modules": list(pair.modules), "steps": steps},
+    settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}
+    return {"config": {**settings, "modules": list(pair.modules)}, "schedule_steps": n_extract,
             "modules": list(pair.modules), "d_teacher": t.hidden_size, "d_student": s.hidden_size,
             "teacher_layers": t.num_layers, "student_layers": s.num_layers, "counts": list(pair.counts),
             "order": [int(i) for i in order], "n_align": n_align}
@@ -436,8 +465,10 @@ def _train_step(step: int, state: dict[str, Any], pair: Pair, example: dict[str,
         update = apply_update if mesh is None else _sharded_steps(mesh)[1]
         aligner, opt_state = update(state["aligner"], state["opt_state"], grads, jnp.float32(lr))
         state = {"aligner": aligner, "opt_state": opt_state}
+    # what this step's checkpoint injects on this step's selection (the ``mse`` above is the aligner before it)
+    delta = delta_sizes(pair.student.params, pair.student.config, sel_s, align(state["aligner"], knowledge))
     metrics = {"step": step, "loss": loss, "ce": ce / len(batch_items), "mse": mse, "lr": lr, "skipped": skipped,
-               "seconds": round(time.perf_counter() - t0, 3)}
+               "delta": delta, "seconds": round(time.perf_counter() - t0, 3)}
     return state, metrics
 
 
@@ -447,7 +478,7 @@ class _Run:
 
     pair: Pair
     config: TrainConfig
-    steps: int
+    steps: int  # steps to run; the schedule spans len(extract_examples)
     order: np.ndarray
     extract_examples: list[dict[str, Any]]
     extract_tokens: list[Tokenized]
@@ -473,13 +504,13 @@ def _prepare(teacher: Source, student: Source, extract_examples, align_examples,
 
 
 def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar, callback) -> dict[str, Any]:
-    schedule = lr_schedule(run.config.lr, run.steps)
+    schedule = lr_schedule(run.config.lr, len(run.extract_examples))
     for step in range(start, run.steps):
         drawn = random.Random(step).sample(range(len(run.align_tokens)), run.config.examples_per_step - 1)
         ex = int(run.order[step])
         items = [run.align_tokens[i] for i in drawn] + [run.extract_tokens[ex]]
         state, metrics = _train_step(step, state, run.pair, run.extract_examples[ex], items, run.config,
-                                     float(schedule(step)), run.mesh)
+                                     schedule(step), run.mesh)
         metrics.update(example=ex, align_examples=drawn)
         store.save(step, state["aligner"], state["opt_state"], metrics)
         bar.update(1)
@@ -505,7 +536,7 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
     run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer, mesh)
     t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
     out_dir = Path(out_dir)
-    _start_run(out_dir, _run_record(run.pair, config, run.order, run.steps, len(run.align_tokens)))
+    _start_run(out_dir, _run_record(run.pair, config, run.order, len(run.extract_examples), len(run.align_tokens)))
     aligner = init_aligner(jax.random.PRNGKey(config.seed), run.pair.modules, t_cfg.hidden_size, s_cfg.hidden_size)
     state = S.place({"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}, run.mesh)
     store = _Store(out_dir, run.mesh)

@@ -109,6 +109,42 @@ def test_inject_changes_only_selected_entries(student):
         assert new[name] is student.params[name]
 
 
+def test_delta_sizes_match_numpy(student):
+    """RMS of each module's deltas and of the student entries they are added to, recomputed in float64 NumPy from
+    the HF-orientation weights: rows of up/v, columns of down/o, at the selected layers and neurons."""
+    from pktjax.inject import delta_sizes
+
+    sel = _student_sel(student)
+    scale = {"up_proj": 1e-3, "down_proj": 2e-2, "v_proj": 5e-4, "o_proj": 0.3}  # unequal: pooling is tested
+    deltas = {m: d * scale[m] for m, d in _deltas(student, sel, seed=3).items()}
+    got = delta_sizes(student.params, student.config, sel, deltas)
+    assert set(got) == {*MODULES, "all"}
+    d2 = w2 = count = 0.0
+    for m in MODULES:
+        w = np.asarray(student.params["layers"][m], np.float64)  # [L, out, in]
+        ffn = m in ("up_proj", "down_proj")
+        layers, neurons = (sel.ffn_layers, sel.ffn_neurons) if ffn else (sel.attn_layers, sel.attn_neurons)
+        entries = []
+        for k, layer in enumerate(np.asarray(layers)):
+            for n in np.asarray(neurons[k]):
+                entries.append(w[layer, n, :] if m in ("up_proj", "v_proj") else w[layer, :, n])
+        entries = np.concatenate(entries)
+        delta = np.asarray(deltas[m], np.float64).ravel()
+        assert entries.size == delta.size
+        rms, w_rms = np.sqrt(np.mean(delta ** 2)), np.sqrt(np.mean(entries ** 2))
+        # float32 squares summed over ~10^3 entries: relative error a few 1e-7; 1e-5 leaves margin
+        assert got[m]["rms"] == pytest.approx(rms, rel=1e-5), m
+        assert got[m]["weight_rms"] == pytest.approx(w_rms, rel=1e-5), m
+        assert got[m]["relative"] == pytest.approx(rms / w_rms, rel=2e-5), m
+        d2, w2, count = d2 + np.sum(delta ** 2), w2 + np.sum(entries ** 2), count + delta.size
+    assert got["all"]["rms"] == pytest.approx(np.sqrt(d2 / count), rel=1e-5)
+    assert got["all"]["relative"] == pytest.approx(np.sqrt(d2 / w2), rel=2e-5)
+    # the entries a delta lands on are the ones inject changes: their RMS is that of (fused - base) there
+    fused = pktjax.inject(student.params, student.config, sel, deltas)
+    diff = np.asarray(fused["layers"]["o_proj"], np.float64) - np.asarray(student.params["layers"]["o_proj"])
+    assert np.sqrt(np.sum(diff ** 2) / deltas["o_proj"].size) == pytest.approx(got["o_proj"]["rms"], rel=1e-5)
+
+
 @pytest.mark.parametrize("family", ["llama2", "qwen2"])
 def test_delta_adapter_forward_equals_inject(tiny_dir, family):
     """Training's in-product injection gives inject's logits and gradients; K < L and different FFN/attention
@@ -197,23 +233,44 @@ def test_align_init_shapes_jit_and_vmap(teacher, student):
     np.testing.assert_allclose(va["up_proj"][0], out["up_proj"], rtol=1e-6)
 
 
-def test_lr_schedule_matches_torch_one_cycle():
+def test_lr_schedule_is_the_authors_one_cycle_over_the_split():
+    """The authors' ``OneCycleLR(total_steps=len(extract split), pct_start=0.1, final_div_factor=1)``, stepped once
+    per aligner step, for the shipped split sizes (20: gsm, mmlu, humaneval; 32: mbpp) and a short one; checked
+    against torch, against optax where the peak falls on a step, and against hand-computed values."""
+    import math
+
+    import optax
     import torch
 
-    for steps in (20, 32):
-        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=3e-5)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-5, total_steps=steps, pct_start=0.1,
+    lr = 3e-4
+    for total in (20, 32, 3):
+        opt = torch.optim.AdamW([torch.zeros(1, requires_grad=True)], lr=lr)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=total, pct_start=0.1,
                                                     final_div_factor=1, anneal_strategy="cos")
         ref = []
-        for _ in range(steps):
+        for _ in range(total):
             ref.append(opt.param_groups[0]["lr"])
             opt.step()
             sched.step()
-        ours = [float(lr_schedule(3e-5, steps)(s)) for s in range(steps)]
-        assert ours[0] == pytest.approx(3e-5 / 25) and ours[-1] == pytest.approx(3e-5 / 25)
-        assert max(ours) == pytest.approx(3e-5)
-        if steps == 20:  # the shipped splits' size: the authors' schedule exactly
-            np.testing.assert_allclose(ours, ref, rtol=1e-5)
+        ours = [lr_schedule(lr, total)(s) for s in range(total)]
+        np.testing.assert_allclose(ours, ref, rtol=1e-12)  # both in float64 Python arithmetic
+    s20 = lr_schedule(lr, 20)
+    assert s20(0) == pytest.approx(lr / 25, rel=1e-12) and s20(1) == pytest.approx(lr, rel=1e-12)
+    assert s20(19) == pytest.approx(lr / 25, rel=1e-12)
+    # after the peak at step 1: cosine from lr down to lr/25 over steps 1..19
+    for s in (2, 7, 12):
+        want = lr / 25 + (lr - lr / 25) / 2 * (1 + math.cos(math.pi * (s - 1) / 18))
+        assert s20(s) == pytest.approx(want, rel=1e-12)
+    # optax's one-cycle puts its peak on step int(0.1 * 19) = 1 too: the same 20 values (optax computes in float32)
+    ox = optax.cosine_onecycle_schedule(19, lr, pct_start=0.1, div_factor=25.0, final_div_factor=1.0)
+    np.testing.assert_allclose([s20(s) for s in range(20)], [float(ox(s)) for s in range(20)], rtol=1e-5)
+    # 32 steps (mbpp): the peak at 0.1 * 32 - 1 = 2.2 lies between steps 2 and 3, so no step runs at lr itself;
+    # step 2 is 2/2.2 of the way up, step 3 only 0.8/28.8 of the way down, so step 3 runs at the highest rate
+    s32 = [lr_schedule(lr, 32)(s) for s in range(32)]
+    assert s32[0] == pytest.approx(lr / 25, rel=1e-12) and max(s32) < lr and int(np.argmax(s32)) == 3
+    assert s32[2] == pytest.approx(lr + (lr / 25 - lr) / 2 * (1 + math.cos(math.pi * 2 / 2.2)), rel=1e-12)
+    with pytest.raises(ConfigError):
+        lr_schedule(lr, 0)
 
 
 def test_micro_batches_pad_and_weight():

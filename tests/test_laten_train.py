@@ -18,8 +18,9 @@ import pytest
 import pktjax
 from pktjax.data import tokenize_laten
 from pktjax.errors import ConfigError, DataError, PairError
-from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, micro_batches,
-                                  prepare_pair, step_gradients)
+from pktjax.inject import delta_sizes
+from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, lr_schedule,
+                                  micro_batches, prepare_pair, step_gradients)
 from tests import tiny
 
 ta = importlib.import_module("pktjax.train_aligner")  # the module (pktjax.train_aligner is the function)
@@ -88,6 +89,46 @@ def test_training_writes_steps_and_log(trained):
     assert log[1]["align_examples"] == random.Random(1).sample(range(len(ALIGN)), 3)
     assert _leaves_equal(load_aligner(out, 2), final)
     assert not _leaves_equal(load_aligner(out, 0), load_aligner(out, 1))
+    # the schedule spans the whole extract split (3 examples here)
+    assert [r["lr"] for r in log] == [lr_schedule(CFG.lr, 3)(s) for s in range(3)]
+    assert json.loads((out / "run.json").read_text())["schedule_steps"] == 3
+
+
+def test_log_records_what_each_checkpoint_injects(pair, trained):
+    """``delta`` of step t: the sizes of what the aligner saved after step t injects on step t's selection."""
+    out, _ = trained
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    for rec in log:
+        knowledge, _, sel_s = locate_and_extract(pair, EXTRACT[rec["example"]])
+        want = delta_sizes(pair.student.params, pair.student.config, sel_s,
+                           pktjax.align(load_aligner(out, rec["step"]), knowledge))
+        assert set(rec["delta"]) == {*pair.modules, "all"}
+        for m, size in want.items():
+            for key in ("rms", "weight_rms", "relative"):
+                assert rec["delta"][m][key] == pytest.approx(size[key], rel=1e-6), (rec["step"], m, key)
+    # one update (lr 1e-2 here) moves the output far from that of the 1e-5 initialisation
+    knowledge, _, sel_s = locate_and_extract(pair, EXTRACT[log[0]["example"]])
+    init = pktjax.init_aligner(jax.random.PRNGKey(CFG.seed), pair.modules, 48, 32)
+    before = delta_sizes(pair.student.params, pair.student.config, sel_s, pktjax.align(init, knowledge))
+    assert log[0]["delta"]["all"]["rms"] > 10 * before["all"]["rms"] > 0
+
+
+def test_stopping_early_then_going_on_equals_running_through(pair, trained, tmp_path):
+    """``steps`` stops the run without reshaping the schedule: one step, then the rest on the same folder, gives
+    the uninterrupted run's checkpoints bit for bit, and the same learning rate at every step."""
+    one = pktjax.train_aligner(pair.teacher, pair.student, EXTRACT, ALIGN, tmp_path, TrainConfig(
+        **{**CFG.__dict__, "steps": 1}), tokenizer=pair.tokenizer, progress=False)
+    full_dir, full = trained
+    assert aligner_steps(tmp_path) == [0] and _leaves_equal(one, load_aligner(full_dir, 0))
+    final = pktjax.train_aligner(pair.teacher, pair.student, EXTRACT, ALIGN, tmp_path, CFG,
+                                 tokenizer=pair.tokenizer, progress=False)
+    assert _leaves_equal(final, full)
+    for s in (0, 1, 2):
+        assert _leaves_equal(load_aligner(tmp_path, s), load_aligner(full_dir, s))
+    read = lambda d: [json.loads(x) for x in (d / "log.jsonl").read_text().splitlines()]  # noqa: E731
+    drop = ("seconds",)
+    assert [{k: v for k, v in r.items() if k not in drop} for r in read(tmp_path)] == \
+        [{k: v for k, v in r.items() if k not in drop} for r in read(full_dir)]
 
 
 def test_resume_after_crash_equals_uninterrupted(pair, trained, tmp_path):
@@ -183,6 +224,13 @@ def test_fuse_writes_a_transformers_checkpoint(pair, dirs, trained, tmp_path):
                          pktjax.align(load_aligner(aligner_dir, 1), knowledge))
     fused = pktjax.load_model(out)
     assert _leaves_equal(fused.params, want)
+    record = json.loads((out / "injection.json").read_text())
+    assert (record["step"], record["seed"], record["rate"]) == (1, 7, 0.1)
+    sizes = delta_sizes(pair.student.params, pair.student.config, sel_s,
+                        pktjax.align(load_aligner(aligner_dir, 1), knowledge))
+    for m, size in sizes.items():
+        for key, value in size.items():
+            assert record["delta"][m][key] == pytest.approx(value, rel=1e-6), (m, key)
     assert not _leaves_equal(fused.params["layers"]["up_proj"], pair.student.params["layers"]["up_proj"])
     ids = np.asarray([[5, 17, 99, 42, 7, 250, 3, 64]], np.int32)
     ours = np.asarray(pktjax.forward(want, pair.student.config, jnp.asarray(ids)))

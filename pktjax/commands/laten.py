@@ -40,7 +40,10 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--extract", help="extract split JSONL (default: the task's)")
     p.add_argument("--align", help="align split JSONL (default: the task's)")
     p.add_argument("--lr", type=float, default=3e-5, help="peak learning rate of the one-cycle schedule")
-    p.add_argument("--steps", type=int, default=None, help="default: the size of the extract split")
+    p.add_argument("--steps", type=int, default=None,
+                   help="stop after this many steps (default: all, one per extract example); the one-cycle "
+                        "schedule spans the whole extract split either way, and a later run with more steps on "
+                        "the same --out continues this one")
     p.add_argument("--examples-per-step", type=int, default=16, help="P: examples in each step's loss")
     p.add_argument("--mse-weight", type=float, default=1000.0, help="lambda of the delta-size penalty")
     p.add_argument("--cutoff-len", type=int, default=768)
@@ -57,7 +60,8 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
 def _fuse_parser(p: argparse.ArgumentParser) -> None:
     _common(p)
     p.add_argument("--aligner", required=True, help="output folder of 'pktjax laten train'")
-    p.add_argument("--step", type=int, required=True, help="which saved aligner step to apply")
+    p.add_argument("--step", type=int, required=True,
+                   help="which saved aligner to apply: step t is the aligner after t + 1 updates")
     p.add_argument("--train", help="train split JSONL to locate on (default: the task's)")
     p.set_defaults(func=_fuse)
 
@@ -80,7 +84,8 @@ def _train(args: argparse.Namespace) -> int:
                          layers=args.layers)
     train_aligner(args.teacher, args.student, _split(args, "extract"), _split(args, "align"), args.out, config,
                   progress=not args.no_progress, mesh=args.mesh)
-    main_print(f"aligner checkpoints in {args.out}/aligner (one per step); metrics in {args.out}/log.jsonl")
+    main_print(f"aligner checkpoints in {args.out}/aligner (one per step); metrics and injected delta sizes in "
+               f"{args.out}/log.jsonl")
     return 0
 
 
@@ -90,5 +95,11 @@ def _fuse(args: argparse.Namespace) -> int:
     out = fuse(args.teacher, args.student, args.aligner, args.step, _split(args, "train"), args.out,
                rate=args.rate, seed=args.seed, modules=args.modules, mode=args.mode, attention=args.attention,
                layers=args.layers)
-    print(f"fused student saved to {out}")
+    import json
+
+    from pktjax.fuse import INJECTION
+
+    size = json.loads((out / INJECTION).read_text())["delta"]["all"]
+    print(f"fused student saved to {out}; injected deltas: RMS {size['rms']:.3g}, {size['relative']:.3g} of the "
+          f"RMS of the weights they change (per module: {out / INJECTION})")
     return 0

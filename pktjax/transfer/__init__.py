@@ -7,15 +7,16 @@ Stages, each skipped when its result file already exists (so an interrupted run 
    or a Hugging Face repo id ``org/name``, downloaded when online), check the pair before any heavy work;
 2. ``eval/student.json``, ``eval/teacher.json``: the base models on the evaluation task;
 3. ``laten/seed<s>/step<k>/eval.json``: the aligner run of each seed, then every chosen aligner step fused and
-   evaluated (LaTen, Pre-Align PKT);
+   evaluated, with ``injection.json`` beside it (the size of the injected deltas; LaTen, Pre-Align PKT); with
+   several learning rates, ``laten/lr<lr>/seed<s>/...`` for each;
 4. optional, when the config has the section: ``seeking/seed<s>/eval.json`` (Seeking, Post-Align PKT: teacher
    sensitivity, layer and sub-matrix selection, SVD into a LoRA of the student's shape, extracted once into
    ``seeking/extracted/``, then LoRA training from that init, merge, evaluate), ``lora/seed<s>/eval.json``
    (standard LoRA init) and ``pissa/seed<s>/eval.json`` (PiSSA init), each with its PEFT adapter beside it;
 5. optional: ``analysis/analysis.json``: the neural-incompatibility analysis of the pair (figures + numbers);
-6. ``report.md`` + ``scores.json`` + ``aligner_curves.png``: the table of scores with confidence intervals,
-   the spread over seeds, each trained model against the base student (:func:`vs_student`), the analysis
-   figures, the timings.
+6. ``report.md`` + ``scores.json`` + ``aligner_curves.png`` + ``delta_vs_score.png``: the table of scores with
+   confidence intervals (LaTen rows with the relative size of their injected deltas), the spread over seeds, each
+   trained model against the base student (:func:`vs_student`), the analysis figures, the timings.
 
 Config (YAML or JSON; an unknown key anywhere is an error naming the allowed ones)::
 
@@ -26,7 +27,9 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
                                        # `task`; limit: the whole test set; max_new_tokens: the task's (512)
     laten: {seeds: [42], steps: null, rate: 0.1, lr: 3e-5, cutoff_len: 768, examples_per_step: 16,
             micro_batch: 4, fuse_steps: all | last | [1, 2], layers: null}   # seeds: [] skips LaTen;
-                                                            # layers: K (default every student layer)
+            # layers: K (default every student layer); lr: one peak rate or a list (each run for every seed);
+            # the one-cycle schedule spans the whole extract split, steps (null: all) only stops it early;
+            # step t = the aligner after t + 1 updates (step 0 took one update at lr/25)
     seeking: {seeds: [1], rank: 16, alpha: 16, dropout: 0.05, lr: 3e-4, epochs: 3, batch_size: 64,
               micro_batch: 8, cutoff_len: 2048, dtype: float32, targets: null, data: null, limit: null,
               samples: 32, seed_data: null, teacher_dtype: float32}

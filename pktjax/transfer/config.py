@@ -93,12 +93,36 @@ def _section(path: Path, raw: dict, name: str) -> dict[str, Any]:
         elif name == "analysis":
             _check_analysis_section(sec)
         elif name == "laten":
-            sec["lr"] = float(sec["lr"])  # YAML reads 3e-5 (no dot) as a string
+            _check_laten_section(sec)
         if "seeds" in sec and (not isinstance(sec["seeds"], list) or not all(isinstance(s, int) for s in sec["seeds"])):
             raise ConfigError("seeds must be a list of integers")
     except (ConfigError, TypeError, ValueError) as e:
         raise ConfigError(f"{path}: bad `{name}` section: {str(e).rstrip('.')}.") from None
     return sec
+
+
+def _check_laten_section(sec: dict[str, Any]) -> None:
+    lrs = sec["lr"] if isinstance(sec["lr"], list) else [sec["lr"]]
+    lrs = [float(x) for x in lrs]  # YAML reads 3e-5 (no dot) as a string
+    if not lrs or len(set(lrs)) != len(lrs) or not all(x > 0 for x in lrs):
+        raise ConfigError(f"lr {sec['lr']!r} must be a positive rate or a list of distinct positive rates")
+    sec["lr"] = lrs if isinstance(sec["lr"], list) else lrs[0]
+    steps, fuse = sec["steps"], sec["fuse_steps"]
+    if isinstance(fuse, list):
+        if not fuse or not all(isinstance(x, int) and x >= 0 for x in fuse):
+            raise ConfigError(f"fuse_steps {fuse!r} must be all, last or a list of step numbers (0, 1, ...)")
+        if steps is not None and max(fuse) >= steps:
+            raise ConfigError(f"fuse_steps {fuse} names a step the run stops before (steps: {steps} saves "
+                              f"steps 0 to {steps - 1})")
+    elif fuse not in ("all", "last"):
+        raise ConfigError(f"fuse_steps {fuse!r} must be all, last or a list of step numbers")
+
+
+def laten_rates(cfg: TransferConfig) -> list[tuple[float, str]]:
+    """``(learning rate, folder under laten/)`` per LaTen rate: ``""`` for a single rate (``laten/seed<s>``),
+    ``lr<lr>/`` for each of several (``laten/lr0.0003/seed<s>``)."""
+    lr = cfg.laten["lr"]
+    return [(lr, "")] if not isinstance(lr, list) else [(x, f"lr{x:g}/") for x in lr]
 
 
 def _check_lora_section(sec: dict[str, Any]) -> None:

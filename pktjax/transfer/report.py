@@ -1,4 +1,4 @@
-"""The transfer job's report: ``scores.json``, ``report.md`` and ``aligner_curves.png``."""
+"""The transfer job's report: ``scores.json``, ``report.md``, ``aligner_curves.png`` and ``delta_vs_score.png``."""
 
 from __future__ import annotations
 
@@ -28,15 +28,19 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
             for r in rows]
     _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings})
     curves = plot_aligner_curves(cfg.out)
+    deltas = _plot_deltas(cfg.out, rows)
     lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",
              f"teacher `{cfg.teacher}` → student `{cfg.student}`", "", *_weights_note(cfg),
-             "| method | seed | aligner step | score | 95% CI | n |", "|---|---|---|---|---|---|"]
+             "Δ/W: root mean square of a LaTen student's injected deltas over that of the student weights they "
+             "are added to (all modules pooled; per module below).", "",
+             "| method | seed | aligner step | score | 95% CI | n | Δ/W |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         ci = r.get("ci") or [None, None]
         ci_txt = f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "—"
         lines.append(f"| {r['method']} | {r['seed'] if r['seed'] is not None else '—'} | "
-                     f"{r['step'] if r['step'] is not None else '—'} | {r['score']:.3f} | {ci_txt} | {r.get('n')} |")
-    lines += ["", *_seed_summary(rows), "", *_paired_section(rows), "",
+                     f"{r['step'] if r['step'] is not None else '—'} | {r['score']:.3f} | {ci_txt} | {r.get('n')} | "
+                     f"{_relative(r.get('delta'), 'all')} |")
+    lines += ["", *_seed_summary(rows), "", *_paired_section(rows), "", *_delta_section(rows, deltas), "",
               "## Timings (s; a resumed stage adds the time of its earlier tries)", ""]
     lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     if curves:
@@ -46,6 +50,42 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
     path = cfg.out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def _relative(delta: dict[str, Any] | None, module: str) -> str:
+    size = (delta or {}).get(module)
+    return "—" if size is None or size.get("relative") is None else f"{size['relative']:.2e}"
+
+
+def _delta_section(rows: list[dict[str, Any]], figure: Path | None) -> list[str]:
+    """Per LaTen row: each module's injected-delta RMS and its ratio to the weights' RMS (empty without them)."""
+    rows = [r for r in rows if r.get("delta")]
+    if not rows:
+        return []
+    modules = [m for m in rows[0]["delta"] if m != "all"]
+    out = ["## Size of the injected deltas", "",
+           "Per module: RMS of the deltas added by the fuse, and (in brackets) that RMS over the RMS of the student "
+           "weights at the same rows / columns. The aligner's logs hold the same figures for every training step.",
+           "", "| method | seed | aligner step | score | " + " | ".join(modules) + " | all |",
+           "|---|---|---|---|" + "---|" * (len(modules) + 1)]
+    for r in rows:
+        cells = [f"{r['delta'][m]['rms']:.2e} ({_relative(r['delta'], m)})" for m in (*modules, "all")]
+        out.append(f"| {r['method']} | {r['seed']} | {r['step']} | {r['score']:.3f} | " + " | ".join(cells) + " |")
+    if figure is not None:
+        out += ["", f"![score against delta size]({figure.name})"]
+    return out
+
+
+def _plot_deltas(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """``delta_vs_score.png``: each LaTen student's score against its pooled relative delta size."""
+    from pktjax.plots import plot_score_vs_delta
+
+    points = [(r["method"], r["seed"], r["step"], r["delta"]["all"]["relative"], r["score"]) for r in rows
+              if r.get("delta") and r["delta"]["all"].get("relative")]
+    if not points:
+        return None
+    refs = {r["method"]: r["score"] for r in rows if r["method"] in ("base student", "base teacher")}
+    return plot_score_vs_delta(points, out / "delta_vs_score", refs)[0]
 
 
 def _weights_note(cfg: TransferConfig) -> list[str]:
@@ -117,7 +157,7 @@ def _paired_section(rows: list[dict[str, Any]]) -> list[str]:
 
 def plot_aligner_curves(out: Path) -> Path | None:
     """Loss, CE and MSE per aligner step for every seed, from each run's ``log.jsonl``."""
-    logs = sorted((out / "laten").glob("seed*/aligner/log.jsonl"))
+    logs = sorted((out / "laten").glob("**/seed*/aligner/log.jsonl"))
     if not logs:
         return None
     import matplotlib
@@ -126,19 +166,24 @@ def plot_aligner_curves(out: Path) -> Path | None:
     import matplotlib.pyplot as plt
     from matplotlib.ticker import MaxNLocator
 
-    keys = ("loss", "ce", "mse")
+    keys = ("loss", "ce", "mse", "Δ/W")  # Δ/W: the checkpoint's injected deltas over the weights (all modules)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for log in logs:
         recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        for r in recs:
+            if (r.get("delta") or {}).get("all", {}).get("relative"):
+                r["Δ/W"] = r["delta"]["all"]["relative"]
         for ax, key in zip(axes, keys):
             pts = [(r["step"], r[key]) for r in recs if key in r]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=log.parts[-3])
+                ax.plot(*zip(*pts), marker="o", label="/".join(log.relative_to(out / "laten").parts[:-2]))
     for ax, key in zip(axes, keys):
         ax.set_xlabel("aligner step")
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         ax.set_title(key)
         ax.grid(alpha=0.3)
+        if key == "Δ/W" and ax.has_data():
+            ax.set_yscale("log")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
     path = out / "aligner_curves.png"

@@ -11,7 +11,7 @@ from typing import Any, Callable
 from pktjax.config import ModelConfig
 from pktjax.data import laten_split, read_jsonl
 from pktjax.errors import ConfigError
-from pktjax.transfer.config import POSTPKT, TransferConfig, lora_config
+from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config
 from pktjax.transfer.models import check_pair, resolve_model
 from pktjax.transfer.report import _write_json, write_report
 
@@ -57,13 +57,15 @@ def _fuse_steps(setting: Any, saved: list[int]) -> list[int]:
     return [s for s in saved if s in set(setting)]
 
 
-def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) -> list[dict[str, Any]]:
-    """Train the aligner for one seed, fuse and evaluate the chosen steps; returns one row per step."""
-    from pktjax.fuse import fuse
+def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr: float,
+                sub: str) -> list[dict[str, Any]]:
+    """Train the aligner for one seed (at ``lr``, in ``laten/<sub>seed<s>``), fuse and evaluate the chosen steps;
+    returns one row per step, with the injected deltas' sizes (``delta``) when the fuse recorded them."""
+    from pktjax.fuse import INJECTION, fuse
     from pktjax.train_aligner import TrainConfig, aligner_steps, train_aligner
 
-    lt, folder = cfg.laten, cfg.out / "laten" / f"seed{seed}"
-    tc = TrainConfig(lr=lt["lr"], rate=lt["rate"], steps=lt["steps"], examples_per_step=lt["examples_per_step"],
+    lt, folder = cfg.laten, cfg.out / "laten" / f"{sub}seed{seed}"
+    tc = TrainConfig(lr=lr, rate=lt["rate"], steps=lt["steps"], examples_per_step=lt["examples_per_step"],
                      cutoff_len=lt["cutoff_len"], micro_batch=lt["micro_batch"], seed=seed,
                      train_on_inputs=cfg.task == "mmlu", layers=lt["layers"])
     t0 = time.time()
@@ -79,9 +81,14 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) ->
             shutil.rmtree(fused, ignore_errors=True)  # a fuse cut short leaves nothing reusable
             fuse(teacher, student, folder / "aligner", step, laten_split(cfg.task, "train"), fused,
                  rate=lt["rate"], seed=seed)
+            shutil.copyfile(fused / INJECTION, report_path.with_name(INJECTION))
             _evaluate(fused, cfg, report_path)
             shutil.rmtree(fused, ignore_errors=True)  # keep the report, not a copy of the student per step
-        rows.append({"method": "LaTen", "seed": seed, "step": step, **_score(report_path)})
+        injection = report_path.with_name(INJECTION)
+        delta = json.loads(injection.read_text())["delta"] if injection.is_file() else None
+        method = "LaTen" if not sub else f"LaTen lr {lr:g}"
+        rows.append({"method": method, "seed": seed, "step": step, "lr": lr, **_score(report_path),
+                     "delta": delta})
     return rows
 
 
@@ -211,8 +218,10 @@ def run_transfer(cfg: TransferConfig) -> Path:
     check_pair(teacher, student)
     rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
             for name, path in (("student", student), ("teacher", teacher))]
-    for seed in cfg.laten["seeds"]:
-        rows += _timed(cfg, timings, f"laten seed {seed}", _laten_seed, cfg, teacher, student, int(seed))
+    for lr, sub in laten_rates(cfg):
+        for seed in cfg.laten["seeds"]:
+            key = f"laten {'lr ' + format(lr, 'g') + ' ' if sub else ''}seed {seed}"
+            rows += _timed(cfg, timings, key, _laten_seed, cfg, teacher, student, int(seed), lr, sub)
     for name in POSTPKT:
         for seed in (getattr(cfg, name) or {}).get("seeds", []):
             rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
