@@ -38,6 +38,11 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert (out / "aligner_curves.png").stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "| LaTen | 1 | 0 |" in text
+    # the injected deltas' size: recorded by the fuse, next to the score, in its own section and in a figure
+    delta = scores["rows"][2]["delta"]
+    assert delta == json.loads((out / "laten" / "seed1" / "step0" / "injection.json").read_text())["delta"]
+    assert f"| {delta['all']['relative']:.2e} |" in text and "## Size of the injected deltas" in text
+    assert (out / "delta_vs_score.png").stat().st_size > 0
     base, laten = scores["rows"][0], scores["rows"][2]  # the paired comparison agrees with the scores
     v = laten["vs_student"]
     assert v["n"] == 6 and v["gained"] - v["lost"] == round(6 * (laten["score"] - base["score"]))
@@ -101,6 +106,29 @@ def test_bad_configs_fail_before_heavy_work(tmp_path):
     with pytest.raises(ConfigError, match="another config"):
         run_transfer(run_transfer_claim)
     assert not (other / "eval").exists()
+    for laten, match in (({"steps": 2, "fuse_steps": [0, 2]}, "stops before"), ({"fuse_steps": "first"}, "fuse_steps"),
+                         ({"lr": [1e-3, 1e-3]}, "distinct"), ({"lr": []}, "lr")):
+        with pytest.raises(ConfigError, match=match):
+            read_config(_config(tmp_path, laten=laten))
+
+
+def test_several_learning_rates_share_one_report(tmp_path):
+    """``lr: [a, b]``: one aligner run per rate and seed under ``laten/lr<rate>/``, one base evaluation, rows
+    named by their rate; a ten times larger rate injects larger deltas (the output of ``W2 relu(W1 x)`` moves
+    with both matrices)."""
+    laten = {"seeds": [1], "steps": 1, "cutoff_len": 96, "examples_per_step": 2, "micro_batch": 2, "lr": [1e-3, 1e-4]}
+    path = _config(tmp_path, laten=laten, eval={"limit": 2, "batch_size": 2})
+    out = run_transfer(read_config(path)).parent
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base student", "base teacher", "LaTen lr 0.001", "LaTen lr 0.0001"]
+    assert [r["lr"] for r in rows[2:]] == [1e-3, 1e-4]
+    for sub in ("lr0.001", "lr0.0001"):
+        assert (out / "laten" / sub / "seed1" / "step0" / "eval.json").is_file()
+    assert not (out / "laten" / "seed1").exists()
+    big, small = (r["delta"]["all"]["relative"] for r in rows[2:])
+    assert big > 10 * small > 0
+    timings = json.loads((out / "timings.json").read_text())
+    assert {"laten lr 0.001 seed 1", "laten lr 0.0001 seed 1"} <= set(timings)
 
 
 LORA = {"seeds": [1], "rank": 2, "epochs": 1, "batch_size": 2, "micro_batch": 2, "cutoff_len": 64, "limit": 4}
