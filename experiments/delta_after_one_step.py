@@ -25,11 +25,13 @@ import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pktjax.align import align, init_aligner  # noqa: E402
+from pktjax.checkpoint import load_model  # noqa: E402
 from pktjax.data import laten_split, read_jsonl, tokenize_laten  # noqa: E402
 from pktjax.inject import delta_sizes  # noqa: E402
 from pktjax.train_aligner import (OPTIMIZER, apply_update, locate_and_extract, lr_schedule, micro_batches,  # noqa: E402
@@ -49,6 +51,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--cutoff-len", type=int, default=384)
     ap.add_argument("--micro-batch", type=int, default=2)
     ap.add_argument("--seed", type=int, default=42)
+    ap.add_argument("--teacher-dtype", choices=("float32", "bfloat16"), default="float32",
+                    help="bfloat16 halves the teacher's memory (it only locates and supplies rows)")
     ap.add_argument("--json", help="also write the figures to this file")
     args = ap.parse_args(argv)
 
@@ -56,6 +60,7 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         teacher = resolve_model(args.teacher, Path(tmp) / "teacher")
         student = resolve_model(args.student, Path(tmp) / "student")
+        teacher = load_model(teacher, dtype=getattr(jnp, args.teacher_dtype))
         pair = prepare_pair(teacher, student, rate=args.rate, layers=args.layers)
     extract_ex, align_ex = read_jsonl(laten_split(args.task, "extract")), read_jsonl(laten_split(args.task, "align"))
     ex = int(np.random.default_rng(args.seed).permutation(len(extract_ex))[0])  # step 0 of train_aligner
