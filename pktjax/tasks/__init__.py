@@ -4,7 +4,8 @@ Each task module exposes ``KIND`` (``"generate"`` or ``"choice"``), ``load(limit
 (every example has an ``id``) and ``prompt(example, exemplars) -> str``. Generative tasks add ``shots(k)``,
 ``STOP`` strings and ``MAX_NEW_TOKENS``, and either ``score(example, completion) -> dict`` (at least
 ``{"correct": bool}``; GSM8K) or ``program(example, completion) -> str``, a program that exits 0 iff the
-completion is right (HumanEval, MBPP; run in :mod:`pktjax.sandbox`). MMLU (``"choice"``) adds
+completion is right (HumanEval, MBPP; run in :mod:`pktjax.sandbox`); these also have ``check_program(example,
+code)``, and ``sample_id``, ``to_sample`` and ``from_sample`` for samples files (:mod:`pktjax.samples`). MMLU (``"choice"``) adds
 ``dev_exemplars``, ``choice_token_ids``, ``pick_letter`` and ``score(example, letter)``.
 """
 

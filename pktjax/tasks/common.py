@@ -69,3 +69,14 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     n = gained + lost
     tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1))
     return min(1.0, 2 * tail / 2 ** n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate of one problem from ``n`` samples of which ``c`` passed (Chen et al. 2021):
+    ``1 - C(n-c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` so that large ``n`` neither
+    overflows nor loses precision in a ratio of huge binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}.")
+    if n - c < k:  # every k-subset holds a passing sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

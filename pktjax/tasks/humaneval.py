@@ -57,7 +57,32 @@ def extract_code(example: dict[str, Any], completion: str) -> str:
     return example["prompt"] + body
 
 
+def check_program(example: dict[str, Any], code: str) -> str:
+    """``code`` (the whole function, imports included) followed by the problem's tests: exits 0 iff it passes."""
+    return code + "\n\n" + example["test"] + "\n\n" + f"check({example['entry_point']})\n"
+
+
 def program(example: dict[str, Any], completion: str) -> str:
     """The program that passes iff the completion is correct."""
-    return (extract_code(example, completion) + "\n\n" + example["test"] + "\n\n"
-            + f"check({example['entry_point']})\n")
+    return check_program(example, extract_code(example, completion))
+
+
+def sample_id(example: dict[str, Any]) -> str:
+    return example["task_id"]
+
+
+def to_sample(example: dict[str, Any], completion: str) -> dict[str, str]:
+    """One line of a ``human-eval`` / EvalPlus samples file: ``completion`` is appended to the problem's prompt
+    by ``human-eval``; ``solution`` (EvalPlus) is the self-contained code. A completion that restarted the
+    function follows the prompt's bare signature, which the new definition replaces."""
+    code = extract_code(example, completion)
+    tail = code[len(example["prompt"]):] if code.startswith(example["prompt"]) else "\n" + code
+    return {"task_id": sample_id(example), "completion": tail, "solution": code}
+
+
+def from_sample(example: dict[str, Any], row: dict[str, Any]) -> str:
+    """The code a samples-file line stands for: its ``solution``, else the prompt followed by its ``completion``
+    (as ``human-eval`` runs it)."""
+    if row.get("solution") is not None:
+        return row["solution"]
+    return example["prompt"] + row["completion"]

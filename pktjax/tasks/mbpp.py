@@ -80,8 +80,27 @@ def extract_code(completion: str) -> str:
     return text.split("```")[0]
 
 
-def program(example: dict[str, Any], completion: str) -> str:
+def check_program(example: dict[str, Any], code: str) -> str:
     """The code, then ``test_setup_code`` (it may use the code's classes, as in task 367), then the asserts."""
     setup = example.get("test_setup_code") or ""
     tests = "\n".join(example["test_list"])
-    return f"{extract_code(completion)}\n\n{setup}\n{tests}\n"
+    return f"{code}\n\n{setup}\n{tests}\n"
+
+
+def program(example: dict[str, Any], completion: str) -> str:
+    return check_program(example, extract_code(completion))
+
+
+def sample_id(example: dict[str, Any]) -> str:
+    """EvalPlus's spelling of the task id (``Mbpp/11``)."""
+    return f"Mbpp/{example['task_id']}"
+
+
+def to_sample(example: dict[str, Any], completion: str) -> dict[str, str]:
+    """One line of an EvalPlus samples file: the self-contained ``solution``."""
+    return {"task_id": sample_id(example), "solution": extract_code(completion)}
+
+
+def from_sample(example: dict[str, Any], row: dict[str, Any]) -> str:
+    """The code a samples-file line stands for (``solution``, or a bare ``completion``)."""
+    return row["solution"] if row.get("solution") is not None else row["completion"]
