@@ -5,7 +5,8 @@
 answer letter from logits for MMLU), scores every example, and returns a report::
 
     {"task", "score", "ci95": [lo, hi], "ci_method": "wilson", "n", "n_correct", "settings": {...},
-     "records": [{"id", "prompt", "output", "verdict", "correct", ...}, ...], "seconds"}
+     "records": [{"id", "prompt", "output", "verdict", "correct", ...}, ...], "seconds",
+     "provenance": {...}}   # versions, commit, devices, config and data hashes (pktjax.provenance)
 
 Generated code runs only through :func:`pktjax.sandbox.run`.
 """
@@ -28,6 +29,7 @@ from pktjax.checkpoint import Model, load_model
 from pktjax.errors import PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
 from pktjax.model import forward, unembed
+from pktjax.provenance import provenance
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
 from pktjax.tasks.common import wilson_interval
@@ -91,6 +93,7 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
         sampled = _pass_at_k(mod, examples, prompts, num_samples, temperature, seed, pass_k, model, tok, generator,
                              batch_size, add_special_tokens, max_new, timeout, workers, progress, records, out)
     report = _report(task, records, settings, time.time() - start)
+    report["provenance"] = provenance(settings, [] if hub else mod.data_files(examples, few_shot))
     if sampled is not None:
         report["pass_at_k"] = sampled
     if out is not None:
@@ -376,6 +379,7 @@ def score_samples(path: str | os.PathLike, task: str, pass_k: Sequence[int] = (1
                   pass_at_k=pass_at_ks(counts, pass_k))
     if not single:
         report.update(ci95=None, ci_method=None, n_correct=sum(c for _, c in counts))
+    report["provenance"] = provenance(settings, [path, *([] if hub else mod.data_files(chosen, 0))])
     if out is not None:
         write_report(report, out)
     return report

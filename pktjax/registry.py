@@ -9,7 +9,6 @@ Qwen2.5-Coder-Instruct models in 4-bit-class quantizations (dequantized on load)
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib
 import os
 import subprocess
@@ -17,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pktjax.errors import CheckpointError
+from pktjax.provenance import sha256_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,21 +51,13 @@ def home() -> Path:
     return Path(os.environ.get("PKTJAX_HOME", "~/.cache/pktjax")).expanduser()
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def verify(path: Path, spec: PackagedModel) -> None:
     """Raise :class:`CheckpointError` unless ``path`` has the expected size and sha256."""
     size = path.stat().st_size if path.is_file() else -1
     if size != spec.size:
         raise CheckpointError(f"{path}: {size} bytes, expected {spec.size}: the file is partial or corrupt; "
                               "delete it and run `pktjax models install` again.")
-    if _sha256(path) != spec.sha256:
+    if sha256_file(path) != spec.sha256:
         raise CheckpointError(f"{path}: sha256 mismatch: the file is corrupt; delete it and install again.")
 
 

@@ -5,24 +5,24 @@ from __future__ import annotations
 
 import argparse
 
-from pktjax.tasks import TASKS
+from pktjax.commands import list_argument, task_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark (gsm8k, mmlu, humaneval, mbpp)")
     p.add_argument("--model", default=None, help="checkpoint folder or .gguf file")
-    p.add_argument("--task", required=True, choices=TASKS)
+    task_argument(p, "benchmark", required=True, help="the benchmark (gsm is gsm8k)")
     p.add_argument("--samples", default=None, metavar="FILE",
                    help="score this human-eval / EvalPlus samples file (JSONL of task_id + completion or solution) "
                         "instead of a model (humaneval, mbpp)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
     p.add_argument("--num-samples", type=int, default=0, metavar="N",
                    help="also draw N completions per problem at --temperature and report pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for --num-samples")
-    p.add_argument("--pass-k", type=int, nargs="+", default=[1, 10], metavar="K", help="k values of pass@k")
+    list_argument(p, "--pass-k", item=int, default=(1, 10), metavar="K", help="k values of pass@k")
     p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampled completions")
     p.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per program (code tasks)")
     p.add_argument("--hub", action="store_true", help="read the benchmark from the Hugging Face hub (online)")
@@ -31,10 +31,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
     from pktjax.errors import ConfigError
     from pktjax.evaluate import evaluate, score_samples
+    from pktjax.progress import progress_bar
     from pktjax.tasks import get_task
 
     if (args.model is None) == (args.samples is None):
@@ -45,7 +44,7 @@ def _eval(args: argparse.Namespace) -> int:
                                out=args.out)
     else:
         total = len(get_task(args.task).load(args.limit, hub=args.hub)) * (2 if args.num_samples else 1)
-        with tqdm(total=total, desc=f"{args.task}", unit="ex") as bar:
+        with progress_bar(total, args.task, "ex") as bar:
             report = evaluate(args.model, args.task, limit=args.limit, few_shot=args.few_shot,
                               batch_size=args.batch_size, out=args.out, max_new_tokens=args.max_new_tokens,
                               hub=args.hub, timeout=args.timeout, progress=bar.update, num_samples=args.num_samples,

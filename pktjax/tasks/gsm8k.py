@@ -33,6 +33,12 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
             for i, r in enumerate(rows)]
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads."""
+    shots_file = [data_root() / "laten" / "gsm" / "gsm_train_split.jsonl"] if few_shot else []
+    return [bench_path("gsm8k", "test.jsonl"), *shots_file]
+
+
 def shots(k: int, hub: bool = False) -> list[tuple[str, str]]:
     """``k`` exemplar ``(user, assistant)`` turns from the LaTen GSM train split."""
     if k <= 0:

@@ -35,6 +35,11 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads."""
+    return [bench_path("humaneval", "HumanEval.jsonl.gz")]
+
+
 def shots(k: int, hub: bool = False) -> list:
     if k:
         raise ValueError("HumanEval is evaluated zero-shot; few_shot must be 0.")

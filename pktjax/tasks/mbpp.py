@@ -40,6 +40,11 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads."""
+    return [bench_path("mbpp", "mbpp.jsonl")]
+
+
 def shots(k: int, hub: bool = False) -> list[dict[str, Any]]:
     if k <= 0:
         return []

@@ -36,6 +36,12 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     return out
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads (the dev file of each subject when few-shot)."""
+    subjects = sorted({ex["subject"] for ex in examples}) if few_shot else []
+    return [bench_path("mmlu", "test.jsonl"), *(bench_path("mmlu", "dev", f"{s}_dev.csv") for s in subjects)]
+
+
 def dev_exemplars(subject: str, hub: bool = False) -> list[dict[str, Any]]:
     """The 5 dev questions of ``subject`` (the fixed few-shot exemplars)."""
     if hub:
