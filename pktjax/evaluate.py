@@ -32,7 +32,7 @@ from pktjax.model import forward, unembed
 from pktjax.provenance import provenance
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
-from pktjax.tasks.common import wilson_interval
+from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
 
 Generator = Callable[[Sequence[str], int, Sequence[str]], Sequence[str]]
 Progress = Callable[[int], None]
@@ -44,7 +44,7 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
              generator: Generator | None = None, timeout: float = 10.0, workers: int | None = None,
              add_special_tokens: bool = True, progress: Progress | None = None,
              resume: str | os.PathLike | None = None, num_samples: int = 0, temperature: float = 0.8,
-             pass_k: Sequence[int] = (1, 10), seed: int = 0) -> dict[str, Any]:
+             pass_k: Sequence[int] = (1, 10), seed: int = 0, prompt_format: str = "paper") -> dict[str, Any]:
     """Evaluate a model on ``task`` (``gsm8k``, ``mmlu``, ``humaneval``, ``mbpp``) and return the report.
 
     ``model_or_path``: a :class:`~pktjax.checkpoint.Model` or a checkpoint path (its tokenizer is read from the
@@ -58,7 +58,10 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     Code tasks write their greedy completions as a ``human-eval`` / EvalPlus samples file beside ``out``
     (:func:`pktjax.samples.samples_path`). ``num_samples = n > 0`` (generation tasks) also draws ``n``
     completions per problem at ``temperature`` (PRNG ``seed``) and reports the unbiased pass@k for each ``k`` of
-    ``pass_k`` up to ``n`` under ``"pass_at_k"``, beside the greedy score.
+    ``pass_k`` up to ``n`` under ``"pass_at_k"``, beside the greedy score. ``prompt_format``: ``"paper"`` (the
+    LaTen ``<|user|>`` format of :mod:`pktjax.tasks`) or ``"chat_template"`` (the same turns in the model's own
+    chat template, from its tokenizer or GGUF metadata; the template brings its own special tokens, so
+    ``add_special_tokens`` is then off).
     """
     start = time.time()
     mod = get_task(task)
@@ -67,21 +70,31 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     if num_samples > 0 and temperature <= 0:
         raise PktjaxError(f"pass@k from {num_samples} samples needs a temperature > 0 (got {temperature}); the "
                           "greedy completion is already scored as pass@1.")
+    if prompt_format not in PROMPT_FORMATS:
+        raise PktjaxError(f"prompt_format {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}.")
     examples = mod.load(limit, hub=hub)
     if not examples:
         raise PktjaxError(f"{task}: no examples to evaluate (limit={limit}).")
     model, tok = _resolve_model(model_or_path, tokenizer, generator)
+    render = chat_prompt
+    if prompt_format == "chat_template":
+        if tok is None:
+            raise PktjaxError("prompt_format='chat_template' needs the model's tokenizer (pass tokenizer=).")
+        render = chat_template_prompt(tok, model.source if model is not None else None)
+        add_special_tokens = False
     settings = {"task": task, "model": _model_name(model_or_path), "limit": limit, "few_shot": few_shot,
-                "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy"}
+                "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy",
+                "prompt_format": prompt_format}
     progress = progress or (lambda n: None)
     if mod.KIND == "choice":
-        records = _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress)
+        records = _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress,
+                              render)
         settings["scoring"] = "argmax of the answer-letter logits at the next position"
     else:
         max_new = max_new_tokens or mod.MAX_NEW_TOKENS
         settings.update(max_new_tokens=max_new, stop=list(mod.STOP))
         exemplars = mod.shots(few_shot, hub)
-        prompts = [mod.prompt(ex, exemplars) for ex in examples]
+        prompts = [mod.prompt(ex, exemplars, render) for ex in examples]
         outputs = _complete(prompts, max_new, mod.STOP, model, tok, generator, batch_size, add_special_tokens,
                             progress, _Finished(resume))
         records = _score_generations(mod, examples, prompts, outputs, timeout, workers, settings)
@@ -258,7 +271,8 @@ def _next_token_logits(params, cfg, ids: jax.Array, mask: jax.Array) -> jax.Arra
     return unembed(params, cfg, hidden[:, -1])
 
 
-def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress) -> list[dict]:
+def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress,
+                render) -> list[dict]:
     """MMLU-style scoring: one forward pass per batch, the letter with the highest logit wins."""
     if model is None:
         name = mod.__name__.rsplit(".", 1)[-1]
@@ -267,7 +281,7 @@ def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tok
     max_len = model.config.max_position_embeddings
     prompts, ids, shots_used = [], [], []
     for ex in examples:
-        p, x, k = _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub)
+        p, x, k = _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub, render)
         prompts.append(p)
         ids.append(x)
         shots_used.append(k)
@@ -288,12 +302,12 @@ def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tok
     return records
 
 
-def _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub) -> tuple[str, list[int], int]:
+def _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub, render) -> tuple[str, list[int], int]:
     """``(prompt, ids, shots)``: the prompt with as many of the ``few_shot`` exemplars as fit in ``max_len``
     tokens (dropping the last ones first; left-truncated when even the bare question is too long)."""
     exemplars = mod.dev_exemplars(ex["subject"], hub=hub)[:few_shot] if few_shot else []
     for k in range(len(exemplars), -1, -1):
-        p = mod.prompt(ex, exemplars[:k])
+        p = mod.prompt(ex, exemplars[:k], render)
         x = list(tok(p, add_special_tokens=add_special_tokens)["input_ids"])
         if len(x) <= max_len:
             return p, x, k

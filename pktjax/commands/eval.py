@@ -18,6 +18,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--prompt-format", choices=("paper", "chat_template"), default="paper",
+                   help="the paper's <|user|> chat format, or the model's own chat template (tokenizer or GGUF)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
     p.add_argument("--num-samples", type=int, default=0, metavar="N",
                    help="also draw N completions per problem at --temperature and report pass@k (0: greedy only)")
@@ -48,7 +50,8 @@ def _eval(args: argparse.Namespace) -> int:
             report = evaluate(args.model, args.task, limit=args.limit, few_shot=args.few_shot,
                               batch_size=args.batch_size, out=args.out, max_new_tokens=args.max_new_tokens,
                               hub=args.hub, timeout=args.timeout, progress=bar.update, num_samples=args.num_samples,
-                              temperature=args.temperature, pass_k=args.pass_k, seed=args.seed)
+                              temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
+                              prompt_format=args.prompt_format)
     print(format_table(report))
     if args.out:
         print(f"report: {args.out}")

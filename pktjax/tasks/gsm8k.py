@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from pktjax.data import data_root, read_jsonl as read_chat
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512
@@ -47,10 +47,10 @@ def shots(k: int, hub: bool = False) -> list[tuple[str, str]]:
     return [(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in rows]
 
 
-def prompt(example: dict[str, Any], exemplars: list[tuple[str, str]]) -> str:
+def prompt(example: dict[str, Any], exemplars: list[tuple[str, str]], render: Render = chat_prompt) -> str:
     turns = [t for u, a in exemplars for t in (("user", u), ("assistant", a))]
     turns.append(("user", INSTRUCTION + "Question: " + example["question"].strip()))
-    return chat_prompt(turns, "Answer:")
+    return render(turns, "Answer:")
 
 
 def gold_answer(answer: str) -> str:

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512
@@ -46,8 +46,8 @@ def shots(k: int, hub: bool = False) -> list:
     return []
 
 
-def prompt(example: dict[str, Any], exemplars: list) -> str:
-    return chat_prompt([("user", INSTRUCTION + example["prompt"])], ANSWER_PREFIX + example["prompt"])
+def prompt(example: dict[str, Any], exemplars: list, render: Render = chat_prompt) -> str:
+    return render([("user", INSTRUCTION + example["prompt"])], ANSWER_PREFIX + example["prompt"])
 
 
 def extract_code(example: dict[str, Any], completion: str) -> str:

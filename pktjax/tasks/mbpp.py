@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512
@@ -68,12 +68,12 @@ def _user(example: dict[str, Any]) -> str:
     return INSTRUCTION + example["text"] + "\n" + head(example)
 
 
-def prompt(example: dict[str, Any], exemplars: list[dict[str, Any]]) -> str:
+def prompt(example: dict[str, Any], exemplars: list[dict[str, Any]], render: Render = chat_prompt) -> str:
     turns = []
     for e in exemplars:
         turns += [("user", _user(e)), ("assistant", ANSWER_PREFIX + e["code"] + "\n```")]
     turns.append(("user", _user(example)))
-    return chat_prompt(turns, ANSWER_PREFIX)
+    return render(turns, ANSWER_PREFIX)
 
 
 def extract_code(completion: str) -> str:

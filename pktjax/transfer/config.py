@@ -17,7 +17,8 @@ from pktjax.workflows import ANALYSIS_DEFAULTS
 EVAL_TASK = {"gsm": "gsm8k", "mmlu": "mmlu", "humaneval": "humaneval", "mbpp": "mbpp"}
 LATEN_DEFAULTS = {"seeds": [42], "steps": None, "rate": 0.1, "lr": 3e-5, "cutoff_len": 768,
                   "examples_per_step": 16, "micro_batch": 4, "fuse_steps": "all", "layers": None}
-EVAL_DEFAULTS = {"task": None, "limit": None, "max_new_tokens": None, "batch_size": 8, "few_shot": 0}
+EVAL_DEFAULTS = {"task": None, "limit": None, "max_new_tokens": None, "batch_size": 8, "few_shot": 0,
+                 "prompt_format": "paper"}
 TRAIN_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch_size", "micro_batch", "cutoff_len", "dtype")
 LORA_DEFAULTS = {"seeds": [LoraTrainConfig.seed], **{k: getattr(LoraTrainConfig, k) for k in TRAIN_KEYS},
                  "targets": None, "data": None, "limit": None}

@@ -28,7 +28,8 @@ def _claim_output(cfg: TransferConfig) -> None:
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
     splits = [laten_split(cfg.task, s) for s in ("extract", "align", "train")]
-    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw, "provenance": provenance(cfg.raw, splits)})
+    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
+                         "provenance": provenance(cfg.raw, splits)})
 
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
@@ -49,6 +50,7 @@ def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     with progress_bar(total, f"eval {label}", "ex", enabled=is_main_process()) as bar:
         evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
                  max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update,
+                 prompt_format=e["prompt_format"],
                  resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
     partial.unlink(missing_ok=True)
 
