@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -209,14 +210,53 @@ def packaged_path(alias: str) -> Path:
     return path
 
 
-def hub_folder(repo_id: str, folder: Path | None = None) -> Path:
-    """Where :func:`download_hub` puts ``repo_id``: ``$PKTJAX_HOME/hub/<org>--<name>``."""
-    return (folder or home() / "hub") / repo_id.replace("/", "--")
+_HUB_ID = re.compile(r"^(?P<repo>[A-Za-z0-9][\w.-]*/[\w.-]+)(?:@(?P<rev>[\w./-]+))?$")
+_SNAPSHOT = re.compile(r"models--(?P<org>[^/]+?)--(?P<name>[^/]+)/snapshots/(?P<commit>[0-9a-f]{40})/?$")
+HUB_PATTERNS = ("*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja")
 
 
-def download_hub(repo_id: str, folder: Path | None = None) -> Path:
-    """A Hugging Face repo (online only): its config, tokenizer and safetensors into ``$PKTJAX_HOME/hub``."""
+def parse_hub_id(spec: str) -> tuple[str, str | None] | None:
+    """``"org/name"`` or ``"org/name@revision"`` -> ``(repo_id, revision)``; None when ``spec`` is not a hub id."""
+    m = _HUB_ID.match(spec)
+    return (m["repo"], m["rev"]) if m else None
+
+
+def hub_snapshot(spec: str, cache_dir: str | os.PathLike | None = None) -> Path:
+    """The local snapshot of a hub model ``org/name[@revision]`` (a branch, tag or commit) in Hugging Face's
+    standard cache (``HF_HUB_CACHE``, shared with ``transformers``): its config, tokenizer and safetensors,
+    downloaded when missing. With ``HF_HUB_OFFLINE=1`` only the cache is read."""
     from huggingface_hub import snapshot_download
 
-    patterns = ["*.json", "*.safetensors", "tokenizer.model", "*.txt", "*.jinja"]
-    return Path(snapshot_download(repo_id, local_dir=hub_folder(repo_id, folder), allow_patterns=patterns))
+    parsed = parse_hub_id(spec)
+    if parsed is None:
+        raise CheckpointError(f"{spec!r} is not a hub model id (org/name or org/name@revision).")
+    repo_id, revision = parsed
+    offline = os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on")
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=list(HUB_PATTERNS),
+                                      cache_dir=cache_dir, local_files_only=offline))
+    except Exception as e:  # offline, network, authentication, missing repo: huggingface_hub raises many kinds
+        if offline:
+            raise CheckpointError(f"{spec!r}: no such local path, and HF_HUB_OFFLINE is set while the hub cache "
+                                  f"holds no snapshot of it; run `pktjax models install {spec}` online first, or "
+                                  "give a checkpoint folder.") from None
+        raise CheckpointError(f"{spec!r}: no such local path, and the hub snapshot cannot be downloaded "
+                              f"({type(e).__name__}: {e}); gated repos (meta-llama/*) need their licence accepted "
+                              "and a token (`huggingface-cli login` or HF_TOKEN); or give a checkpoint "
+                              "folder.") from None
+
+
+def hub_origin(path: str | os.PathLike | None) -> dict[str, str] | None:
+    """``{"repo_id", "revision"}`` (the commit) of a path inside Hugging Face's cache
+    (``.../models--org--name/snapshots/<commit>``); None for any other path."""
+    m = _SNAPSHOT.search(str(path)) if path is not None else None
+    return {"repo_id": f"{m['org']}/{m['name']}", "revision": m["commit"]} if m else None
+
+
+def model_path(spec: str | os.PathLike) -> Path:
+    """Where a model named by ``spec`` lives: an existing path is itself; a hub id ``org/name[@revision]`` that
+    is not a local path is its snapshot in the standard cache (:func:`hub_snapshot`)."""
+    path = Path(spec).expanduser()
+    if path.exists() or parse_hub_id(str(spec)) is None:
+        return path
+    return hub_snapshot(str(spec))

@@ -4,7 +4,8 @@ Stages, each skipped when its result file already exists (so an interrupted run 
 
 1. ``models``: resolve the teacher and student (a checkpoint folder, a ``.gguf`` file, ``registry:PAIR/ROLE``
    for a model installed by ``pktjax models install``, ``tiny:k=v,...`` for a random model built on the spot,
-   or a Hugging Face repo id ``org/name``, downloaded when online), check the pair before any heavy work;
+   or a Hugging Face repo id ``org/name[@revision]``, read from Hugging Face's cache, downloaded when online),
+   check the pair before any heavy work;
 2. ``eval/student.json``, ``eval/teacher.json``: the base models on the evaluation task;
 3. ``laten/seed<s>/step<k>/eval.json``: the aligner run of each seed, then every chosen aligner step fused and
    evaluated (LaTen, Pre-Align PKT);
