@@ -49,6 +49,7 @@ def test_pktjax_matches_the_hf_backend_on_a_local_task(tiny_dir, tmp_path):
     text = "Water is wet, and the sky is blue on a clear day."
     rolling = [Instance("loglikelihood_rolling", {}, (text,), 0)]
     assert ours_lm.loglikelihood_rolling(rolling) == pytest.approx(hf_lm.loglikelihood_rolling(rolling), abs=TOL)
+    assert lm_eval.api.registry.get_model("pktjax") is PktjaxLM
     gen = [Instance("generate_until", {}, ("The sky is", {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}),
                     0)]
     assert ours_lm.generate_until(gen) == hf_lm.generate_until(gen)
