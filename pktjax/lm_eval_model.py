@@ -2,10 +2,10 @@
 
 After ``import pktjax.lm_eval_model`` (the import registers the class), ``simple_evaluate(model="pktjax",
 model_args="pretrained=PATH_OR_HUB_ID,batch_size=8", tasks=[...])`` (or ``model=PktjaxLM(...)``) runs any pktjax
-model — a checkpoint folder, a GGUF file, a hub id, a fused student — for ``loglikelihood``, ``loglikelihood_rolling`` and ``generate_until``. Tokenization follows
-lm-eval's Hugging Face backend (the tokenizer's own special tokens unless ``add_bos_token`` says otherwise; an
-empty context is the BOS token, else EOS), so scores can be set beside that backend's. Needs ``pip install
-pktjax[lm_eval]``.
+model — a checkpoint folder, a GGUF file, a hub id, a fused student — for ``loglikelihood``,
+``loglikelihood_rolling`` and ``generate_until``. Tokenization follows lm-eval's Hugging Face backend (the
+tokenizer's own special tokens unless ``add_bos_token`` says otherwise; an empty context is the BOS token, else
+EOS), so scores can be set beside that backend's. Needs ``pip install pktjax[lm_eval]``.
 """
 
 from __future__ import annotations

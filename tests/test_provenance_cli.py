@@ -51,7 +51,8 @@ def test_evaluation_reports_and_transfer_json_carry_provenance(tmp_path):
 
     import yaml
 
-    from pktjax.transfer import _claim_output, read_config
+    from pktjax.transfer import read_config
+    from pktjax.transfer.stages import _claim_output
 
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump({"teacher": "tiny:hidden=48", "student": "tiny:hidden=32", "task": "gsm8k",

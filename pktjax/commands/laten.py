@@ -26,7 +26,8 @@ def _common(p: argparse.ArgumentParser) -> None:
                   "(gsm8k is gsm)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--rate", type=float, default=0.1, help="fraction of neurons per layer to transfer (0, 1]")
-    p.add_argument("--seed", type=int, default=42, help="train: the example order and the aligner's init; fuse: the example located on")
+    p.add_argument("--seed", type=int, default=42,
+                   help="train: the example order and the aligner's init; fuse: the example located on")
     list_argument(p, "--modules", default=None,
                   help="subset of up_proj down_proj v_proj o_proj (default: all four, or "
                        "without v_proj for grouped-query attention)")
