@@ -1,5 +1,7 @@
 """pktjax: cross-scale parametric knowledge transfer (LaTen and Seeking) between LLMs, in JAX."""
 
+__version__ = "0.1.0"  # as in pyproject.toml
+
 from pktjax.checkpoint import Model, load_model, save_model
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError, DataError, PairError, PktjaxError
@@ -18,8 +20,6 @@ from pktjax.fuse import fuse
 from pktjax import sandbox
 from pktjax.generate import generate
 from pktjax.evaluate import evaluate
-
-__version__ = "0.1.0"
 
 __all__ = [
     "CheckpointError", "ConfigError", "DataError", "Model", "ModelConfig", "PairError", "PktjaxError", "Trace",

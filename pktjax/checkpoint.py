@@ -24,6 +24,7 @@ from flax import struct
 
 from pktjax.config import ModelConfig, read_config_json
 from pktjax.errors import CheckpointError
+from pktjax.registry import model_path
 from pktjax.safetensors_io import SafetensorsFile, write_safetensors
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "special_tokens_map.json",
@@ -177,9 +178,10 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Model:
     """Load a checkpoint folder (``config.json`` + safetensors) or a ``.gguf`` file into a :class:`Model`.
 
     With a ``jax.sharding.Mesh``, every tensor goes straight into its sharding (:mod:`pktjax.sharding`'s rules),
-    each device reading only its own slice from disk.
+    each device reading only its own slice from disk. A hub id ``org/name[@revision]`` that is not a local path
+    loads its snapshot in Hugging Face's standard cache (:func:`pktjax.registry.model_path`).
     """
-    path = Path(path).expanduser()
+    path = model_path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
         from pktjax.gguf_io import load_gguf
 
@@ -203,7 +205,7 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Model:
 
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """A checkpoint's config without its weights: ``config.json`` of a folder, or a ``.gguf`` file's metadata."""
-    path = Path(path).expanduser()
+    path = model_path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
         from pktjax.gguf_io import load_gguf
 

@@ -15,10 +15,39 @@ import sys
 from pktjax.errors import PktjaxError
 
 
+class HelpFormatter(argparse.HelpFormatter):
+    """Every option's help ends with its default, unless the text already speaks of it or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if (not action.option_strings or "default" in text or action.default is None or action.default is False
+                or action.default == argparse.SUPPRESS):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class Parser(argparse.ArgumentParser):
+    """An argument parser whose sub-command parsers (``add_subparsers`` makes them of this class) show
+    defaults."""
+
+    def __init__(self, *args, **kw):
+        kw.setdefault("formatter_class", HelpFormatter)
+        super().__init__(*args, **kw)
+
+
+def version_line() -> str:
+    from pktjax.provenance import git_commit, version
+
+    git = git_commit()
+    where = f" (commit {git['commit'][:12]}{', modified' if git['dirty'] else ''})" if git else ""
+    return f"pktjax {version()}{where}"
+
+
 def build_parser() -> argparse.ArgumentParser:
     import pktjax.commands as commands
 
-    parser = argparse.ArgumentParser(prog="pktjax", description="Cross-scale parametric knowledge transfer in JAX.")
+    parser = Parser(prog="pktjax", description="Cross-scale parametric knowledge transfer in JAX.")
+    parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         importlib.import_module(f"pktjax.commands.{info.name}").register(sub)

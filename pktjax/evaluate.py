@@ -5,7 +5,8 @@
 answer letter from logits for MMLU), scores every example, and returns a report::
 
     {"task", "score", "ci95": [lo, hi], "ci_method": "wilson", "n", "n_correct", "settings": {...},
-     "records": [{"id", "prompt", "output", "verdict", "correct", ...}, ...], "seconds"}
+     "records": [{"id", "prompt", "output", "verdict", "correct", ...}, ...], "seconds",
+     "provenance": {...}}   # versions, commit, devices, config and data hashes (pktjax.provenance)
 
 Generated code runs only through :func:`pktjax.sandbox.run`.
 """
@@ -28,8 +29,10 @@ from pktjax.checkpoint import Model, load_model
 from pktjax.errors import PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
 from pktjax.model import forward, unembed
+from pktjax.provenance import provenance
+from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
-from pktjax.tasks.common import wilson_interval
+from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
 
 Generator = Callable[[Sequence[str], int, Sequence[str]], Sequence[str]]
 Progress = Callable[[int], None]
@@ -40,7 +43,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
              tokenizer=None, max_new_tokens: int | None = None, hub: bool = False,
              generator: Generator | None = None, timeout: float = 10.0, workers: int | None = None,
              add_special_tokens: bool = True, progress: Progress | None = None,
-             resume: str | os.PathLike | None = None) -> dict[str, Any]:
+             resume: str | os.PathLike | None = None, num_samples: int = 0, temperature: float = 0.8,
+             pass_k: Sequence[int] = (1, 10), seed: int = 0, prompt_format: str = "paper") -> dict[str, Any]:
     """Evaluate a model on ``task`` (``gsm8k``, ``mmlu``, ``humaneval``, ``mbpp``) and return the report.
 
     ``model_or_path``: a :class:`~pktjax.checkpoint.Model` or a checkpoint path (its tokenizer is read from the
@@ -50,28 +54,61 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     outputs); ``timeout``: seconds per program in the sandbox; ``progress(n)`` is called as examples finish.
     ``out``: write the report there as JSON. ``resume``: a JSONL file of finished completions (generation tasks):
     each batch is appended as it finishes, and a later call with the same file decodes only the prompts it lacks.
+
+    Code tasks write their greedy completions as a ``human-eval`` / EvalPlus samples file beside ``out``
+    (:func:`pktjax.samples.samples_path`). ``num_samples = n > 0`` (generation tasks) also draws ``n``
+    completions per problem at ``temperature`` (PRNG ``seed``) and reports the unbiased pass@k for each ``k`` of
+    ``pass_k`` up to ``n`` under ``"pass_at_k"``, beside the greedy score. ``prompt_format``: ``"paper"`` (the
+    LaTen ``<|user|>`` format of :mod:`pktjax.tasks`) or ``"chat_template"`` (the same turns in the model's own
+    chat template, from its tokenizer or GGUF metadata; the template brings its own special tokens, so
+    ``add_special_tokens`` is then off).
     """
     start = time.time()
     mod = get_task(task)
+    if num_samples > 0 and mod.KIND == "choice":
+        raise PktjaxError(f"{task} is scored from logits; num_samples (pass@k) applies to generation tasks.")
+    if num_samples > 0 and temperature <= 0:
+        raise PktjaxError(f"pass@k from {num_samples} samples needs a temperature > 0 (got {temperature}); the "
+                          "greedy completion is already scored as pass@1.")
+    if prompt_format not in PROMPT_FORMATS:
+        raise PktjaxError(f"prompt_format {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}.")
     examples = mod.load(limit, hub=hub)
     if not examples:
         raise PktjaxError(f"{task}: no examples to evaluate (limit={limit}).")
     model, tok = _resolve_model(model_or_path, tokenizer, generator)
+    render = chat_prompt
+    if prompt_format == "chat_template":
+        if tok is None:
+            raise PktjaxError("prompt_format='chat_template' needs the model's tokenizer (pass tokenizer=).")
+        render = chat_template_prompt(tok, model.source if model is not None else None)
+        add_special_tokens = False
     settings = {"task": task, "model": _model_name(model_or_path), "limit": limit, "few_shot": few_shot,
-                "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy"}
+                "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy",
+                "prompt_format": prompt_format}
     progress = progress or (lambda n: None)
     if mod.KIND == "choice":
-        records = _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress)
+        records = _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress,
+                              render)
         settings["scoring"] = "argmax of the answer-letter logits at the next position"
     else:
         max_new = max_new_tokens or mod.MAX_NEW_TOKENS
         settings.update(max_new_tokens=max_new, stop=list(mod.STOP))
         exemplars = mod.shots(few_shot, hub)
-        prompts = [mod.prompt(ex, exemplars) for ex in examples]
+        prompts = [mod.prompt(ex, exemplars, render) for ex in examples]
         outputs = _complete(prompts, max_new, mod.STOP, model, tok, generator, batch_size, add_special_tokens,
                             progress, _Finished(resume))
         records = _score_generations(mod, examples, prompts, outputs, timeout, workers, settings)
+        if has_samples(mod) and out is not None:
+            settings["samples_file"] = str(write_samples(samples_path(out), [mod.to_sample(ex, o) for ex, o in
+                                                                             zip(examples, outputs)]))
+    sampled = None
+    if num_samples > 0:
+        sampled = _pass_at_k(mod, examples, prompts, num_samples, temperature, seed, pass_k, model, tok, generator,
+                             batch_size, add_special_tokens, max_new, timeout, workers, progress, records, out)
     report = _report(task, records, settings, time.time() - start)
+    report["provenance"] = provenance(settings, [] if hub else mod.data_files(examples, few_shot))
+    if sampled is not None:
+        report["pass_at_k"] = sampled
     if out is not None:
         write_report(report, out)
     return report
@@ -158,10 +195,7 @@ def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_s
             finished: _Finished) -> None:
     """Greedy completions of ``prompts[todo]`` into ``outputs``, batched by similar length."""
     order, _ = _order_by_length(tok, [prompts[i] for i in todo], add_special_tokens)
-    limit = model.config.max_position_embeddings - max_new
-    if limit < 1:
-        raise PktjaxError(f"max_new_tokens={max_new} leaves no room for a prompt in a context of "
-                          f"{model.config.max_position_embeddings} tokens.")
+    limit = _prompt_room(model, max_new)
     for lo in range(0, len(order), batch_size):
         idx = [todo[j] for j in order[lo:lo + batch_size]]
         batch = [prompts[i] for i in idx]
@@ -173,6 +207,63 @@ def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_s
         progress(len(idx))
 
 
+def _prompt_room(model: Model, max_new: int) -> int:
+    """Prompt tokens kept (the last ones) so that ``max_new`` new tokens fit in the model's context."""
+    limit = model.config.max_position_embeddings - max_new
+    if limit < 1:
+        raise PktjaxError(f"max_new_tokens={max_new} leaves no room for a prompt in a context of "
+                          f"{model.config.max_position_embeddings} tokens.")
+    return limit
+
+
+def _sample(prompts, n, temperature, seed, max_new, stop, model, tok, generator, batch_size, add_special_tokens,
+            progress) -> list[list[str]]:
+    """``n`` completions of every prompt drawn at ``temperature``: ``[len(prompts)][n]``. Batch ``b`` decodes
+    with key ``fold_in(key(seed), b)``, so the draws repeat for the same settings."""
+    repeated = [p for p in prompts for _ in range(n)]
+    if generator is not None:
+        outs = list(generator(repeated, max_new, stop))
+        progress(len(prompts))
+    else:
+        order, _ = _order_by_length(tok, repeated, add_special_tokens)
+        limit, outs = _prompt_room(model, max_new), [""] * len(repeated)
+        base = jax.random.key(seed)
+        for b, lo in enumerate(range(0, len(order), batch_size)):
+            idx = order[lo:lo + batch_size]
+            gen = generate_text(model.params, model.config, tok, [repeated[i] for i in idx], max_new, stop=stop,
+                                add_special_tokens=add_special_tokens, max_prompt_tokens=limit,
+                                temperature=temperature, key=jax.random.fold_in(base, b))
+            for i, text in zip(idx, gen.texts):
+                outs[i] = text
+        progress(len(prompts))
+    return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _pass_at_k(mod, examples, prompts, n, temperature, seed, ks, model, tok, generator, batch_size,
+               add_special_tokens, max_new, timeout, workers, progress, records, out) -> dict[str, Any]:
+    """Draw ``n`` completions per problem, score them, add ``n_passed`` to each record and return the pass@k
+    summary (its samples file written beside ``out``)."""
+    draws = _sample(prompts, n, temperature, seed, max_new, mod.STOP, model, tok, generator, batch_size,
+                    add_special_tokens, progress)
+    flat_ex = [ex for ex in examples for _ in range(n)]
+    flat = [o for outs in draws for o in outs]
+    if hasattr(mod, "program"):
+        results = sandbox.run_many([mod.program(ex, o) for ex, o in zip(flat_ex, flat)], workers=workers,
+                                   timeout=timeout)
+        ok = [r.ok for r in results]
+    else:
+        ok = [bool(mod.score(ex, o)["correct"]) for ex, o in zip(flat_ex, flat)]
+    counts = [(n, sum(ok[i * n:(i + 1) * n])) for i in range(len(examples))]
+    for rec, (_, c) in zip(records, counts):
+        rec["n_passed"] = c
+    summary = {"n": n, "temperature": temperature, "seed": seed, "estimator": "unbiased (Chen et al. 2021)",
+               **pass_at_ks(counts, ks)}
+    if has_samples(mod) and out is not None:
+        summary["samples_file"] = str(write_samples(samples_path(out, n), [mod.to_sample(ex, o) for ex, o in
+                                                                           zip(flat_ex, flat)]))
+    return summary
+
+
 @partial(jax.jit, static_argnames=("cfg",))
 def _next_token_logits(params, cfg, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Logits ``[B, V]`` for the token after left-padded ``ids, mask [B, T]`` (no ``[B, T, V]`` tensor)."""
@@ -180,7 +271,8 @@ def _next_token_logits(params, cfg, ids: jax.Array, mask: jax.Array) -> jax.Arra
     return unembed(params, cfg, hidden[:, -1])
 
 
-def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress) -> list[dict]:
+def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress,
+                render) -> list[dict]:
     """MMLU-style scoring: one forward pass per batch, the letter with the highest logit wins."""
     if model is None:
         name = mod.__name__.rsplit(".", 1)[-1]
@@ -189,7 +281,7 @@ def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tok
     max_len = model.config.max_position_embeddings
     prompts, ids, shots_used = [], [], []
     for ex in examples:
-        p, x, k = _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub)
+        p, x, k = _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub, render)
         prompts.append(p)
         ids.append(x)
         shots_used.append(k)
@@ -210,12 +302,12 @@ def _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tok
     return records
 
 
-def _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub) -> tuple[str, list[int], int]:
+def _fitting_prompt(mod, ex, few_shot, tok, add_special_tokens, max_len, hub, render) -> tuple[str, list[int], int]:
     """``(prompt, ids, shots)``: the prompt with as many of the ``few_shot`` exemplars as fit in ``max_len``
     tokens (dropping the last ones first; left-truncated when even the bare question is too long)."""
     exemplars = mod.dev_exemplars(ex["subject"], hub=hub)[:few_shot] if few_shot else []
     for k in range(len(exemplars), -1, -1):
-        p = mod.prompt(ex, exemplars[:k])
+        p = mod.prompt(ex, exemplars[:k], render)
         x = list(tok(p, add_special_tokens=add_special_tokens)["input_ids"])
         if len(x) <= max_len:
             return p, x, k
@@ -269,6 +361,42 @@ def _report(task: str, records: list[dict], settings: dict, seconds: float) -> d
     lo, hi = wilson_interval(correct, n)
     return {"task": task, "score": correct / n if n else 0.0, "ci95": [lo, hi], "ci_method": "wilson",
             "n": n, "n_correct": correct, "settings": settings, "seconds": round(seconds, 2), "records": records}
+
+
+def score_samples(path: str | os.PathLike, task: str, pass_k: Sequence[int] = (1, 10), timeout: float = 10.0,
+                  workers: int | None = None, hub: bool = False, out: str | os.PathLike | None = None,
+                  progress: Progress | None = None) -> dict[str, Any]:
+    """Score a ``human-eval`` / EvalPlus samples file made elsewhere through pktjax's sandbox.
+
+    Every line runs with its problem's tests; the report has one record per line, ``score`` = the mean pass@1
+    estimate over the problems in the file, ``n`` = those problems and ``pass_at_k`` for every ``k`` of
+    ``pass_k`` that each problem has samples for. The Wilson interval is given when each problem has one sample.
+    """
+    start = time.time()
+    mod = get_task(task)
+    if not has_samples(mod):
+        raise PktjaxError(f"{task}: samples files are for the code tasks (humaneval, mbpp).")
+    examples = mod.load(None, hub=hub)
+    codes = read_samples(path, mod, examples)
+    chosen = [ex for ex in examples if ex["id"] in codes]
+    flat = [(ex, code) for ex in chosen for code in codes[ex["id"]]]
+    results = sandbox.run_many([mod.check_program(ex, code) for ex, code in flat], workers=workers,
+                               timeout=timeout)
+    (progress or (lambda k: None))(len(chosen))
+    records = [_code_record(ex, None, code, mod.check_program(ex, code), r) for (ex, code), r in zip(flat, results)]
+    counts = [(len(codes[ex["id"]]), sum(r["correct"] for r in records if r["id"] == ex["id"])) for ex in chosen]
+    settings = {"task": task, "samples": str(path), "sandbox_timeout_s": timeout,
+                "sandbox": results[0].isolation if results else None}
+    report = _report(task, records, settings, time.time() - start)
+    single = all(n == 1 for n, _ in counts)
+    report.update(n=len(chosen), n_samples=len(records), score=sum(c / n for n, c in counts) / len(counts),
+                  pass_at_k=pass_at_ks(counts, pass_k))
+    if not single:
+        report.update(ci95=None, ci_method=None, n_correct=sum(c for _, c in counts))
+    report["provenance"] = provenance(settings, [path, *([] if hub else mod.data_files(chosen, 0))])
+    if out is not None:
+        write_report(report, out)
+    return report
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:

@@ -364,13 +364,17 @@ def _peft_tensors(lora: LoRA) -> list[tuple[str, np.ndarray]]:
 
 
 def peft_config(lora: LoRA, alpha: float, dropout: float = 0.05, base_model: str | None = None) -> dict[str, Any]:
-    """An ``adapter_config.json`` dict for PEFT's ``LoraConfig`` (causal LM, no bias, no DoRA)."""
+    """An ``adapter_config.json`` dict for PEFT's ``LoraConfig`` (causal LM, no bias, no DoRA). A ``base_model``
+    in Hugging Face's cache is recorded as its hub id and commit."""
+    from pktjax.registry import hub_origin
+
+    origin = hub_origin(base_model) or {"repo_id": base_model, "revision": None}
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": origin["repo_id"],
         "r": rank_of(lora), "lora_alpha": alpha, "lora_dropout": dropout, "target_modules": list(targets_of(lora)),
         "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
         "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
-        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
+        "layers_pattern": None, "rank_pattern": {}, "alpha_pattern": {}, "revision": origin["revision"],
     }
 
 

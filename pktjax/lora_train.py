@@ -306,10 +306,9 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
 
 
 def _progress(total: int, start: int, enabled: bool):
-    from tqdm.auto import tqdm
+    from pktjax.progress import progress_bar
 
-    return tqdm(total=total, initial=start, desc="lora", unit="step", disable=not (enabled and S.is_main_process()),
-                dynamic_ncols=True)
+    return progress_bar(total, "lora", "step", enabled=enabled and S.is_main_process(), initial=start)
 
 
 def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: float) -> dict:

@@ -51,7 +51,7 @@ def sensitivity(params: Params, cfg: ModelConfig, batches: Iterable[Batch],
     the others are neither differentiated nor returned, which spares two ``[V, d]`` buffers per vocabulary matrix.
     ``progress``: a bar over the batches.
     """
-    from tqdm.auto import tqdm
+    from pktjax.progress import progress_bar
 
     top = set(params) - {"layers"} if top is None else set(top)
     unknown = top - set(params)
@@ -60,11 +60,14 @@ def sensitivity(params: Params, cfg: ModelConfig, batches: Iterable[Batch],
     scored = {k: v for k, v in params.items() if k == "layers" or k in top}
     fixed = {k: v for k, v in params.items() if k not in scored}
     acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), scored)
-    for batch in tqdm(batches, desc="sensitivity", unit="batch", disable=not progress):
-        chex.assert_rank([batch.ids, batch.mask, batch.labels], 2)
-        chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
-        acc = _accumulate(acc, scored, fixed, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.mask),
-                          jnp.asarray(batch.labels))
+    batches = list(batches)
+    with progress_bar(len(batches), "sensitivity", "batch", enabled=progress) as bar:
+        for batch in batches:
+            chex.assert_rank([batch.ids, batch.mask, batch.labels], 2)
+            chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
+            acc = _accumulate(acc, scored, fixed, cfg, jnp.asarray(batch.ids), jnp.asarray(batch.mask),
+                              jnp.asarray(batch.labels))
+            bar.update(1)
     return acc
 
 

@@ -12,7 +12,9 @@ def load_tokenizer(path: str | os.PathLike):
     """The ``transformers`` tokenizer of a checkpoint folder or ``.gguf`` file (offline, local files only)."""
     from transformers import AutoTokenizer
 
-    path = Path(path).expanduser()
+    from pktjax.registry import model_path
+
+    path = model_path(path)
     if path.is_file() and path.suffix == ".gguf":
         return _gguf_tokenizer(path)
     if not path.is_dir():

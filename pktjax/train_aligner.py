@@ -56,7 +56,6 @@ import numpy as np
 import optax
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh
-from tqdm.auto import tqdm
 
 from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
@@ -69,6 +68,7 @@ from pktjax.extract import check_modules, check_pair, extract
 from pktjax.inject import delta_adapter, delta_sizes, inject
 from pktjax.losses import mean_token_ce
 from pktjax.model import forward
+from pktjax.progress import progress_bar
 from pktjax.select import Selection, neuron_counts, select
 from pktjax.tokenizer import load_tokenizer
 
@@ -540,7 +540,7 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
     aligner = init_aligner(jax.random.PRNGKey(config.seed), run.pair.modules, t_cfg.hidden_size, s_cfg.hidden_size)
     state = S.place({"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}, run.mesh)
     store = _Store(out_dir, run.mesh)
-    bar = tqdm(total=run.steps, desc="aligner", disable=not (progress and S.is_main_process()))
+    bar = progress_bar(run.steps, "aligner", "step", enabled=progress and S.is_main_process())
     try:
         start, restored = store.resume(state)
         bar.update(start)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pktjax.commands import list_argument, task_argument
 from pktjax.errors import ConfigError
 from pktjax.workflows import ANALYSIS_DEFAULTS as D
 
@@ -19,15 +20,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="parametric and representation similarity of a teacher/student pair")
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder or .gguf")
     p.add_argument("--student", required=True, help="student checkpoint folder or .gguf")
-    p.add_argument("--task", required=True, help="probe set: gsm | mmlu | humaneval | mbpp (its LaTen train split) "
+    task_argument(p, "data", required=True, help="probe set: gsm | mmlu | humaneval | mbpp (its LaTen train split) "
                                                   "or a JSONL file of chat examples")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--n-examples", type=int, default=D["n_examples"], help="probe examples (default %(default)s)")
-    p.add_argument("--metric", choices=("cka", "cosine", "both"), default=D["metric"])
+    p.add_argument("--metric", choices=("cka", "cosine", "both"), default=D["metric"],
+                   help="representation similarity measure")
     p.add_argument("--rank", type=int, default=D["rank"],
                    help="LoRA rank of the PiSSA and Seeking inits (default %(default)s)")
-    p.add_argument("--modules", default=",".join(D["modules"]), help="comma-separated modules (default %(default)s)")
-    p.add_argument("--batch-size", type=int, default=D["batch_size"])
+    list_argument(p, "--modules", default=tuple(D["modules"]), help="modules to compare")
+    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="probe examples per forward pass")
     p.add_argument("--cutoff-len", type=int, default=D["cutoff_len"],
                    help="tokens per probe example at most (default %(default)s)")
     p.add_argument("--max-tokens", type=int, default=D["max_tokens"],
@@ -50,7 +52,7 @@ def _analyze(args: argparse.Namespace) -> int:
     if args.no_seeking:
         meta["Seeking"] = "skipped (--no-seeking)"
     analyze_pair(load_model(args.teacher), load_model(args.student), examples, out, tokenizer=tokenizer,
-                 metric=args.metric, rank=args.rank, modules=[m.strip() for m in args.modules.split(",") if m.strip()],
+                 metric=args.metric, rank=args.rank, modules=list(args.modules),
                  batch_size=args.batch_size, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
                  triangle=not args.full_heatmap, seeking_seeds=seeds, meta=meta)
     print(f"wrote {out}/report.md, analysis.json and the figures")

@@ -1,37 +1,57 @@
-"""``pktjax eval``: score a checkpoint on GSM8K, MMLU, HumanEval or MBPP and print a summary table."""
+"""``pktjax eval``: score a checkpoint on GSM8K, MMLU, HumanEval or MBPP (or score a samples file made
+elsewhere) and print a summary table."""
 
 from __future__ import annotations
 
 import argparse
 
-from pktjax.tasks import TASKS
+from pktjax.commands import list_argument, task_argument
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="evaluate a checkpoint on a benchmark (gsm8k, mmlu, humaneval, mbpp)")
-    p.add_argument("--model", required=True, help="checkpoint folder or .gguf file")
-    p.add_argument("--task", required=True, choices=TASKS)
+    p.add_argument("--model", default=None, help="checkpoint folder or .gguf file")
+    task_argument(p, "benchmark", required=True, help="the benchmark (gsm is gsm8k)")
+    p.add_argument("--samples", default=None, metavar="FILE",
+                   help="score this human-eval / EvalPlus samples file (JSONL of task_id + completion or solution) "
+                        "instead of a model (humaneval, mbpp)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--prompt-format", choices=("paper", "chat_template"), default="paper",
+                   help="the paper's <|user|> chat format, or the model's own chat template (tokenizer or GGUF)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
+    p.add_argument("--num-samples", type=int, default=0, metavar="N",
+                   help="also draw N completions per problem at --temperature and report pass@k (0: greedy only)")
+    p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for --num-samples")
+    list_argument(p, "--pass-k", item=int, default=(1, 10), metavar="K", help="k values of pass@k")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of the sampled completions")
     p.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per program (code tasks)")
     p.add_argument("--hub", action="store_true", help="read the benchmark from the Hugging Face hub (online)")
-    p.add_argument("--out", default=None, help="write the JSON report here")
+    p.add_argument("--out", default=None, help="write the JSON report here (code tasks: the samples file beside it)")
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from tqdm import tqdm
-
-    from pktjax.evaluate import evaluate
+    from pktjax.errors import ConfigError
+    from pktjax.evaluate import evaluate, score_samples
+    from pktjax.progress import progress_bar
     from pktjax.tasks import get_task
 
-    total = len(get_task(args.task).load(args.limit, hub=args.hub))
-    with tqdm(total=total, desc=f"{args.task}", unit="ex") as bar:
-        report = evaluate(args.model, args.task, limit=args.limit, few_shot=args.few_shot,
-                          batch_size=args.batch_size, out=args.out, max_new_tokens=args.max_new_tokens,
-                          hub=args.hub, timeout=args.timeout, progress=bar.update)
+    if (args.model is None) == (args.samples is None):
+        raise ConfigError("pktjax eval: give --model (evaluate a checkpoint) or --samples FILE (score samples "
+                          "made elsewhere), not both.")
+    if args.samples is not None:
+        report = score_samples(args.samples, args.task, pass_k=args.pass_k, timeout=args.timeout, hub=args.hub,
+                               out=args.out)
+    else:
+        total = len(get_task(args.task).load(args.limit, hub=args.hub)) * (2 if args.num_samples else 1)
+        with progress_bar(total, args.task, "ex") as bar:
+            report = evaluate(args.model, args.task, limit=args.limit, few_shot=args.few_shot,
+                              batch_size=args.batch_size, out=args.out, max_new_tokens=args.max_new_tokens,
+                              hub=args.hub, timeout=args.timeout, progress=bar.update, num_samples=args.num_samples,
+                              temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
+                              prompt_format=args.prompt_format)
     print(format_table(report))
     if args.out:
         print(f"report: {args.out}")
@@ -41,10 +61,18 @@ def _eval(args: argparse.Namespace) -> int:
 def format_table(report: dict) -> str:
     """A small plain-text table of the report's headline numbers."""
     s = report["settings"]
-    rows = [("task", report["task"]), ("model", s.get("model")), ("examples", report["n"]),
+    ci = report.get("ci95")
+    rows = [("task", report["task"]), ("model", s.get("model") or s.get("samples")), ("examples", report["n"]),
             ("few-shot", s.get("few_shot")), ("score", f"{report['score']:.4f}"),
-            ("95% CI (Wilson)", f"[{report['ci95'][0]:.4f}, {report['ci95'][1]:.4f}]"),
+            ("95% CI (Wilson)", f"[{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "— (several samples per problem)"),
             ("correct", report["n_correct"]), ("seconds", report["seconds"])]
+    sampled = report.get("pass_at_k") or {}
+    rows += [(f"{k} (sampled)", f"{v:.4f}") for k, v in sampled.items() if k.startswith("pass@")]
+    if "n" in sampled:
+        rows.append(("samples", f"n={sampled['n']} at temperature {sampled['temperature']}"))
+    for key in ("samples_file",):
+        if s.get(key):
+            rows.append(("samples file", s[key]))
     if s.get("sandbox"):
         rows.append(("sandbox", s["sandbox"]))
     width = max(len(k) for k, _ in rows)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import argparse
 
+from pktjax.commands import list_argument, task_argument
+
 TASKS = ("gsm", "mmlu", "humaneval", "mbpp")
 
 
@@ -20,13 +22,15 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder or .gguf (the larger model)")
     p.add_argument("--student", required=True, help="student checkpoint folder or .gguf")
-    p.add_argument("--task", required=True, choices=TASKS, help="task whose LaTen splits are used by default")
+    task_argument(p, "data", required=True, choices=TASKS, help="task whose LaTen splits are used by default "
+                  "(gsm8k is gsm)")
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--rate", type=float, default=0.1, help="fraction of neurons per layer to transfer (0, 1]")
-    p.add_argument("--seed", type=int, default=42)
-    p.add_argument("--modules", type=lambda s: tuple(s.split(",")), default=None,
-                   help="comma-separated subset of up_proj,down_proj,v_proj,o_proj (default: all four, or "
-                        "without v_proj for grouped-query attention)")
+    p.add_argument("--seed", type=int, default=42,
+                   help="train: the example order and the aligner's init; fuse: the example located on")
+    list_argument(p, "--modules", default=None,
+                  help="subset of up_proj down_proj v_proj o_proj (default: all four, or "
+                       "without v_proj for grouped-query attention)")
     p.add_argument("--mode", choices=("reference", "rmsnorm"), default=None, help="attribution normalisation")
     p.add_argument("--attention", choices=("last_key", "all_keys"), default=None, help="attention-neuron values")
     p.add_argument("--layers", type=int, default=None,
@@ -46,7 +50,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
                         "the same --out continues this one")
     p.add_argument("--examples-per-step", type=int, default=16, help="P: examples in each step's loss")
     p.add_argument("--mse-weight", type=float, default=1000.0, help="lambda of the delta-size penalty")
-    p.add_argument("--cutoff-len", type=int, default=768)
+    p.add_argument("--cutoff-len", type=int, default=768, help="tokens per example at most")
     p.add_argument("--train-on-inputs", action=argparse.BooleanOptionalAction, default=None,
                    help="loss on prompt tokens too (default: yes for mmlu, no otherwise)")
     p.add_argument("--micro-batch", type=int, default=4, help="examples per compiled forward/backward")

@@ -7,6 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from pktjax.commands import task_argument
     from pktjax.commands.seeking import add_targets_argument
 
     p = sub.add_parser("lora", help="LoRA students: train (default / PiSSA / Seeking init), merge into a checkpoint")
@@ -16,19 +17,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--init", default="default",
                    help="default | pissa | seeking (extract from --teacher) | seeking:PATH (an extracted adapter)")
     t.add_argument("--teacher", help="teacher checkpoint for --init seeking without a PATH")
-    t.add_argument("--task", required=True, help="gsm | mmlu | super_ni | lima (the shipped 1000 examples) or a JSONL")
+    task_argument(t, "data", required=True, help="gsm | mmlu | super_ni | lima (the shipped 1000 examples) or a JSONL")
     t.add_argument("--out", required=True, help="output folder: adapter/, checkpoints/, metrics.jsonl")
-    t.add_argument("--epochs", type=int, default=3)
-    t.add_argument("--lr", type=float, default=3e-4)
-    t.add_argument("--batch-size", type=int, default=64)
+    t.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
+    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
+    t.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
     t.add_argument("--micro-batch", type=int, default=8, help="examples per compiled forward/backward")
     t.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16, or the extracted adapter's)")
-    t.add_argument("--alpha", type=float, default=16.0)
-    t.add_argument("--dropout", type=float, default=0.05)
+    t.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator (the update is alpha/rank B A)")
+    t.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
     add_targets_argument(t)
     t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the base")
-    t.add_argument("--seed", type=int, default=1)
-    t.add_argument("--cutoff-len", type=int, default=2048)
+    t.add_argument("--seed", type=int, default=1, help="seed of the LoRA init, dropout and example order")
+    t.add_argument("--cutoff-len", type=int, default=2048, help="tokens per example at most")
     t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
     t.add_argument("--seed-samples", type=int, default=32, help="seed examples for --init seeking with --teacher")
     t.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")

@@ -35,6 +35,8 @@ import functools
 import math
 from typing import Any, Mapping
 
+from pktjax.commands import list_argument
+
 USABLE = 0.9
 GIB = 1 << 30
 
@@ -53,8 +55,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--micro-batch", type=int, default=4, help="examples per compiled forward/backward")
     p.add_argument("--cutoff-len", type=int, default=768, help="tokens per example (T)")
     p.add_argument("--chunk", type=int, default=512, help="neurons per attribution block")
-    p.add_argument("--modules", type=lambda s: tuple(s.split(",")), default=None,
-                   help="transferred modules (default: up,down,v,o; without v_proj for GQA)")
+    list_argument(p, "--modules", default=None,
+                  help="transferred modules (default: up,down,v,o; without v_proj for GQA)")
     p.set_defaults(func=_plan)
 
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 
+from pktjax.commands import list_argument, task_argument
+
 from pktjax.workflows import extract_to  # the extraction itself; pktjax.commands.lora imports it from here too
 
 
@@ -13,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = seeking.add_parser("extract", help="sensitivity on seed examples, layer and sub-matrix selection, SVD")
     e.add_argument("--teacher", required=True, help="teacher checkpoint folder or .gguf (the larger model)")
     e.add_argument("--student", required=True, help="student checkpoint folder or .gguf (only its config is read)")
-    e.add_argument("--task", required=True, help="gsm | mmlu | super_ni | lima (the shipped seed samples) or a JSONL")
+    task_argument(e, "data", required=True, help="gsm | mmlu | super_ni | lima (the shipped seed samples) or a JSONL")
     e.add_argument("--out", required=True, help="new folder for the extracted adapter (PEFT format)")
     e.add_argument("--rank", type=int, default=16, help="SVD rank r of the extracted factors")
     add_targets_argument(e)
@@ -24,9 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def add_targets_argument(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--targets", nargs="+", default=None,
-                   help="modules to adapt among q_proj k_proj v_proj o_proj gate_proj up_proj down_proj embed_tokens "
-                        "lm_head (default: all nine)")
+    list_argument(p, "--targets", default=None,
+                  help="modules to adapt among q_proj k_proj v_proj o_proj gate_proj up_proj down_proj embed_tokens "
+                       "lm_head (default: all nine)")
 
 
 def _extract(args: argparse.Namespace) -> int:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pktjax.data import data_root, prompt_and_response
-from pktjax.errors import DataError
+from pktjax.errors import ConfigError, DataError
 
 
 def bench_path(*parts: str) -> Path:
@@ -35,6 +35,31 @@ def chat_prompt(turns: Sequence[tuple[str, str]], assistant_prefix: str = "") ->
     """Chat text of ``(role, content)`` turns (SPEC §2) ending in ``"<|assistant|>\\n" + assistant_prefix``."""
     messages = [{"role": r, "content": c} for r, c in turns] + [{"role": "assistant", "content": ""}]
     return prompt_and_response({"messages": messages})[0] + assistant_prefix
+
+
+PROMPT_FORMATS = ("paper", "chat_template")
+Render = Callable[[Sequence[tuple[str, str]], str], str]
+
+
+def chat_template_prompt(tokenizer, source: str | None = None) -> Render:
+    """A prompt renderer with the same signature as :func:`chat_prompt` that writes the turns in the model's own
+    chat template (the tokenizer's, else a ``.gguf`` source's ``tokenizer.chat_template`` metadata), ending in
+    the template's assistant header followed by ``assistant_prefix``."""
+    template = getattr(tokenizer, "chat_template", None)
+    if not template and source is not None and str(source).endswith(".gguf"):
+        from pktjax.gguf_format import read_gguf
+
+        template = read_gguf(source).fields.get("tokenizer.chat_template")
+    if not template:
+        raise ConfigError(f"prompt_format='chat_template': the tokenizer{f' of {source}' if source else ''} has no "
+                          "chat template; use prompt_format='paper' (the paper's <|user|> format).")
+
+    def render(turns: Sequence[tuple[str, str]], assistant_prefix: str = "") -> str:
+        messages = [{"role": r, "content": c} for r, c in turns]
+        return tokenizer.apply_chat_template(messages, chat_template=template, tokenize=False,
+                                             add_generation_prompt=True) + assistant_prefix
+
+    return render
 
 
 def hub_dataset(name: str, config: str | None, split: str):
@@ -69,3 +94,14 @@ def mcnemar_exact(gained: int, lost: int) -> float:
     n = gained + lost
     tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1))
     return min(1.0, 2 * tail / 2 ** n)
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """The unbiased pass@k estimate of one problem from ``n`` samples of which ``c`` passed (Chen et al. 2021):
+    ``1 - C(n-c, k) / C(n, k)``, computed as ``1 - prod_{i=n-c+1}^{n} (1 - k/i)`` so that large ``n`` neither
+    overflows nor loses precision in a ratio of huge binomials."""
+    if not 0 <= c <= n or not 1 <= k <= n:
+        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}.")
+    if n - c < k:  # every k-subset holds a passing sample
+        return 1.0
+    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))

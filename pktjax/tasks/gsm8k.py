@@ -12,7 +12,7 @@ import re
 from typing import Any
 
 from pktjax.data import data_root, read_jsonl as read_chat
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512
@@ -33,6 +33,12 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
             for i, r in enumerate(rows)]
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads."""
+    shots_file = [data_root() / "laten" / "gsm" / "gsm_train_split.jsonl"] if few_shot else []
+    return [bench_path("gsm8k", "test.jsonl"), *shots_file]
+
+
 def shots(k: int, hub: bool = False) -> list[tuple[str, str]]:
     """``k`` exemplar ``(user, assistant)`` turns from the LaTen GSM train split."""
     if k <= 0:
@@ -41,10 +47,10 @@ def shots(k: int, hub: bool = False) -> list[tuple[str, str]]:
     return [(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in rows]
 
 
-def prompt(example: dict[str, Any], exemplars: list[tuple[str, str]]) -> str:
+def prompt(example: dict[str, Any], exemplars: list[tuple[str, str]], render: Render = chat_prompt) -> str:
     turns = [t for u, a in exemplars for t in (("user", u), ("assistant", a))]
     turns.append(("user", INSTRUCTION + "Question: " + example["question"].strip()))
-    return chat_prompt(turns, "Answer:")
+    return render(turns, "Answer:")
 
 
 def gold_answer(answer: str) -> str:

@@ -13,7 +13,7 @@ import json
 import re
 from typing import Any
 
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512
@@ -35,14 +35,19 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads."""
+    return [bench_path("humaneval", "HumanEval.jsonl.gz")]
+
+
 def shots(k: int, hub: bool = False) -> list:
     if k:
         raise ValueError("HumanEval is evaluated zero-shot; few_shot must be 0.")
     return []
 
 
-def prompt(example: dict[str, Any], exemplars: list) -> str:
-    return chat_prompt([("user", INSTRUCTION + example["prompt"])], ANSWER_PREFIX + example["prompt"])
+def prompt(example: dict[str, Any], exemplars: list, render: Render = chat_prompt) -> str:
+    return render([("user", INSTRUCTION + example["prompt"])], ANSWER_PREFIX + example["prompt"])
 
 
 def extract_code(example: dict[str, Any], completion: str) -> str:
@@ -57,7 +62,32 @@ def extract_code(example: dict[str, Any], completion: str) -> str:
     return example["prompt"] + body
 
 
+def check_program(example: dict[str, Any], code: str) -> str:
+    """``code`` (the whole function, imports included) followed by the problem's tests: exits 0 iff it passes."""
+    return code + "\n\n" + example["test"] + "\n\n" + f"check({example['entry_point']})\n"
+
+
 def program(example: dict[str, Any], completion: str) -> str:
     """The program that passes iff the completion is correct."""
-    return (extract_code(example, completion) + "\n\n" + example["test"] + "\n\n"
-            + f"check({example['entry_point']})\n")
+    return check_program(example, extract_code(example, completion))
+
+
+def sample_id(example: dict[str, Any]) -> str:
+    return example["task_id"]
+
+
+def to_sample(example: dict[str, Any], completion: str) -> dict[str, str]:
+    """One line of a ``human-eval`` / EvalPlus samples file: ``completion`` is appended to the problem's prompt
+    by ``human-eval``; ``solution`` (EvalPlus) is the self-contained code. A completion that restarted the
+    function follows the prompt's bare signature, which the new definition replaces."""
+    code = extract_code(example, completion)
+    tail = code[len(example["prompt"]):] if code.startswith(example["prompt"]) else "\n" + code
+    return {"task_id": sample_id(example), "completion": tail, "solution": code}
+
+
+def from_sample(example: dict[str, Any], row: dict[str, Any]) -> str:
+    """The code a samples-file line stands for: its ``solution``, else the prompt followed by its ``completion``
+    (as ``human-eval`` runs it)."""
+    if row.get("solution") is not None:
+        return row["solution"]
+    return example["prompt"] + row["completion"]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512
@@ -40,6 +40,11 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     return rows
 
 
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads."""
+    return [bench_path("mbpp", "mbpp.jsonl")]
+
+
 def shots(k: int, hub: bool = False) -> list[dict[str, Any]]:
     if k <= 0:
         return []
@@ -63,12 +68,12 @@ def _user(example: dict[str, Any]) -> str:
     return INSTRUCTION + example["text"] + "\n" + head(example)
 
 
-def prompt(example: dict[str, Any], exemplars: list[dict[str, Any]]) -> str:
+def prompt(example: dict[str, Any], exemplars: list[dict[str, Any]], render: Render = chat_prompt) -> str:
     turns = []
     for e in exemplars:
         turns += [("user", _user(e)), ("assistant", ANSWER_PREFIX + e["code"] + "\n```")]
     turns.append(("user", _user(example)))
-    return chat_prompt(turns, ANSWER_PREFIX)
+    return render(turns, ANSWER_PREFIX)
 
 
 def extract_code(completion: str) -> str:
@@ -80,8 +85,27 @@ def extract_code(completion: str) -> str:
     return text.split("```")[0]
 
 
-def program(example: dict[str, Any], completion: str) -> str:
+def check_program(example: dict[str, Any], code: str) -> str:
     """The code, then ``test_setup_code`` (it may use the code's classes, as in task 367), then the asserts."""
     setup = example.get("test_setup_code") or ""
     tests = "\n".join(example["test_list"])
-    return f"{extract_code(completion)}\n\n{setup}\n{tests}\n"
+    return f"{code}\n\n{setup}\n{tests}\n"
+
+
+def program(example: dict[str, Any], completion: str) -> str:
+    return check_program(example, extract_code(completion))
+
+
+def sample_id(example: dict[str, Any]) -> str:
+    """EvalPlus's spelling of the task id (``Mbpp/11``)."""
+    return f"Mbpp/{example['task_id']}"
+
+
+def to_sample(example: dict[str, Any], completion: str) -> dict[str, str]:
+    """One line of an EvalPlus samples file: the self-contained ``solution``."""
+    return {"task_id": sample_id(example), "solution": extract_code(completion)}
+
+
+def from_sample(example: dict[str, Any], row: dict[str, Any]) -> str:
+    """The code a samples-file line stands for (``solution``, or a bare ``completion``)."""
+    return row["solution"] if row.get("solution") is not None else row["completion"]

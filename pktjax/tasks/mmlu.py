@@ -13,7 +13,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pktjax.tasks.common import bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
 
 KIND = "choice"
 LETTERS = ("A", "B", "C", "D")
@@ -21,7 +21,11 @@ ASSISTANT_PREFIX = "The answer is:"
 
 
 def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
-    """``[{"id", "subject", "question", "choices", "gold"}]`` from ``benchmarks/mmlu/test.jsonl`` (or the hub)."""
+    """``[{"id", "subject", "question", "choices", "gold"}]`` from ``benchmarks/mmlu/test.jsonl`` (or the hub).
+
+    ``limit`` is stratified across subjects: the first question of every subject (alphabetically), then the
+    second of every subject, and so on until ``limit`` questions (a subject with fewer questions drops out), kept
+    in the file's order; ``id`` is ``mmlu/<subject>/<index in the whole test set>`` either way."""
     if hub:
         rows = hub_dataset("cais/mmlu", "all", "test")
         out = [{"subject": r["subject"], "question": r["question"], "choices": [str(c) for c in r["choices"]],
@@ -29,11 +33,30 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     else:
         out = [{"subject": r["topic"].replace(" ", "_"), "question": r["question"],
                 "choices": [str(r[f"answer_{x}"]) for x in "abcd"], "gold": r["correct_answer"].strip()}
-               for r in read_jsonl(bench_path("mmlu", "test.jsonl"), limit)]
-    out = out[:limit] if limit is not None else out
+               for r in read_jsonl(bench_path("mmlu", "test.jsonl"))]
     for i, ex in enumerate(out):
         ex["id"] = f"mmlu/{ex['subject']}/{i}"
-    return out
+    return out if limit is None else stratified(out, limit)
+
+
+def stratified(rows: list[dict[str, Any]], limit: int) -> list[dict[str, Any]]:
+    """``limit`` rows taken round-robin over the subjects (alphabetical), returned in their original order."""
+    by_subject: dict[str, list[int]] = {}
+    for i, r in enumerate(rows):
+        by_subject.setdefault(r["subject"], []).append(i)
+    queues = [by_subject[s] for s in sorted(by_subject)]
+    chosen: list[int] = []
+    depth = 0
+    while len(chosen) < min(limit, len(rows)):
+        chosen += [q[depth] for q in queues if depth < len(q)][:limit - len(chosen)]
+        depth += 1
+    return [rows[i] for i in sorted(chosen)]
+
+
+def data_files(examples: list[dict[str, Any]], few_shot: int) -> list:
+    """The local files an evaluation with these settings reads (the dev file of each subject when few-shot)."""
+    subjects = sorted({ex["subject"] for ex in examples}) if few_shot else []
+    return [bench_path("mmlu", "test.jsonl"), *(bench_path("mmlu", "dev", f"{s}_dev.csv") for s in subjects)]
 
 
 def dev_exemplars(subject: str, hub: bool = False) -> list[dict[str, Any]]:
@@ -51,11 +74,11 @@ def format_question(ex: dict[str, Any], with_answer: bool) -> str:
     return text + (f" {ex['gold']}\n\n" if with_answer else "")
 
 
-def prompt(example: dict[str, Any], exemplars: Sequence[dict[str, Any]]) -> str:
+def prompt(example: dict[str, Any], exemplars: Sequence[dict[str, Any]], render: Render = chat_prompt) -> str:
     subject = example["subject"].replace("_", " ")
     head = f"The following are multiple choice questions (with answers) about {subject}.\n\n"
     user = head + "".join(format_question(e, True) for e in exemplars) + format_question(example, False)
-    return chat_prompt([("user", user)], ASSISTANT_PREFIX)
+    return render([("user", user)], ASSISTANT_PREFIX)
 
 
 def choice_token_ids(tokenizer) -> list[int]:

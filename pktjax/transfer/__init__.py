@@ -4,7 +4,8 @@ Stages, each skipped when its result file already exists (so an interrupted run 
 
 1. ``models``: resolve the teacher and student (a checkpoint folder, a ``.gguf`` file, ``registry:PAIR/ROLE``
    for a model installed by ``pktjax models install``, ``tiny:k=v,...`` for a random model built on the spot,
-   or a Hugging Face repo id ``org/name``, downloaded when online), check the pair before any heavy work;
+   or a Hugging Face repo id ``org/name[@revision]``, read from Hugging Face's cache, downloaded when online),
+   check the pair before any heavy work;
 2. ``eval/student.json``, ``eval/teacher.json``: the base models on the evaluation task;
 3. ``laten/seed<s>/step<k>/eval.json``: the aligner run of each seed, then every chosen aligner step fused and
    evaluated, with ``injection.json`` beside it (the size of the injected deltas; LaTen, Pre-Align PKT); with
@@ -23,8 +24,9 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
     teacher: PATH | registry:qwen2.5-coder/teacher | tiny:hidden=64,layers=4,inter=96,heads=4,seed=1 | org/name
     student: PATH | registry:qwen2.5-coder/student | tiny:... | org/name
     task: gsm | mmlu | humaneval | mbpp        # LaTen splits (../shared/data/laten/<task>/)
-    eval: {task: null, limit: null, max_new_tokens: null, batch_size: 8, few_shot: 0}   # task: from the top
-                                       # `task`; limit: the whole test set; max_new_tokens: the task's (512)
+    eval: {task: null, limit: null, max_new_tokens: null, batch_size: 8, few_shot: 0,   # task: from the top
+           prompt_format: paper}       # `task`; limit: the whole test set; max_new_tokens: the task's (512);
+                                       # prompt_format: paper | chat_template (the model's own)
     laten: {seeds: [42], steps: null, rate: 0.1, lr: 3e-5, cutoff_len: 768, examples_per_step: 16,
             micro_batch: 4, fuse_steps: all | last | [1, 2], layers: null}   # seeds: [] skips LaTen;
             # layers: K (default every student layer); lr: one peak rate or a list (each run for every seed);

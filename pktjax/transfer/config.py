@@ -11,12 +11,14 @@ from typing import Any
 
 from pktjax.errors import ConfigError
 from pktjax.lora_train import TrainConfig as LoraTrainConfig
+from pktjax.tasks import data_name
 from pktjax.workflows import ANALYSIS_DEFAULTS
 
 EVAL_TASK = {"gsm": "gsm8k", "mmlu": "mmlu", "humaneval": "humaneval", "mbpp": "mbpp"}
 LATEN_DEFAULTS = {"seeds": [42], "steps": None, "rate": 0.1, "lr": 3e-5, "cutoff_len": 768,
                   "examples_per_step": 16, "micro_batch": 4, "fuse_steps": "all", "layers": None}
-EVAL_DEFAULTS = {"task": None, "limit": None, "max_new_tokens": None, "batch_size": 8, "few_shot": 0}
+EVAL_DEFAULTS = {"task": None, "limit": None, "max_new_tokens": None, "batch_size": 8, "few_shot": 0,
+                 "prompt_format": "paper"}
 TRAIN_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch_size", "micro_batch", "cutoff_len", "dtype")
 LORA_DEFAULTS = {"seeds": [LoraTrainConfig.seed], **{k: getattr(LoraTrainConfig, k) for k in TRAIN_KEYS},
                  "targets": None, "data": None, "limit": None}
@@ -65,11 +67,12 @@ def read_config(path: str | os.PathLike, out: str | None = None) -> TransferConf
     for key in ("teacher", "student", "task"):
         if key not in raw:
             raise ConfigError(f"{path}: the config needs a {key!r} entry.")
-    if raw["task"] not in EVAL_TASK:
+    task = data_name(str(raw["task"]))  # gsm8k is gsm
+    if task not in EVAL_TASK:
         raise ConfigError(f"{path}: task {raw['task']!r} has no LaTen splits; choose one of {', '.join(EVAL_TASK)}.")
     sections = {name: _section(path, raw, name) for name in SECTIONS if name in raw or name in ("eval", "laten")}
     out_dir = Path(out or raw.get("out") or Path("runs") / path.stem).expanduser()
-    return TransferConfig(teacher=str(raw["teacher"]), student=str(raw["student"]), task=raw["task"], out=out_dir,
+    return TransferConfig(teacher=str(raw["teacher"]), student=str(raw["student"]), task=task, out=out_dir,
                           raw=raw, **sections)
 
 

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import re
 from pathlib import Path
 
 from pktjax.config import ModelConfig
-from pktjax.errors import ConfigError
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+from pktjax.errors import CheckpointError, ConfigError
+from pktjax.registry import parse_hub_id
 
 
 def parse_tiny(spec: str) -> tuple[ModelConfig, int, float]:
@@ -28,7 +25,8 @@ def parse_tiny(spec: str) -> tuple[ModelConfig, int, float]:
 
 def resolve_model(spec: str, folder: Path) -> Path:
     """A model spec as a local path: ``tiny:`` specs are built (once) into ``folder``, ``registry:PAIR/ROLE``
-    names an installed packaged model, an existing path is itself, and ``org/name`` is a Hugging Face repo."""
+    names an installed packaged model, an existing path is itself, and ``org/name[@revision]`` is a Hugging Face
+    repo."""
     if spec.startswith("tiny:"):
         from pktjax.tiny import save_random_model
 
@@ -43,30 +41,21 @@ def resolve_model(spec: str, folder: Path) -> Path:
     path = Path(spec).expanduser()
     if path.exists():
         return path
-    if _HUB_ID.match(spec):
+    if parse_hub_id(spec):
         return hub_model(spec)
     raise ConfigError(f"model {spec!r} does not exist; give a checkpoint folder, a .gguf file, "
                       "registry:qwen2.5-coder/teacher|student (after `pktjax models install qwen2.5-coder`), "
-                      "a Hugging Face repo id org/name, or tiny:...")
+                      "a Hugging Face repo id org/name[@revision], or tiny:...")
 
 
 def hub_model(repo_id: str) -> Path:
-    """A Hugging Face repo's local copy (``$PKTJAX_HOME/hub/org--name``), downloaded first when online."""
-    from pktjax.registry import download_hub, hub_folder
+    """A Hugging Face repo ``org/name[@revision]``: its snapshot in the standard cache, downloaded when online."""
+    from pktjax.registry import hub_snapshot
 
-    local = hub_folder(repo_id)
-    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
-        if (local / "config.json").is_file():
-            return local
-        raise ConfigError(f"model {repo_id!r}: no such local path, and HF_HUB_OFFLINE is set, so the hub repo "
-                          f"cannot be downloaded; run `pktjax models install {repo_id}` online first (it lands in "
-                          f"{local}) or give a checkpoint folder.")
     try:
-        return download_hub(repo_id)
-    except Exception as e:  # network, authentication, missing repo: huggingface_hub raises many kinds
-        raise ConfigError(f"cannot download {repo_id!r} from the Hugging Face hub ({type(e).__name__}: {e}); "
-                          "gated repos (meta-llama/*) need their licence accepted on the hub and a token "
-                          "(`huggingface-cli login` or HF_TOKEN); or give a local checkpoint folder.") from None
+        return hub_snapshot(repo_id)
+    except CheckpointError as e:
+        raise ConfigError(f"model {e}") from None
 
 
 def check_pair(teacher: Path, student: Path) -> None:

@@ -11,6 +11,7 @@ from typing import Any, Callable
 from pktjax.config import ModelConfig
 from pktjax.data import laten_split, read_jsonl
 from pktjax.errors import ConfigError
+from pktjax.provenance import provenance
 from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config
 from pktjax.transfer.models import check_pair, resolve_model
 from pktjax.transfer.report import _write_json, write_report
@@ -26,25 +27,30 @@ def _claim_output(cfg: TransferConfig) -> None:
         return
     if cfg.out.exists() and any(cfg.out.iterdir()):
         raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
-    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw})
+    splits = [laten_split(cfg.task, s) for s in ("extract", "align", "train")]
+    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
+                         "provenance": provenance(cfg.raw, splits)})
 
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
     import jax
-    from tqdm.auto import tqdm
 
     from pktjax.evaluate import evaluate
+    from pktjax.progress import progress_bar
     from pktjax.sharding import is_main_process
+    from pktjax.tasks import get_task
 
     if out.is_file():
         return
     e = cfg.eval
     label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
     partial = out.with_suffix(".partial.jsonl")  # finished batches: an interrupted evaluation goes on from there
-    with tqdm(total=e["limit"], desc=f"eval {label}", unit="ex", disable=not is_main_process()) as bar:
+    total = len(get_task(cfg.eval_task).load(e["limit"]))
+    with progress_bar(total, f"eval {label}", "ex", enabled=is_main_process()) as bar:
         evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
                  max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update,
+                 prompt_format=e["prompt_format"],
                  resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
     partial.unlink(missing_ok=True)
 

@@ -1,0 +1,137 @@
+"""Provenance in reports and transfer.json (against independent hashes and git), the CLI's --version,
+``python -m pktjax``, defaults in every --help, one task naming scheme and list syntax, and plain progress lines."""
+
+import argparse
+import hashlib
+import io
+import json
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+
+import jax
+import pytest
+
+from pktjax.cli import build_parser, main
+from pktjax.commands import list_argument
+from pktjax.evaluate import evaluate
+from pktjax.progress import PlainProgress, progress_bar
+from pktjax.provenance import config_hash, provenance
+from pktjax.tasks import benchmark_name, data_name, get_task, humaneval
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_provenance_records_versions_commit_devices_and_hashes(tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_bytes(b'{"a": 1}\n')
+    rec = provenance({"b": 2, "a": [1, 2]}, [data, tmp_path / "missing.jsonl"])
+    assert rec["packages"]["jax"] == metadata.version("jax") == jax.__version__
+    assert rec["packages"]["flax"] == metadata.version("flax") and rec["packages"]["optax"] == metadata.version("optax")
+    assert rec["packages"]["jaxlib"] == metadata.version("jaxlib")
+    assert rec["data_sha256"] == {str(data): hashlib.sha256(b'{"a": 1}\n').hexdigest(),
+                                  str(tmp_path / "missing.jsonl"): None}
+    assert rec["config_sha256"] == hashlib.sha256(b'{"a": [1, 2], "b": 2}').hexdigest()
+    assert config_hash({"a": [1, 2], "b": 2}) == rec["config_sha256"] != config_hash({"a": [1, 2], "b": 3})
+    assert sum(rec["devices"]["kinds"].values()) == len(jax.devices())
+    if (ROOT / ".git").exists():
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "HEAD"], capture_output=True, text=True)
+        assert rec["git"]["commit"] == head.stdout.strip() and isinstance(rec["git"]["dirty"], bool)
+    data.write_bytes(b"changed\n")  # a changed file is hashed again
+    assert provenance(None, [data])["data_sha256"][str(data)] == hashlib.sha256(b"changed\n").hexdigest()
+
+
+def test_evaluation_reports_and_transfer_json_carry_provenance(tmp_path):
+    problems = humaneval.load(limit=2)
+    rep = evaluate(None, "humaneval", limit=2, generator=lambda ps, n, s: [p["canonical_solution"] for p in problems])
+    (path, digest), = rep["provenance"]["data_sha256"].items()
+    assert path.endswith("HumanEval.jsonl.gz") and digest == hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    assert rep["provenance"]["config_sha256"] == config_hash(rep["settings"])
+
+    import yaml
+
+    from pktjax.transfer import read_config
+    from pktjax.transfer.stages import _claim_output
+
+    cfg_path = tmp_path / "cfg.yaml"
+    cfg_path.write_text(yaml.safe_dump({"teacher": "tiny:hidden=48", "student": "tiny:hidden=32", "task": "gsm8k",
+                                        "out": str(tmp_path / "run")}))
+    cfg = read_config(cfg_path)
+    assert cfg.task == "gsm" and cfg.eval_task == "gsm8k"  # one naming scheme: gsm8k is gsm
+    _claim_output(cfg)
+    rec = json.loads((tmp_path / "run" / "transfer.json").read_text())["provenance"]
+    assert rec["config_sha256"] == config_hash(cfg.raw) and rec["pktjax"]
+    assert sorted(Path(p).name for p in rec["data_sha256"]) == [f"gsm_{s}_split.jsonl"
+                                                                for s in ("align", "extract", "train")]
+
+
+def test_version_and_python_dash_m(capsys):
+    with pytest.raises(SystemExit) as done:
+        main(["--version"])
+    assert done.value.code == 0 and capsys.readouterr().out.startswith("pktjax 0.1.0")
+    run = subprocess.run([sys.executable, "-m", "pktjax", "--version"], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0 and run.stdout.startswith("pktjax ")
+
+
+def _options(parser, name="pktjax"):
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub, p in action.choices.items():
+                yield from _options(p, f"{name} {sub}")
+        elif action.option_strings:
+            yield name, parser, action
+
+
+def test_every_help_shows_every_default():
+    missing = []
+    for name, parser, action in _options(build_parser()):
+        if action.default is None or action.default is False or action.default == argparse.SUPPRESS:
+            continue
+        text = parser.formatter_class("x")._get_help_string(action) if action.help else ""
+        if "default" not in text:
+            missing.append(f"{name} {action.option_strings[0]}")
+    assert missing == []
+    eval_parser = next(p for n, p, a in _options(build_parser()) if n == "pktjax eval")
+    assert "(default: 0.8)" in " ".join(eval_parser.format_help().split())
+
+
+def test_task_names_and_list_options_are_spelled_alike():
+    assert benchmark_name("gsm") == benchmark_name("gsm8k") == "gsm8k" and get_task("gsm").__name__.endswith("gsm8k")
+    assert data_name("gsm8k") == data_name("gsm") == "gsm" and data_name("runs/x.jsonl") == "runs/x.jsonl"
+    parser = build_parser()
+    for spelled in ("gsm", "gsm8k"):
+        assert parser.parse_args(["eval", "--model", "m", "--task", spelled]).task == "gsm8k"
+        args = parser.parse_args(["laten", "train", "--teacher", "t", "--student", "s", "--task", spelled,
+                                  "--out", "o", "--modules", "up_proj,down_proj", "v_proj"])
+        assert args.task == "gsm" and args.modules == ("up_proj", "down_proj", "v_proj")
+    targets = parser.parse_args(["seeking", "extract", "--teacher", "t", "--student", "s", "--task", "gsm",
+                                 "--out", "o", "--targets", "q_proj", "k_proj,v_proj"]).targets
+    assert targets == ("q_proj", "k_proj", "v_proj")
+    p = argparse.ArgumentParser()
+    list_argument(p, "--k", item=int)
+    assert p.parse_args(["--k", "1,10", "100"]).k == (1, 10, 100)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--k", "one"])
+
+
+def test_progress_in_a_log_file_is_plain_lines_with_total_and_eta(monkeypatch):
+    stream = io.StringIO()  # not a terminal
+    bar = progress_bar(20, "eval student", "ex", stream=stream)
+    assert isinstance(bar, PlainProgress)
+    with bar:
+        for _ in range(20):
+            bar.update(1)
+    lines = stream.getvalue().splitlines()
+    assert "\r" not in stream.getvalue() and len(lines) == 10  # one line per 10% of the total
+    assert lines[0].startswith("eval student: 2/20 ex (10%)") and "ETA" in lines[0]
+    assert lines[-1].startswith("eval student: 20/20 ex (100%)")
+    quiet = io.StringIO()
+    with progress_bar(5, "x", stream=quiet, enabled=False) as off:
+        off.update(5)
+    assert quiet.getvalue() == ""
+    resumed = io.StringIO()
+    with progress_bar(4, "lora", "step", initial=3, stream=resumed) as bar:
+        bar.set_postfix(loss="0.5")
+        bar.update(1)
+    assert resumed.getvalue().strip().startswith("lora: 4/4 step (100%)") and "loss=0.5" in resumed.getvalue()
