@@ -181,8 +181,7 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     new_cache = None
     if cache is not None:
         k_cache, v_cache, index = cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
+        k, v = _write_cache(k_cache, k, index), _write_cache(v_cache, v, index)
         new_cache = (k, v)
     qg = q.reshape(b, t, n_kv, group, hd)
     scores = _dot("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
@@ -191,6 +190,15 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     ctx = _dot("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
     out = linear(ctx.reshape(b, t, cfg.q_dim), lp["o_proj"], lora=_layer_lora(lora, "o_proj"), spec=spec, salt=4)
     return out, ctx, probs.reshape(b, cfg.num_heads, t, -1), v, new_cache
+
+
+def _write_cache(buf: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """Write ``new [B, T, KV, hd]`` into ``buf [B, S, KV, hd]`` at slot ``index``: one slot for every row
+    (``index []``), or each row at its own slot (``index [B]``, continuous batching)."""
+    new = new.astype(buf.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, new, (0, index, 0, 0))
+    return jax.vmap(lambda b, n, i: jax.lax.dynamic_update_slice(b, n, (i, 0, 0)))(buf, new, index)
 
 
 def mlp(lp: Params, x: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None):
