@@ -49,7 +49,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     optional ``(prompts, max_new_tokens, stop) -> completions`` used instead of the model (e.g. to score saved
     outputs); ``timeout``: seconds per program in the sandbox; ``progress(n)`` is called as examples finish.
     ``out``: write the report there as JSON. ``resume``: a JSONL file of finished completions (generation tasks):
-    each batch is appended as it finishes, and a later call with the same file decodes only the prompts it lacks.
+    each completion is appended as it finishes, and a later call with the same file decodes only the prompts it
+    lacks. ``batch_size``: decode slots (continuous batching) or forward batch (choice tasks).
     """
     start = time.time()
     mod = get_task(task)
@@ -156,21 +157,23 @@ def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_spe
 
 def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress,
             finished: _Finished) -> None:
-    """Greedy completions of ``prompts[todo]`` into ``outputs``, batched by similar length."""
+    """Greedy completions of ``prompts[todo]`` into ``outputs``: ``batch_size`` decode slots, prompts admitted
+    shortest first (similar lengths share a prefill), each completion recorded in ``finished`` as it ends."""
     order, _ = _order_by_length(tok, [prompts[i] for i in todo], add_special_tokens)
     limit = model.config.max_position_embeddings - max_new
     if limit < 1:
         raise PktjaxError(f"max_new_tokens={max_new} leaves no room for a prompt in a context of "
                           f"{model.config.max_position_embeddings} tokens.")
-    for lo in range(0, len(order), batch_size):
-        idx = [todo[j] for j in order[lo:lo + batch_size]]
-        batch = [prompts[i] for i in idx]
-        gen = generate_text(model.params, model.config, tok, batch, max_new, stop=stop,
-                            add_special_tokens=add_special_tokens, max_prompt_tokens=limit)
-        for i, text in zip(idx, gen.texts):
-            outputs[i] = text
-        finished.add(batch, gen.texts)
-        progress(len(idx))
+    idx = [todo[j] for j in order]
+
+    def done(rows: list[int], gen) -> None:
+        for r, text in zip(rows, gen.texts):
+            outputs[idx[r]] = text
+        finished.add([prompts[idx[r]] for r in rows], gen.texts)
+        progress(len(rows))
+
+    generate_text(model.params, model.config, tok, [prompts[i] for i in idx], max_new, stop=stop,
+                  add_special_tokens=add_special_tokens, max_prompt_tokens=limit, slots=batch_size, on_done=done)
 
 
 @partial(jax.jit, static_argnames=("cfg",))
