@@ -17,6 +17,7 @@ at every step (one compile for the whole loop); the tests use it to check the ca
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
 from typing import Callable, Sequence
@@ -100,12 +101,14 @@ def _choose(logits: jax.Array, temperature: jax.Array, key: jax.Array, steps: ja
 
 def _empty_slots(cfg: ModelConfig, slots: int, cache_len: int, n_new: int, dtype, pad_id: int) -> dict:
     """Decode state with every slot free: cache ``index [S]``, ``key_mask [S, T]``, ``out [S, N]``,
-    ``tok, pos, step, row [S]``, ``done [S]`` (True = free or stopped) and the loop counter ``n``."""
+    ``tok, pos, step, row [S]``, ``done [S]`` (True = free or stopped), the loop counter ``n`` and ``busy``
+    (slot-steps that decoded a running row)."""
     cache = init_cache(cfg, slots, cache_len, dtype)
     zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
     return {"cache": {**cache, "index": zeros()}, "key_mask": jnp.zeros((slots, cache_len), jnp.int32),
             "out": jnp.full((slots, n_new), pad_id, jnp.int32), "tok": zeros(), "pos": zeros(), "step": zeros(),
-            "row": zeros(), "done": jnp.ones((slots,), bool), "n": jnp.zeros((), jnp.int32)}
+            "row": zeros(), "done": jnp.ones((slots,), bool), "n": jnp.zeros((), jnp.int32),
+            "busy": jnp.zeros((), jnp.int32)}
 
 
 @partial(jax.jit, static_argnames=("cfg", "top_k", "sample"), donate_argnames=("state",))
@@ -179,7 +182,7 @@ def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until
         inc = run.astype(jnp.int32)
         return {**s, "cache": {"k": kv["k"], "v": kv["v"], "index": index + inc}, "key_mask": key_mask,
                 "out": out, "tok": jnp.where(run, nxt, s["tok"]), "pos": s["pos"] + inc, "step": s["step"] + inc,
-                "done": s["done"] | (run & stopped), "n": s["n"] + 1}
+                "done": s["done"] | (run & stopped), "n": s["n"] + 1, "busy": s["busy"] + jnp.sum(inc)}
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -224,7 +227,8 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
              stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, temperature: float = 0.0,
              key: jax.Array | None = None, *, tokenizer=None, top_k: int = 0, pad_id: int | None = None,
              use_cache: bool = True, chunk: int = 16, slots: int | None = None,
-             on_done: Callable[[list[int], Generation], None] | None = None) -> Generation:
+             on_done: Callable[[list[int], Generation], None] | None = None,
+             stats: dict | None = None) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of up to ``max_new_tokens`` tokens per prompt.
 
     ``input_ids, attention_mask [B, T]``: left-padded prompts (mask 0 on padding). A row stops at its first token
@@ -235,7 +239,9 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     ``slots``: how many prompts decode at once (default: all of them, rounded to a batch bucket); prompts are
     admitted in their order, and a stopped row's slot takes the next prompt at once. A prompt's tokens do not
     depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called as prompts finish, with
-    their indices and a :class:`Generation` of those rows (e.g. to save completions as they come).
+    their indices and a :class:`Generation` of those rows (e.g. to save completions as they come). ``stats``: a
+    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` and
+    ``occupancy`` (running slot-steps / all slot-steps); it waits for the device after each program to time it.
     Returns a :class:`Generation` (``tokens [B, max_new_tokens]``, ``lengths``, ``finish``, ``texts``).
     """
     ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
@@ -272,7 +278,7 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
             on_done(rows, part)
 
     _run_slots(params, cfg, ids, mask, key, n_new, max_new_tokens, slots or round_batch(b), stop, tokenizer, chunk,
-               top_k, not greedy, consts, harvest)
+               top_k, not greedy, consts, harvest, stats)
     return _gather(parts, b, max_new_tokens, tokenizer is not None)
 
 
@@ -323,7 +329,7 @@ def _eos_array(eos: tuple[int, ...]) -> jax.Array:
 
 
 def _run_slots(params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, tokenizer, chunk, top_k, sample, consts,
-               harvest) -> None:
+               harvest, stats: dict | None = None) -> None:
     """Continuous batching over ``n_slots`` decode slots: admit waiting prompts into free slots, decode until a
     slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand finished rows to
     ``harvest(rows, tokens [n, N])``, repeat until every prompt is done."""
@@ -335,18 +341,22 @@ def _run_slots(params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, token
     owner = np.full(n_slots, -1)
     max_new_j = jnp.int32(max_new)
     compiled = dict(top_k=top_k, sample=sample)
+    clock = _Clock(stats, n_slots)
     while True:
         free = np.flatnonzero(owner < 0)
         if waiting and free.size:
             take = [waiting.pop() for _ in range(min(free.size, len(waiting)))]
             state = _admit(params, cfg, state, key, *_admission(ids, mask, lengths, take, free, n_slots, consts),
                            max_new_j, **consts, **compiled)
+            clock.lap("prefill_s", state)
             owner[free[:len(take)]] = take
         if (owner < 0).all():
+            clock.close(state)
             return
         until = int(state["n"]) + (chunk if stop else n_new)
         state = _decode(params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j, **consts,
                         **compiled)
+        clock.lap("decode_s", state)
         done, out, step = np.array(state["done"]), np.asarray(state["out"]), np.asarray(state["step"])
         if stop:
             busy = np.flatnonzero((owner >= 0) & ~done)
@@ -359,6 +369,32 @@ def _run_slots(params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, token
         if ended.size:
             harvest([int(owner[s]) for s in ended], out[ended])
             owner[ended] = -1
+        clock.lap("host_s", None)
+
+
+class _Clock:
+    """Wall time of the prefills, decode loops and host work of :func:`_run_slots` into ``stats`` (a no-op without
+    it: timing waits for the device, which would otherwise overlap with the host)."""
+
+    def __init__(self, stats: dict | None, slots: int):
+        self.stats, self.t = stats, time.perf_counter()
+        if stats is not None:
+            stats.update(prefill_s=0.0, decode_s=0.0, host_s=0.0, slots=slots)
+
+    def lap(self, name: str, state: dict | None) -> None:
+        if self.stats is None:
+            return
+        if state is not None:
+            jax.block_until_ready(state["done"])
+        now = time.perf_counter()
+        self.stats[name] += now - self.t
+        self.t = now
+
+    def close(self, state: dict) -> None:
+        if self.stats is not None:
+            steps, busy = int(state["n"]), int(state["busy"])
+            self.stats.update(decode_steps=steps, busy_slot_steps=busy,
+                              occupancy=busy / max(1, steps * self.stats["slots"]))
 
 
 def _admission(ids, mask, lengths, take, free, n_slots, consts) -> tuple:

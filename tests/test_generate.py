@@ -136,9 +136,12 @@ def test_continuous_batching_equals_one_batch_and_transformers(tiny_dir):
     ids, mask = _prompts((200, 37, 150, 64, 100, 180, 12), seed=3)
     free = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
     stop_tok = int(free.tokens[1, 3])
-    done = []
+    done, stats = [], {}
     slotted = generate(model.params, model.config, ids, mask, NEW, eos_ids=(stop_tok,), pad_id=PAD, slots=2,
-                       on_done=lambda rows, g: done.extend(zip(rows, g.tokens.tolist())))
+                       on_done=lambda rows, g: done.extend(zip(rows, g.tokens.tolist())), stats=stats)
+    # every kept token but each row's first (picked by the prefill) took one running slot-step of the decode loop
+    assert stats["busy_slot_steps"] == slotted.lengths.sum() - 7
+    assert stats["occupancy"] == stats["busy_slot_steps"] / (2 * stats["decode_steps"]) and stats["slots"] == 2
     ref = _hf_generate(folder, ids, mask, eos=stop_tok)
     np.testing.assert_array_equal(slotted.tokens, ref)
     assert len(set(slotted.lengths.tolist())) > 1  # the rows really stopped at different steps
