@@ -13,7 +13,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--task", required=True, choices=TASKS)
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
-    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="decode slots of the continuous batching (generation tasks) or forward batch (MMLU)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
     p.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per program (code tasks)")
     p.add_argument("--hub", action="store_true", help="read the benchmark from the Hugging Face hub (online)")
