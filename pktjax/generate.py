@@ -1,4 +1,4 @@
-"""Autoregressive decoding with a KV cache (:func:`pktjax.model._run_layers` with a cache), by continuous batching.
+"""Autoregressive decoding with a KV cache, by continuous batching.
 
 A fixed number of decode slots share one KV cache. Prompts are admitted in their order: each is prefilled into a
 free slot, and a row that stops (EOS, its token budget, or a stop string) frees its slot for the next waiting
@@ -112,8 +112,8 @@ def _empty_slots(cfg: ModelConfig, slots: int, cache_len: int, n_new: int, dtype
 
 
 @partial(jax.jit, static_argnames=("cfg", "top_k", "sample"), donate_argnames=("state",))
-def _admit(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, ids: jax.Array, mask: jax.Array, slots: jax.Array,
-           rows: jax.Array, max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *,
+def _admit(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, ids: jax.Array, mask: jax.Array,
+           slots: jax.Array, rows: jax.Array, max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *,
            top_k: int, sample: bool) -> dict:
     """Prefill the left-padded prompts ``ids, mask [n, P]`` into decode slots ``slots [n]`` (a slot index ``S``
     marks a dummy row, dropped) and pick each one's first token; ``rows [n]`` are the prompts' indices."""
