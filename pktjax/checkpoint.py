@@ -174,8 +174,11 @@ def params_from_source(cfg: ModelConfig, source: TensorSource, dtype=jnp.float32
     return params
 
 
-def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Model:
+def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None, *, cache_gguf: bool = True) -> Model:
     """Load a checkpoint folder (``config.json`` + safetensors) or a ``.gguf`` file into a :class:`Model`.
+
+    A ``.gguf`` file is dequantized once into ``$PKTJAX_HOME/dequantized/`` (float32 safetensors) and later loads
+    read that copy (``cache_gguf=False`` or ``PKTJAX_GGUF_CACHE=0``: dequantize in memory every time).
 
     With a ``jax.sharding.Mesh``, every tensor goes straight into its sharding (:mod:`pktjax.sharding`'s rules),
     each device reading only its own slice from disk. A hub id ``org/name[@revision]`` that is not a local path
@@ -183,9 +186,12 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None) -> Model:
     """
     path = model_path(path)
     if path.suffix == ".gguf" or _is_gguf(path):
-        from pktjax.gguf_io import load_gguf
+        from pktjax.gguf_io import cached_source, dequantized_cache_enabled, load_gguf
+        from pktjax.registry import home
 
         cfg, source = load_gguf(path)
+        if cache_gguf and dequantized_cache_enabled():
+            source = cached_source(path, source, home())
     else:
         if not path.exists():
             raise CheckpointError(f"{path}: no such file or folder.")

@@ -3,7 +3,8 @@
 
 Launched as one of several processes (a TPU pod slice, SLURM, Open MPI, or ``JAX_COORDINATOR_ADDRESS`` with
 ``JAX_NUM_PROCESSES > 1``), :func:`main` first joins them with ``jax.distributed.initialize()``; a plain single
-process skips that (:func:`pktjax.sharding.initialize_distributed`)."""
+process skips that (:func:`pktjax.sharding.initialize_distributed`). It also turns on JAX's persistent compilation
+cache (:func:`enable_compilation_cache`)."""
 
 from __future__ import annotations
 
@@ -54,11 +55,30 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def enable_compilation_cache() -> str | None:
+    """Keep compiled programs in ``$PKTJAX_HOME/jax-cache`` so that a new process does not compile them again
+    (``PKTJAX_COMPILE_CACHE=0`` turns it off, ``PKTJAX_COMPILE_CACHE=/dir`` picks the folder). Returns the folder."""
+    import os
+
+    import jax
+
+    from pktjax.registry import home
+
+    setting = os.environ.get("PKTJAX_COMPILE_CACHE", "1").strip()
+    if setting.lower() in ("0", "false", "no", "off"):
+        return None
+    folder = str(home() / "jax-cache") if setting.lower() in ("1", "true", "yes", "on", "") else setting
+    jax.config.update("jax_compilation_cache_dir", folder)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)  # decode loops compile in seconds
+    return folder
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from pktjax.sharding import initialize_distributed
 
     initialize_distributed()  # before any jax call touches the devices; a no-op in a single plain process
+    enable_compilation_cache()
     try:
         return int(args.func(args) or 0)
     except PktjaxError as e:

@@ -53,7 +53,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     optional ``(prompts, max_new_tokens, stop) -> completions`` used instead of the model (e.g. to score saved
     outputs); ``timeout``: seconds per program in the sandbox; ``progress(n)`` is called as examples finish.
     ``out``: write the report there as JSON. ``resume``: a JSONL file of finished completions (generation tasks):
-    each batch is appended as it finishes, and a later call with the same file decodes only the prompts it lacks.
+    each completion is appended as it finishes, and a later call with the same file decodes only the prompts it
+    lacks. ``batch_size``: decode slots (continuous batching) or forward batch (choice tasks).
 
     Code tasks write their greedy completions as a ``human-eval`` / EvalPlus samples file beside ``out``
     (:func:`pktjax.samples.samples_path`). ``num_samples = n > 0`` (generation tasks) also draws ``n``
@@ -193,18 +194,20 @@ def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_spe
 
 def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress,
             finished: _Finished) -> None:
-    """Greedy completions of ``prompts[todo]`` into ``outputs``, batched by similar length."""
+    """Greedy completions of ``prompts[todo]`` into ``outputs``: ``batch_size`` decode slots, prompts admitted
+    shortest first (similar lengths share a prefill), each completion recorded in ``finished`` as it ends."""
     order, _ = _order_by_length(tok, [prompts[i] for i in todo], add_special_tokens)
     limit = _prompt_room(model, max_new)
-    for lo in range(0, len(order), batch_size):
-        idx = [todo[j] for j in order[lo:lo + batch_size]]
-        batch = [prompts[i] for i in idx]
-        gen = generate_text(model.params, model.config, tok, batch, max_new, stop=stop,
-                            add_special_tokens=add_special_tokens, max_prompt_tokens=limit)
-        for i, text in zip(idx, gen.texts):
-            outputs[i] = text
-        finished.add(batch, gen.texts)
-        progress(len(idx))
+    idx = [todo[j] for j in order]
+
+    def done(rows: list[int], gen) -> None:
+        for r, text in zip(rows, gen.texts):
+            outputs[idx[r]] = text
+        finished.add([prompts[idx[r]] for r in rows], gen.texts)
+        progress(len(rows))
+
+    generate_text(model.params, model.config, tok, [prompts[i] for i in idx], max_new, stop=stop,
+                  add_special_tokens=add_special_tokens, max_prompt_tokens=limit, slots=batch_size, on_done=done)
 
 
 def _prompt_room(model: Model, max_new: int) -> int:
@@ -218,24 +221,18 @@ def _prompt_room(model: Model, max_new: int) -> int:
 
 def _sample(prompts, n, temperature, seed, max_new, stop, model, tok, generator, batch_size, add_special_tokens,
             progress) -> list[list[str]]:
-    """``n`` completions of every prompt drawn at ``temperature``: ``[len(prompts)][n]``. Batch ``b`` decodes
-    with key ``fold_in(key(seed), b)``, so the draws repeat for the same settings."""
+    """``n`` completions of every prompt drawn at ``temperature``: ``[len(prompts)][n]``, decoded in
+    ``batch_size`` slots. A draw's key depends on its index in ``prompts × n`` and on ``seed`` only (not on its
+    slot), so the draws repeat for the same settings."""
     repeated = [p for p in prompts for _ in range(n)]
     if generator is not None:
         outs = list(generator(repeated, max_new, stop))
-        progress(len(prompts))
     else:
-        order, _ = _order_by_length(tok, repeated, add_special_tokens)
-        limit, outs = _prompt_room(model, max_new), [""] * len(repeated)
-        base = jax.random.key(seed)
-        for b, lo in enumerate(range(0, len(order), batch_size)):
-            idx = order[lo:lo + batch_size]
-            gen = generate_text(model.params, model.config, tok, [repeated[i] for i in idx], max_new, stop=stop,
-                                add_special_tokens=add_special_tokens, max_prompt_tokens=limit,
-                                temperature=temperature, key=jax.random.fold_in(base, b))
-            for i, text in zip(idx, gen.texts):
-                outs[i] = text
-        progress(len(prompts))
+        gen = generate_text(model.params, model.config, tok, repeated, max_new, stop=stop,
+                            add_special_tokens=add_special_tokens, max_prompt_tokens=_prompt_room(model, max_new),
+                            temperature=temperature, key=jax.random.key(seed), slots=batch_size)
+        outs = list(gen.texts)
+    progress(len(prompts))
     return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 

@@ -1,31 +1,33 @@
-"""Autoregressive decoding with the KV cache of :func:`pktjax.model.forward_cached`.
+"""Autoregressive decoding with a KV cache, by continuous batching.
 
-Prompts are left-padded into one batch. Batch size, prompt length and the number of new tokens are rounded up
-to buckets, so a jitted prefill and a jitted decode loop are compiled once per bucket and reused for every
-later batch that falls into it. The decode loop is a ``lax.while_loop`` that runs until every row has stopped or
-a step budget is used up; with stop strings it runs in chunks of steps, and the host decodes the new text between
-chunks to mark rows whose text contains a stop string.
+A fixed number of decode slots share one KV cache. Prompts are admitted in their order: each is prefilled into a
+free slot, and a row that stops (EOS, its token budget, or a stop string) frees its slot for the next waiting
+prompt at once, so no slot idles until the longest row of a batch ends. Slot count, cache length, prefill group
+size and prompt length are rounded to buckets, so the jitted prefill and decode loop compile once per bucket.
+The decode loop is a ``lax.while_loop`` that runs until a slot stops while prompts wait (or every slot has
+stopped); with stop strings it returns every ``chunk`` steps and the host decodes the new text to mark rows whose
+text contains a stop string.
 
 The prefill projects only the last prompt position onto the vocabulary. Greedy decoding is compiled without a
-random number generator; sampling (``temperature > 0``) has its own programs.
+random number generator; sampling (``temperature > 0``) has its own programs, and a prompt's draws depend only on
+the key, the prompt's index and its step, not on its slot.
 
 ``use_cache=False`` is a slow reference path that recomputes the whole sequence with :func:`pktjax.model.forward`
-at every step (one compile for the whole loop); the tests use it to check the cached path.
-"""
+at every step (one compile for the whole loop); the tests use it to check the cached path."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from functools import partial
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from pktjax.config import ModelConfig
-from pktjax.model import (_run_layers, attention_mask_bias, embed, forward, forward_cached, init_cache, rope_cos_sin,
-                          unembed)
+from pktjax.model import _NEG, _run_layers, attention_mask_bias, embed, forward, init_cache, rope_cos_sin, unembed
 
 Params = dict
 
@@ -67,13 +69,14 @@ def _round_new(n: int) -> int:
 
 # ----------------------------------------------------------------------------------------------- token choice
 
-def _choose(logits: jax.Array, temperature: jax.Array, key: jax.Array, step: jax.Array, top_k: int,
-            sample: bool) -> jax.Array:
+def _choose(logits: jax.Array, temperature: jax.Array, key: jax.Array, steps: jax.Array, rows: jax.Array,
+            top_k: int, sample: bool) -> jax.Array:
     """Next token per row from ``logits [B, V]``: argmax, or (``sample``) a draw at ``temperature``, among the
     ``top_k`` best tokens when ``top_k > 0``.
 
-    Each row draws with its own key ``fold_in(fold_in(key, step), row)``, so a row's sample does not depend on
-    the batch bucket it was padded into. Greedy programs contain no random number generator (it is costly to
+    Row ``r`` draws with the key ``fold_in(fold_in(key, steps[r]), rows[r])`` (``steps [B]``: tokens the row has
+    written, ``rows [B]``: the prompt's index in the call), so a prompt's sample depends neither on the batch
+    bucket nor on the decode slot it ran in. Greedy programs contain no random number generator (it is costly to
     compile on CPU), so greedy and sampled decoding are compiled separately.
     """
     if not sample:
@@ -82,40 +85,55 @@ def _choose(logits: jax.Array, temperature: jax.Array, key: jax.Array, step: jax
     if top_k > 0:
         kth = jax.lax.top_k(scaled, top_k)[0][:, -1:]
         scaled = jnp.where(scaled < kth, -jnp.inf, scaled)
-    step_key = jax.random.fold_in(key, step)
-    keys = jax.vmap(lambda r: jax.random.fold_in(step_key, r))(jnp.arange(logits.shape[0]))
+    keys = jax.vmap(lambda st, r: jax.random.fold_in(jax.random.fold_in(key, st), r))(steps, rows)
     return jax.vmap(jax.random.categorical)(keys, scaled).astype(jnp.int32)
 
 
-def _record(state: dict, token: jax.Array, eos: jax.Array, pad_id: jax.Array) -> dict:
-    """Write ``token [B]`` at column ``state['step']`` (``pad_id`` for finished rows) and advance."""
-    token = jnp.where(state["done"], pad_id, token)
-    out = jax.lax.dynamic_update_slice(state["out"], token[:, None], (0, state["step"]))
-    done = state["done"] | jnp.any(token[:, None] == eos[None, :], axis=-1)
-    return {**state, "out": out, "done": done, "tok": token, "step": state["step"] + 1}
+# ----------------------------------------------------------------------------------------------- decode slots
+#
+# Continuous batching: ``S`` decode slots share one KV cache ``k, v [L, S, T, KV, hd]``. A prompt is prefilled
+# (left-padded to its length bucket ``P``) into cache positions ``0 .. P-1`` of a free slot; each decode step
+# writes every running slot at its own position ``index [S]``. A slot whose row stops (EOS, length, or a stop
+# string found by the host) is handed the next waiting prompt instead of idling until the longest row ends.
+# Shapes are fixed per call (``S``, ``T``, ``N`` = new-token buffer) and prefill groups are bucketed, so the
+# programs compile once per bucket.
 
 
-# ----------------------------------------------------------------------------------------------- cached path
+def _empty_slots(cfg: ModelConfig, slots: int, cache_len: int, n_new: int, dtype, pad_id: int) -> dict:
+    """Decode state with every slot free: cache ``index [S]``, ``key_mask [S, T]``, ``out [S, N]``,
+    ``tok, pos, step, row [S]``, ``done [S]`` (True = free or stopped), the loop counter ``n`` and ``busy``
+    (slot-steps that decoded a running row)."""
+    cache = init_cache(cfg, slots, cache_len, dtype)
+    zeros = lambda: jnp.zeros((slots,), jnp.int32)  # noqa: E731  (distinct buffers: the state is donated)
+    return {"cache": {**cache, "index": zeros()}, "key_mask": jnp.zeros((slots, cache_len), jnp.int32),
+            "out": jnp.full((slots, n_new), pad_id, jnp.int32), "tok": zeros(), "pos": zeros(), "step": zeros(),
+            "row": zeros(), "done": jnp.ones((slots,), bool), "n": jnp.zeros((), jnp.int32),
+            "busy": jnp.zeros((), jnp.int32)}
 
-@partial(jax.jit, static_argnames=("cfg", "n_new", "top_k", "sample"))
-def _prefill(params: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.Array, done: jax.Array, eos: jax.Array,
-             pad_id: jax.Array, temperature: jax.Array, key: jax.Array, *, n_new: int, top_k: int,
-             sample: bool) -> dict:
-    """Run the prompt ``ids, mask [B, P]`` through the cache and pick the first new token.
 
-    Returns the decode state: cache (``max_len = P + n_new``), ``key_mask [B, max_len]``, ``out [B, n_new]``,
-    ``tok, pos [B]``, ``done [B]``, ``step`` (tokens written so far) and the sampling key.
-    """
-    b, p = ids.shape
-    cache = init_cache(cfg, b, p + n_new, params["embed"].dtype)
-    key_mask = jnp.concatenate([mask, jnp.ones((b, n_new), mask.dtype)], axis=1)
+@partial(jax.jit, static_argnames=("cfg", "top_k", "sample"), donate_argnames=("state",))
+def _admit(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, ids: jax.Array, mask: jax.Array,
+           slots: jax.Array, rows: jax.Array, max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *,
+           top_k: int, sample: bool) -> dict:
+    """Prefill the left-padded prompts ``ids, mask [n, P]`` into decode slots ``slots [n]`` (a slot index ``S``
+    marks a dummy row, dropped) and pick each one's first token; ``rows [n]`` are the prompts' indices."""
+    n, p = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    logits, cache = _prefill_last_logits(params, cfg, ids, positions, key_mask, cache)
-    state = {"cache": cache, "key_mask": key_mask, "out": jnp.zeros((b, n_new), jnp.int32), "done": done,
-             "tok": jnp.zeros((b,), jnp.int32), "pos": positions[:, -1] + 1, "step": jnp.zeros((), jnp.int32),
-             "key": key}
-    first = _choose(logits[:, -1], temperature, key, state["step"], top_k, sample)
-    return _record(state, first, eos, pad_id)
+    logits, kv = _prefill_last_logits(params, cfg, ids, positions, mask, init_cache(cfg, n, p, params["embed"].dtype))
+    first = _choose(logits[:, -1], temperature, key, jnp.zeros((n,), jnp.int32), rows, top_k, sample)
+    done = jnp.any(first[:, None] == eos[None, :], axis=-1) | (max_new <= 1)
+    cache_len, n_new = state["key_mask"].shape[1], state["out"].shape[1]
+    drop = dict(mode="drop")
+    cache = state["cache"]
+    cache = {"k": cache["k"].at[:, slots, :p].set(kv["k"].astype(cache["k"].dtype), **drop),
+             "v": cache["v"].at[:, slots, :p].set(kv["v"].astype(cache["v"].dtype), **drop),
+             "index": cache["index"].at[slots].set(p, **drop)}
+    out_rows = jnp.full((n, n_new), pad_id, jnp.int32).at[:, 0].set(first)
+    put = lambda name, value: state[name].at[slots].set(value, **drop)  # noqa: E731
+    return {**state, "cache": cache,
+            "key_mask": put("key_mask", jnp.pad(mask, ((0, 0), (0, cache_len - p)))),
+            "out": put("out", out_rows), "tok": put("tok", first), "pos": put("pos", positions[:, -1] + 1),
+            "step": put("step", jnp.ones((n,), jnp.int32)), "row": put("row", rows), "done": put("done", done)}
 
 
 def _prefill_last_logits(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array,
@@ -130,18 +148,41 @@ def _prefill_last_logits(params: Params, cfg: ModelConfig, ids: jax.Array, posit
     return logits, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + ids.shape[1]}
 
 
+def _slot_bias(cfg: ModelConfig, index: jax.Array, key_mask: jax.Array) -> jax.Array:
+    """Additive bias ``[S, 1, 1, T]`` for one query per slot at cache position ``index [S]``: keys the slot has
+    written (``key_mask``; later positions are still 0) and, with a sliding window, within the window."""
+    ok = key_mask > 0
+    if cfg.sliding_window is not None:
+        ok = ok & ((index[:, None] - jnp.arange(key_mask.shape[1])[None, :]) < cfg.sliding_window)
+    return jnp.where(ok, 0.0, _NEG)[:, None, None, :].astype(jnp.float32)
+
+
 @partial(jax.jit, static_argnames=("cfg", "top_k", "sample"), donate_argnames=("state",))
-def _decode(params: Params, cfg: ModelConfig, state: dict, until: jax.Array, eos: jax.Array, pad_id: jax.Array,
-            temperature: jax.Array, *, top_k: int, sample: bool) -> dict:
-    """Decode one token per step while ``step < until`` and some row is still running."""
+def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until: jax.Array, refill: jax.Array,
+            max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *, top_k: int,
+            sample: bool) -> dict:
+    """Decode one token per running slot per step while ``n < until``, some slot runs and (``refill``: prompts
+    are waiting) no slot has stopped."""
+    slots = state["done"].shape[0]
+    rows = jnp.arange(slots)
 
     def cond(s):
-        return (s["step"] < until) & ~jnp.all(s["done"])
+        return (s["n"] < until) & ~jnp.all(s["done"]) & ~(refill & jnp.any(s["done"]))
 
     def body(s):
-        logits, cache = forward_cached(params, cfg, s["tok"][:, None], s["pos"][:, None], s["key_mask"], s["cache"])
-        nxt = _choose(logits[:, -1], temperature, s["key"], s["step"], top_k, sample)
-        return _record({**s, "cache": cache, "pos": s["pos"] + 1}, nxt, eos, pad_id)
+        run = ~s["done"]
+        index = s["cache"]["index"]
+        key_mask = s["key_mask"].at[rows, index].set(1)
+        cos, sin = rope_cos_sin(cfg, s["pos"][:, None])
+        x, _, kv = _run_layers(params, cfg, embed(params, s["tok"][:, None]), cos, sin,
+                               _slot_bias(cfg, index, key_mask), capture=False, cache=s["cache"])
+        nxt = _choose(unembed(params, cfg, x[:, -1]), temperature, key, s["step"], s["row"], top_k, sample)
+        out = s["out"].at[rows, jnp.where(run, s["step"], s["out"].shape[1])].set(nxt, mode="drop")
+        stopped = jnp.any(nxt[:, None] == eos[None, :], axis=-1) | (s["step"] + 1 >= max_new)
+        inc = run.astype(jnp.int32)
+        return {**s, "cache": {"k": kv["k"], "v": kv["v"], "index": index + inc}, "key_mask": key_mask,
+                "out": out, "tok": jnp.where(run, nxt, s["tok"]), "pos": s["pos"] + inc, "step": s["step"] + inc,
+                "done": s["done"] | (run & stopped), "n": s["n"] + 1, "busy": s["busy"] + jnp.sum(inc)}
 
     return jax.lax.while_loop(cond, body, state)
 
@@ -171,7 +212,8 @@ def _reference_loop(params, cfg, ids, mask, done, eos, pad_id, temperature, key,
             out[:, step:] = int(pad_id)
             break
         logits = _full_logits_at(params, cfg, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.int32(p + step - 1))
-        tok = np.asarray(_choose_jit(logits, temperature, key, jnp.int32(step), top_k=top_k, sample=sample))
+        tok = np.asarray(_choose_jit(logits, temperature, key, jnp.full((b,), step, jnp.int32), jnp.arange(b),
+                                     top_k=top_k, sample=sample))
         tok = np.where(done, int(pad_id), tok)
         out[:, step] = tok
         buf[:, p + step], buf_mask[:, p + step] = tok, 1
@@ -184,36 +226,74 @@ def _reference_loop(params, cfg, ids, mask, done, eos, pad_id, temperature, key,
 def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_new_tokens: int,
              stop: Sequence[str] = (), eos_ids: Sequence[int] | None = None, temperature: float = 0.0,
              key: jax.Array | None = None, *, tokenizer=None, top_k: int = 0, pad_id: int | None = None,
-             use_cache: bool = True, chunk: int = 32) -> Generation:
+             use_cache: bool = True, chunk: int = 16, slots: int | None = None,
+             on_done: Callable[[list[int], Generation], None] | None = None,
+             stats: dict | None = None) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of up to ``max_new_tokens`` tokens per prompt.
 
     ``input_ids, attention_mask [B, T]``: left-padded prompts (mask 0 on padding). A row stops at its first token
     in ``eos_ids`` (default: the config's EOS ids; ``()`` never stops on EOS) or once its decoded text contains a
     string of ``stop`` (needs ``tokenizer``; the text is checked every ``chunk`` steps and cut before the stop
     string). Sampling needs ``key`` and is reproducible with it; ``top_k > 0`` samples among the k best tokens.
+
+    ``slots``: how many prompts decode at once (default: all of them, rounded to a batch bucket); prompts are
+    admitted in their order, and a stopped row's slot takes the next prompt at once. A prompt's tokens do not
+    depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called as prompts finish, with
+    their indices and a :class:`Generation` of those rows (e.g. to save completions as they come). ``stats``: a
+    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` and
+    ``occupancy`` (running slot-steps / all slot-steps); it waits for the device after each program to time it.
     Returns a :class:`Generation` (``tokens [B, max_new_tokens]``, ``lengths``, ``finish``, ``texts``).
     """
     ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
     stop = [s for s in ([stop] if isinstance(stop, str) else list(stop)) if s]
     if stop and tokenizer is None:
         raise ValueError("generate: stop strings need a tokenizer to decode the new text (pass tokenizer=...).")
+    if slots is not None and slots < 1:
+        raise ValueError(f"generate: slots must be >= 1, got {slots}.")
     greedy = float(temperature) <= 0.0
     if not greedy and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a PRNG key, e.g. key=jax.random.key(0).")
     eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
     pad = int(pad_id if pad_id is not None else (eos[0] if eos else 0))
     b = ids.shape[0]
-    ids_b, mask_b, done_b = _pad_to_buckets(ids, mask, pad)
     n_new = _round_new(max_new_tokens)
     consts = dict(eos=_eos_array(eos), pad_id=jnp.int32(pad), temperature=jnp.float32(max(temperature, 1e-6)))
     key = key if key is not None else jax.random.key(0)
-    if use_cache:
-        out = _run_cached(params, cfg, ids_b, mask_b, done_b, key, n_new, max_new_tokens, stop, tokenizer, chunk,
-                          top_k, not greedy, consts, b)
-    else:
+    tails = (ids[:, -8:], mask[:, -8:])
+    finish = partial(_finish, eos=eos, pad=pad, stop=stop, tokenizer=tokenizer)
+    if not use_cache:
+        ids_b, mask_b, done_b = _pad_to_buckets(ids, mask, pad)
         out = _reference_loop(params, cfg, ids_b, mask_b, done_b, consts["eos"], consts["pad_id"],
                               consts["temperature"], key, n_new, max_new_tokens, top_k, not greedy)
-    return _finish(out[:b, :max_new_tokens], ids[:, -8:], mask[:, -8:], eos, pad, stop, tokenizer)
+        gen = finish(out[:b, :max_new_tokens], *tails)
+        if on_done is not None:
+            on_done(list(range(b)), gen)
+        return gen
+    parts: list[tuple[list[int], Generation]] = []
+
+    def harvest(rows: list[int], tokens: np.ndarray) -> None:
+        part = finish(tokens[:, :max_new_tokens], tails[0][rows], tails[1][rows])
+        parts.append((rows, part))
+        if on_done is not None:
+            on_done(rows, part)
+
+    _run_slots(params, cfg, ids, mask, key, n_new, max_new_tokens, slots or round_batch(b), stop, tokenizer, chunk,
+               top_k, not greedy, consts, harvest, stats)
+    return _gather(parts, b, max_new_tokens, tokenizer is not None)
+
+
+def _gather(parts: list[tuple[list[int], Generation]], b: int, n: int, with_text: bool) -> Generation:
+    """One :class:`Generation` of ``b`` rows from the parts finished in any order."""
+    tokens, lengths = np.zeros((b, n), np.int32), np.zeros(b, np.int64)
+    finish: list[str] = [""] * b
+    texts: list[str] | None = [""] * b if with_text else None
+    for rows, g in parts:
+        tokens[rows], lengths[rows] = g.tokens, g.lengths
+        for j, r in enumerate(rows):
+            finish[r] = g.finish[j]
+            if texts is not None:
+                texts[r] = g.texts[j]
+    return Generation(tokens=tokens, lengths=lengths, finish=finish, texts=texts)
 
 
 def _check_inputs(input_ids, attention_mask, max_new_tokens: int) -> tuple[np.ndarray, np.ndarray]:
@@ -248,34 +328,95 @@ def _eos_array(eos: tuple[int, ...]) -> jax.Array:
     return jnp.asarray(list(eos) + [-1] * (size - len(eos)), jnp.int32)
 
 
-def _run_cached(params, cfg, ids, mask, done, key, n_new, max_new, stop, tokenizer, chunk, top_k, sample, consts,
-                b):
-    """Prefill, then decode in chunks (one chunk when there are no stop strings). Returns ``out [Bb, n_new]``."""
-    state = _prefill(params, cfg, jnp.asarray(ids), jnp.asarray(mask), jnp.asarray(done), key=key, n_new=n_new,
-                     top_k=top_k, sample=sample, **consts)
-    step = 1
-    prompt_tail = (ids[:, -8:], mask[:, -8:])
-    while step < max_new:
-        until = max_new if not stop else min(max_new, step + chunk)
-        state = _decode(params, cfg, state, jnp.int32(until), top_k=top_k, sample=sample, **consts)
-        step = int(state["step"])
+def _run_slots(params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, tokenizer, chunk, top_k, sample, consts,
+               harvest, stats: dict | None = None) -> None:
+    """Continuous batching over ``n_slots`` decode slots: admit waiting prompts into free slots, decode until a
+    slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand finished rows to
+    ``harvest(rows, tokens [n, N])``, repeat until every prompt is done."""
+    b = ids.shape[0]
+    lengths = mask.sum(axis=1)
+    cache_len = round_length(int(lengths.max())) + n_new
+    state = _empty_slots(cfg, n_slots, cache_len, n_new, params["embed"].dtype, int(consts["pad_id"]))
+    waiting = list(range(b))[::-1]  # popped from the end: prompts are admitted in their order
+    owner = np.full(n_slots, -1)
+    max_new_j = jnp.int32(max_new)
+    compiled = dict(top_k=top_k, sample=sample)
+    clock = _Clock(stats, n_slots)
+    while True:
+        free = np.flatnonzero(owner < 0)
+        if waiting and free.size:
+            take = [waiting.pop() for _ in range(min(free.size, len(waiting)))]
+            state = _admit(params, cfg, state, key, *_admission(ids, mask, lengths, take, free, n_slots, consts),
+                           max_new_j, **consts, **compiled)
+            clock.lap("prefill_s", state)
+            owner[free[:len(take)]] = take
+        if (owner < 0).all():
+            clock.close(state)
+            return
+        until = int(state["n"]) + (chunk if stop else n_new)
+        state = _decode(params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j, **consts,
+                        **compiled)
+        clock.lap("decode_s", state)
+        done, out, step = np.array(state["done"]), np.asarray(state["out"]), np.asarray(state["step"])
         if stop:
-            newly = _rows_hitting_stop(np.asarray(state["out"][:b, :step]), np.asarray(state["done"][:b]),
-                                       prompt_tail, consts, stop, tokenizer)
-            if newly.any():
-                state = {**state, "done": state["done"] | jnp.asarray(np.pad(newly, (0, ids.shape[0] - b)))}
-        if bool(jnp.all(state["done"])):
-            break
-    return np.asarray(state["out"])
+            busy = np.flatnonzero((owner >= 0) & ~done)
+            hit = [s for s in busy if _hits_stop(tokenizer, ids[owner[s], -8:], mask[owner[s], -8:],
+                                                 out[s, :step[s]], stop)]
+            if hit:
+                done[hit] = True
+                state = {**state, "done": jnp.asarray(done)}
+        ended = np.flatnonzero((owner >= 0) & done)
+        if ended.size:
+            harvest([int(owner[s]) for s in ended], out[ended])
+            owner[ended] = -1
+        clock.lap("host_s", None)
 
 
-def _rows_hitting_stop(out: np.ndarray, done: np.ndarray, prompt_tail, consts, stop, tokenizer) -> np.ndarray:
-    """Rows still running whose decoded new text contains a stop string."""
-    hit = np.zeros(out.shape[0], bool)
-    for r in np.flatnonzero(~done):
-        text = _decode_new(tokenizer, prompt_tail[0][r], prompt_tail[1][r], out[r])
-        hit[r] = any(s in text for s in stop)
-    return hit
+class _Clock:
+    """Wall time of the prefills, decode loops and host work of :func:`_run_slots` into ``stats`` (a no-op without
+    it: timing waits for the device, which would otherwise overlap with the host)."""
+
+    def __init__(self, stats: dict | None, slots: int):
+        self.stats, self.t = stats, time.perf_counter()
+        if stats is not None:
+            stats.update(prefill_s=0.0, decode_s=0.0, host_s=0.0, slots=slots)
+
+    def lap(self, name: str, state: dict | None) -> None:
+        if self.stats is None:
+            return
+        if state is not None:
+            jax.block_until_ready(state["done"])
+        now = time.perf_counter()
+        self.stats[name] += now - self.t
+        self.t = now
+
+    def close(self, state: dict) -> None:
+        if self.stats is not None:
+            steps, busy = int(state["n"]), int(state["busy"])
+            self.stats.update(decode_steps=steps, busy_slot_steps=busy,
+                              occupancy=busy / max(1, steps * self.stats["slots"]))
+
+
+def _admission(ids, mask, lengths, take, free, n_slots, consts) -> tuple:
+    """``ids, mask [n, P], slots [n], rows [n]`` for prompts ``take`` going into slots ``free``: each prompt
+    left-padded to the group's length bucket, the group padded to a batch bucket with dummies (slot ``S``)."""
+    n, p = round_batch(len(take)), round_length(int(lengths[take].max()))
+    pad = int(consts["pad_id"])
+    g_ids, g_mask = np.full((n, p), pad, np.int32), np.zeros((n, p), np.int32)
+    slots, rows = np.full(n, n_slots, np.int32), np.zeros(n, np.int32)
+    for j in range(n):
+        r = take[j] if j < len(take) else take[0]  # dummies copy the first prompt; their slot is dropped
+        keep = ids[r][mask[r] > 0]
+        g_ids[j, p - keep.size:], g_mask[j, p - keep.size:] = keep, 1
+        if j < len(take):
+            slots[j], rows[j] = free[j], r
+    return jnp.asarray(g_ids), jnp.asarray(g_mask), jnp.asarray(slots), jnp.asarray(rows)
+
+
+def _hits_stop(tokenizer, tail_ids: np.ndarray, tail_mask: np.ndarray, new: np.ndarray, stop) -> bool:
+    """Whether the decoded new text contains a stop string."""
+    text = _decode_new(tokenizer, tail_ids, tail_mask, new)
+    return any(s in text for s in stop)
 
 
 def _decode_new(tokenizer, tail_ids: np.ndarray, tail_mask: np.ndarray, new: Sequence[int]) -> str:
@@ -288,7 +429,7 @@ def _decode_new(tokenizer, tail_ids: np.ndarray, tail_mask: np.ndarray, new: Seq
     return full[len(head):] if full.startswith(head) else tokenizer.decode(new, skip_special_tokens=True)
 
 
-def _finish(out: np.ndarray, tail_ids, tail_mask, eos, pad, stop, tokenizer) -> Generation:
+def _finish(out: np.ndarray, tail_ids, tail_mask, *, eos, pad, stop, tokenizer) -> Generation:
     """Cut every row at EOS or at its stop string; decode texts when a tokenizer is given."""
     out = out.copy()
     lengths = np.zeros(out.shape[0], np.int64)

@@ -313,6 +313,52 @@ class GGUFSource:
         return w
 
 
+# ----------------------------------------------------------------------------------------------- dequantized cache
+
+_CACHE_FORMAT = 1  # bump when the dequantized layout changes, so old cache entries are not reused
+
+
+def dequantized_cache_enabled() -> bool:
+    """``PKTJAX_GGUF_CACHE=0`` turns the dequantized-weights cache off."""
+    return os.environ.get("PKTJAX_GGUF_CACHE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def gguf_cache_key(path: Path) -> str:
+    """A key for a GGUF file's contents without reading all of it: size, mtime and the sha256 of its first and
+    last MiB (a re-downloaded or edited file gets a new key)."""
+    import hashlib
+
+    st = path.stat()
+    h = hashlib.sha256(f"{_CACHE_FORMAT}:{st.st_size}:{st.st_mtime_ns}:".encode())
+    with open(path, "rb") as fh:
+        h.update(fh.read(1 << 20))
+        fh.seek(max(0, st.st_size - (1 << 20)))
+        h.update(fh.read(1 << 20))
+    return h.hexdigest()[:24]
+
+
+def cached_source(path: Path, source: "GGUFSource", home: Path):
+    """``source`` dequantized once into ``home/dequantized/<file stem>-<key>/model.safetensors`` (float32, written
+    to a temporary name and renamed), then read from that file through a memory map on every later load.
+    Returns a :class:`pktjax.checkpoint.SafetensorsSource`."""
+    from pktjax.checkpoint import SafetensorsSource
+    from pktjax.safetensors_io import write_safetensors_stream
+
+    folder = home / "dequantized" / f"{path.stem}-{gguf_cache_key(path)}"
+    target = folder / "model.safetensors"
+    if not target.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = folder / f".model.safetensors.{os.getpid()}.tmp"
+        names = source.names()
+        try:
+            write_safetensors_stream(tmp, [(n, source.shape(n), np.float32) for n in names], source.get,
+                                     {"format": "pt", "source": path.name})
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return SafetensorsSource(folder)
+
+
 def hf_name(name: str) -> str | None:
     """Hugging Face name of a GGUF tensor name (``blk.3.ffn_up.weight`` -> ``model.layers.3.mlp.up_proj.weight``)."""
     if name in _TOP_NAMES:

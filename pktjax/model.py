@@ -165,10 +165,11 @@ def _layer_lora(lora: dict | None, name: str) -> dict | None:
 
 
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
-              cache: tuple[jax.Array, jax.Array, jax.Array] | None = None,
+              cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
               lora: dict | None = None, spec: LoraSpec | None = None):
-    """Self-attention of one layer. ``x [B, T, d]``; returns ``(out [B, T, d], ctx [B, T, H, hd],
-    probs [B, H, T, S], v [B, S, KV, hd], new_cache)``."""
+    """Self-attention of one layer. ``x [B, T, d]``; ``cache = (k, v [L, B, S, KV, hd], index, layer)``: the whole
+    KV cache, written at slots ``index`` (``[]`` or per row ``[B]``) of layer ``layer``. Returns ``(out [B, T, d],
+    ctx [B, T, H, hd], probs [B, H, T, S], v [B, S, KV, hd], new_cache (k, v) or None)``."""
     b, t, _ = x.shape
     hd, n_kv, group = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
 
@@ -179,11 +180,12 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     k = apply_rope(proj("k_proj", 2).reshape(b, t, n_kv, hd), cos, sin)
     v = proj("v_proj", 3).reshape(b, t, n_kv, hd)
     new_cache = None
-    if cache is not None:
-        k_cache, v_cache, index = cache
-        k = jax.lax.dynamic_update_slice(k_cache, k.astype(k_cache.dtype), (0, index, 0, 0))
-        v = jax.lax.dynamic_update_slice(v_cache, v.astype(v_cache.dtype), (0, index, 0, 0))
-        new_cache = (k, v)
+    if cache is not None:  # the whole stack: only the new positions are written, in place
+        k_all, v_all, index, layer = cache
+        k_all, v_all = _write_cache(k_all, k, index, layer), _write_cache(v_all, v, index, layer)
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+        new_cache = (k_all, v_all)
     qg = q.reshape(b, t, n_kv, group, hd)
     scores = _dot("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
     scores = scores + bias[:, :, None]
@@ -191,6 +193,16 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     ctx = _dot("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
     out = linear(ctx.reshape(b, t, cfg.q_dim), lp["o_proj"], lora=_layer_lora(lora, "o_proj"), spec=spec, salt=4)
     return out, ctx, probs.reshape(b, cfg.num_heads, t, -1), v, new_cache
+
+
+def _write_cache(buf: jax.Array, new: jax.Array, index: jax.Array, layer: jax.Array) -> jax.Array:
+    """Write ``new [B, T, KV, hd]`` into layer ``layer`` of ``buf [L, B, S, KV, hd]`` from slot ``index``: the
+    same slot for every row (``index []``), or each row from its own slot (``index [B]``, continuous batching)."""
+    new = new.astype(buf.dtype)
+    if index.ndim == 0:
+        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, index, 0, 0))
+    b, t = new.shape[:2]
+    return buf.at[layer, jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)[None, :]].set(new)
 
 
 def mlp(lp: Params, x: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None):
@@ -221,30 +233,28 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
     xs: dict[str, Any] = {"p": params["layers"], "i": jnp.arange(cfg.num_layers)}
     if layer_lora:
         xs["lora"] = layer_lora
-    if cache is not None:
-        xs["k"], xs["v"] = cache["k"], cache["v"]
 
-    def step(h, inp):
+    def step(carry, inp):
+        h, kv_all = carry  # kv_all: the whole cache stack, carried so that each step writes only new positions
         lp, lspec = inp["p"], _fold_layer(spec, inp["i"])
         ll = {"layers": inp["lora"]} if "lora" in inp else None
-        kv = (inp["k"], inp["v"], cache["index"]) if cache is not None else None
+        kv = (*kv_all, cache["index"], inp["i"]) if cache is not None else None
         normed = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
         a, ctx, probs, v, new_kv = attention(lp, cfg, normed, cos, sin, bias, kv, ll, lspec)
         r = h + a
         f, coeff = mlp(lp, rms_norm(r, lp["post_attn_norm"], cfg.rms_norm_eps), ll, lspec)
         out = r + f
         ys: dict[str, Any] = {}
-        if new_kv is not None:
-            ys["k"], ys["v"] = new_kv
         if capture:
             ys["trace"] = _last_position(cfg, h, a, r, f, coeff, ctx, probs, v)
         if modules:
             ys["modules"] = _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, ll, lspec)
-        return out, ys
+        return (out, new_kv), ys
 
-    x, ys = jax.lax.scan(step, x, xs)
+    kv0 = (cache["k"], cache["v"]) if cache is not None else None
+    (x, kv), ys = jax.lax.scan(step, (x, kv0), xs)
     captured = ys.get("trace") if not modules else {**ys.get("trace", {}), "modules": ys["modules"]}
-    return x, captured, ({"k": ys["k"], "v": ys["v"]} if cache is not None else None)
+    return x, captured, ({"k": kv[0], "v": kv[1]} if cache is not None else None)
 
 
 def _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, ll, spec) -> dict[str, jax.Array]:

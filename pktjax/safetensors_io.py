@@ -12,7 +12,7 @@ import mmap
 import os
 import struct
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Sequence
 
 import ml_dtypes
 import numpy as np
@@ -87,20 +87,32 @@ class SafetensorsFile:
 def write_safetensors(path: str | Path, tensors: Iterable[tuple[str, np.ndarray]],
                       metadata: dict[str, str] | None = None) -> None:
     """Write ``(name, array)`` pairs to ``path``; arrays must be materialised numpy (any DTYPES dtype)."""
-    items = [(k, np.ascontiguousarray(v)) for k, v in tensors]
+    items = {k: np.ascontiguousarray(v) for k, v in tensors}
+    write_safetensors_stream(path, [(k, v.shape, v.dtype) for k, v in items.items()], items.__getitem__, metadata)
+
+
+def write_safetensors_stream(path: str | Path, specs: Sequence[tuple[str, Sequence[int], np.dtype]],
+                             get: Callable[[str], np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write tensors ``specs = [(name, shape, dtype)]`` to ``path``, calling ``get(name)`` for one array at a
+    time (so a model larger than memory can be written)."""
     header: dict = {"__metadata__": metadata or {"format": "pt"}}
     offset = 0
-    for name, arr in items:
-        if arr.dtype not in CODES:
-            raise CheckpointError(f"cannot write tensor {name!r} of dtype {arr.dtype} to safetensors.")
-        header[name] = {"dtype": CODES[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + arr.nbytes]}
-        offset += arr.nbytes
+    for name, shape, dtype in specs:
+        dtype = np.dtype(dtype)
+        if dtype not in CODES:
+            raise CheckpointError(f"cannot write tensor {name!r} of dtype {dtype} to safetensors.")
+        nbytes = dtype.itemsize * int(np.prod(shape, dtype=np.int64))
+        header[name] = {"dtype": CODES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)
     with open(path, "wb") as fh:
         fh.write(struct.pack("<Q", len(raw)))
         fh.write(raw)
-        for _, arr in items:
+        for name, shape, dtype in specs:
+            arr = np.ascontiguousarray(get(name), dtype=dtype)
+            if arr.shape != tuple(shape):
+                raise CheckpointError(f"tensor {name!r}: shape {arr.shape}, announced {tuple(shape)}.")
             fh.write(arr.tobytes())
         fh.flush()
         os.fsync(fh.fileno())

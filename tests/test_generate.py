@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pktjax
-from pktjax.generate import _decode, _prefill, generate
+from pktjax.generate import _admit, _decode, generate
 from pktjax.tokenizer import load_tokenizer
 from tests.tiny import FAMILIES, VOCAB, torch_model
 
@@ -75,11 +75,11 @@ def test_eos_stops_each_row_like_transformers(tiny_dir):
 def test_one_compile_per_bucket(tiny_dir):
     model = pktjax.load_model(tiny_dir("llama2"))
     generate(model.params, model.config, *_prompts(), NEW, eos_ids=(EOS,), pad_id=PAD)
-    sizes = (_prefill._cache_size(), _decode._cache_size())
+    sizes = (_admit._cache_size(), _decode._cache_size())
     for lengths, new in (((230, 199, 256, 210), 40), ((250,) * 3, 17), ((220, 201, 199), 64)):  # same buckets
         generate(model.params, model.config, *_prompts(lengths, seed=len(lengths)), new, eos_ids=(EOS,),
                  pad_id=PAD)
-    assert (_prefill._cache_size(), _decode._cache_size()) == sizes
+    assert (_admit._cache_size(), _decode._cache_size()) == sizes
 
 
 def test_sampling_is_reproducible_with_a_key(tiny_dir):
@@ -126,3 +126,55 @@ def test_bad_inputs_are_refused(tiny_dir):
         generate(model.params, model.config, ids, right_padded, 4)
     with pytest.raises(ValueError, match="tokenizer"):
         generate(model.params, model.config, ids, mask, 4, stop=["x"])
+
+
+def test_continuous_batching_equals_one_batch_and_transformers(tiny_dir):
+    """Seven prompts through two decode slots: rows stop at different steps (a frequent token is EOS), freed
+    slots take the next prompt, and every row's tokens equal transformers' on the whole batch at once."""
+    folder = tiny_dir("mistral")  # GQA + sliding window
+    model = pktjax.load_model(folder)
+    ids, mask = _prompts((200, 37, 150, 64, 100, 180, 12), seed=3)
+    free = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
+    stop_tok = int(free.tokens[1, 3])
+    done, stats = [], {}
+    slotted = generate(model.params, model.config, ids, mask, NEW, eos_ids=(stop_tok,), pad_id=PAD, slots=2,
+                       on_done=lambda rows, g: done.extend(zip(rows, g.tokens.tolist())), stats=stats)
+    # every kept token but each row's first (picked by the prefill) took one running slot-step of the decode loop
+    assert stats["busy_slot_steps"] == slotted.lengths.sum() - 7
+    assert stats["occupancy"] == stats["busy_slot_steps"] / (2 * stats["decode_steps"]) and stats["slots"] == 2
+    ref = _hf_generate(folder, ids, mask, eos=stop_tok)
+    np.testing.assert_array_equal(slotted.tokens, ref)
+    assert len(set(slotted.lengths.tolist())) > 1  # the rows really stopped at different steps
+    assert sorted(r for r, _ in done) == list(range(7))
+    for r, toks in done:  # the rows handed out as they finished are the final ones
+        assert toks == slotted.tokens[r].tolist()
+    whole = generate(model.params, model.config, ids, mask, NEW, eos_ids=(stop_tok,), pad_id=PAD)
+    np.testing.assert_array_equal(whole.tokens, ref)
+
+
+def test_sampling_does_not_depend_on_slots(tiny_dir):
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts((200, 37, 150, 64, 100), seed=4)
+    kw = dict(eos_ids=(), pad_id=PAD, temperature=1.5, key=jax.random.key(7))
+    one = generate(model.params, model.config, ids, mask, NEW, **kw)
+    two = generate(model.params, model.config, ids, mask, NEW, slots=2, **kw)
+    ref = generate(model.params, model.config, ids, mask, NEW, use_cache=False, **kw)
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    np.testing.assert_array_equal(one.tokens, ref.tokens)
+
+
+def test_stop_strings_with_slots_match_one_batch(tiny_dir):
+    folder = tiny_dir("llama2")
+    model, tok = pktjax.load_model(folder), load_tokenizer(folder)
+    ids, mask = _prompts((200, 37, 150, 64, 100), seed=5)
+    full = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, tokenizer=tok)
+    text = full.texts[0]
+    stop = next(text[i] for i in range(3, len(text)) if text[i] != "\ufffd" and text[i].strip())
+    kw = dict(stop=[stop], eos_ids=(), pad_id=PAD, tokenizer=tok, chunk=4)
+    one = generate(model.params, model.config, ids, mask, NEW, **kw)
+    two = generate(model.params, model.config, ids, mask, NEW, slots=2, **kw)
+    assert one.texts == two.texts == [t.split(stop)[0] for t in full.texts]
+    np.testing.assert_array_equal(one.tokens, two.tokens)
+    assert one.finish == two.finish and "stop" in one.finish
+    with pytest.raises(ValueError, match="slots"):
+        generate(model.params, model.config, ids, mask, NEW, slots=0)

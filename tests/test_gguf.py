@@ -267,7 +267,7 @@ def test_chunked_threaded_dequantization_is_exact(gguf_file, monkeypatch):
 
     monkeypatch.setattr(gguf_io, "_CHUNK_ROWS", 7)  # the 260-row embedding goes in 38 chunks over threads
     _, path, decoded = gguf_file("qwen2", Q.Q8_0)
-    model = pktjax.load_model(path)
+    model = pktjax.load_model(path, cache_gguf=False)  # dequantize now, not read a cached copy
     np.testing.assert_array_equal(np.asarray(model.params["embed"]), decoded["model.embed_tokens.weight"])
 
 
@@ -312,3 +312,29 @@ def test_tokenizer_from_gguf_is_cached(gguf_file, tmp_path, monkeypatch):
     again = pktjax.load_tokenizer(path)
     text = "def f(x):\n    return x + 1  # wörld"
     assert again(text)["input_ids"] == first(text)["input_ids"] and again.eos_token_id == first.eos_token_id
+
+
+def test_dequantized_gguf_is_cached_once(gguf_file, tmp_path, monkeypatch):
+    """The first load writes the dequantized weights under $PKTJAX_HOME/dequantized; later loads read them back
+    (bit-identical, no dequantization) and PKTJAX_GGUF_CACHE=0 bypasses the cache."""
+    from pktjax import gguf_io
+
+    monkeypatch.setenv("PKTJAX_HOME", str(tmp_path))
+    _, path, decoded = gguf_file("qwen2", Q.Q8_0)
+    first = pktjax.load_model(path)
+    files = list((tmp_path / "dequantized").glob("*/model.safetensors"))
+    assert len(files) == 1 and not list((tmp_path / "dequantized").glob("*/.*tmp"))
+
+    def refuse(*a, **k):
+        raise AssertionError("dequantized again")
+
+    monkeypatch.setattr(gguf_io, "_dequantize", refuse)
+    again = pktjax.load_model(path)
+    for (name, arr), (_, ref) in zip(iter_hf_tensors(again.params, again.config),
+                                     iter_hf_tensors(first.params, first.config)):
+        np.testing.assert_array_equal(arr, ref, err_msg=name)
+        np.testing.assert_array_equal(arr, decoded[name], err_msg=name)
+    assert again.config == first.config
+    monkeypatch.setenv("PKTJAX_GGUF_CACHE", "0")
+    with pytest.raises(AssertionError, match="dequantized again"):
+        pktjax.load_model(path)

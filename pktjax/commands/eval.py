@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "instead of a model (humaneval, mbpp)")
     p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
-    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--batch-size", type=int, default=8,
+                   help="decode slots of the continuous batching (generation tasks) or forward batch (MMLU)")
     p.add_argument("--prompt-format", choices=("paper", "chat_template"), default="paper",
                    help="the paper's <|user|> chat format, or the model's own chat template (tokenizer or GGUF)")
     p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
