@@ -316,7 +316,7 @@ def output_width(cfg: ModelConfig, module: str) -> int:
     """Width of a module's output."""
     widths = {"q_proj": cfg.q_dim, "k_proj": cfg.kv_dim, "v_proj": cfg.kv_dim, "o_proj": cfg.hidden_size,
               "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size, "down_proj": cfg.hidden_size,
-              "coeff": cfg.intermediate_size}
+              "coeff": cfg.intermediate_size, "output": cfg.hidden_size}
     if module not in widths:
         raise ConfigError(f"unknown module {module!r}; choose from {sorted(widths)}.")
     return widths[module]

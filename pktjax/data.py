@@ -97,10 +97,12 @@ def prompt_and_response(ex: dict[str, Any]) -> tuple[str, str]:
 
 @dataclass(frozen=True)
 class Tokenized:
-    """One tokenized example: ``ids [T]`` and ``labels [T]`` (``IGNORE`` where there is no loss)."""
+    """One tokenized example: ``ids [T]`` and ``labels [T]`` (``IGNORE`` where there is no loss); ``extra [T, k]``
+    optionally carries per-token float values along (SemAlign's layer targets)."""
 
     ids: np.ndarray
     labels: np.ndarray
+    extra: np.ndarray | None = None
 
 
 def _encode(tokenizer, text: str, add_special_tokens: bool = False) -> list[int]:
@@ -135,19 +137,23 @@ def tokenize_seeking(tokenizer, ex: dict[str, Any], cutoff_len: int = 2048) -> T
 
 @dataclass(frozen=True)
 class Batch:
-    """Left-padded batch: ``ids, mask, labels [B, T]`` (numpy)."""
+    """Left-padded batch: ``ids, mask, labels [B, T]`` (numpy); ``extra [B, T, k]`` when the items carry one."""
 
     ids: np.ndarray
     mask: np.ndarray
     labels: np.ndarray
+    extra: np.ndarray | None = None
 
 
 def pad_left(items: Sequence[Tokenized], pad_id: int, length: int | None = None) -> Batch:
-    """Left-pad to ``length`` (default: the longest item) with ``pad_id``; pads get mask 0 and label ``IGNORE``."""
+    """Left-pad to ``length`` (default: the longest item) with ``pad_id``; pads get mask 0 and label ``IGNORE``
+    (and ``extra`` 0; an item without ``extra`` beside items with one, e.g. a filler row, gets zeros)."""
     length = length or max(len(t.ids) for t in items)
     ids = np.full((len(items), length), pad_id, np.int32)
     labels = np.full((len(items), length), IGNORE, np.int32)
     mask = np.zeros((len(items), length), np.int32)
+    width = next((t.extra.shape[-1] for t in items if t.extra is not None), None)
+    extra = None if width is None else np.zeros((len(items), length, width), np.float32)
     for i, t in enumerate(items):
         n = len(t.ids)
         if n > length:
@@ -155,7 +161,9 @@ def pad_left(items: Sequence[Tokenized], pad_id: int, length: int | None = None)
         ids[i, length - n:] = t.ids
         labels[i, length - n:] = t.labels
         mask[i, length - n:] = 1
-    return Batch(ids, mask, labels)
+        if extra is not None and t.extra is not None and n:
+            extra[i, length - n:] = t.extra
+    return Batch(ids, mask, labels, extra)
 
 
 def bucket_length(n: int, multiple: int = 64) -> int:

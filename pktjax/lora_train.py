@@ -15,6 +15,10 @@ With ``mesh=`` (SPEC §7) the frozen base, the adapter and the optimizer state a
 steps are jitted with explicit in/out shardings (accumulate donates the running sums, the update the adapter and
 optimizer state). Only process 0 writes ``train_config.json`` and ``metrics.jsonl`` and shows the progress bar;
 every process takes part in the orbax saves.
+
+:func:`fit` is that loop for any trainable pytree and loss (an *objective*); :func:`train` is the LoRA case.
+SemAlign (:mod:`pktjax.semalign`) trains one student layer through it, so both share batching, the optimizer,
+checkpoints and resumption.
 """
 
 from __future__ import annotations
@@ -114,29 +118,37 @@ def micro_batches(items: Sequence[Tokenized], indices: Sequence[int], micro: int
     return out
 
 
-def _sums(lora: LoRA, base: Params, cfg: ModelConfig, batch: tuple[jax.Array, ...], spec: LoraSpec):
-    ids, mask, labels = batch
+def lora_objective(lora: LoRA, base: Params, cfg: ModelConfig, batch: tuple[jax.Array, ...], spec: LoraSpec):
+    """The LoRA loss: ``(summed response-token cross-entropy, token count)`` of ``batch = (ids, mask, labels)``
+    ``[B, T]`` under ``base + lora``.
+
+    An objective is any hashable callable ``(trainable, base, cfg, batch, spec) -> (loss sum, token count)``
+    whose loss is a sum over tokens (so the token mean of a batch does not depend on its micro-batches);
+    ``batch`` ends with ``extra [B, T, k]`` when the items carry one."""
+    ids, mask, labels = batch[:3]
     total, n = token_cross_entropy(forward(base, cfg, ids, mask, lora=lora, lora_spec=spec), labels)
     return total.sum(), n.sum()
 
 
-def _add_micro(acc: dict, lora: LoRA, base: Params, batch: tuple[jax.Array, ...], where: jax.Array,
-               cfg: ModelConfig, scale: float, dropout: float) -> dict:
+def _add_micro(acc: dict, trainable: Any, base: Params, batch: tuple[jax.Array, ...], where: jax.Array,
+               cfg: ModelConfig, scale: float, dropout: float, objective: Callable = lora_objective) -> dict:
     """Add one micro-batch's summed loss, token count and gradient of the summed loss to ``acc``.
-    ``batch``: ``ids, mask, labels [B, T]``; ``where = [seed, step, micro-batch index]`` seeds the dropout."""
+    ``batch``: ``ids, mask, labels [B, T]`` (+ ``extra``); ``where = [seed, step, micro-batch index]`` seeds the
+    dropout."""
     rng = jax.random.fold_in(jax.random.fold_in(jax.random.key(where[0]), where[1]), where[2])
     spec = LoraSpec(scale=scale, dropout=dropout, rng=rng)
-    (loss, n), grads = jax.value_and_grad(_sums, has_aux=True)(lora, base, cfg, batch, spec)
+    (loss, n), grads = jax.value_and_grad(objective, has_aux=True)(trainable, base, cfg, batch, spec)
     return {"grads": jax.tree.map(jnp.add, acc["grads"], grads), "loss": acc["loss"] + loss,
             "tokens": acc["tokens"] + n}
 
 
-_accumulate = jax.jit(_add_micro, static_argnums=(5, 6, 7), donate_argnums=0)
+_accumulate = jax.jit(_add_micro, static_argnums=(5, 6, 7, 8), donate_argnums=0)
 
 
-@partial(jax.jit, static_argnames=("cfg", "scale"))
-def _eval_sums(lora: LoRA, base: Params, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, scale: float):
-    return _sums(lora, base, cfg, batch, LoraSpec(scale=scale))
+@partial(jax.jit, static_argnames=("cfg", "scale", "objective"))
+def _eval_sums(trainable: Any, base: Params, batch: tuple[jax.Array, ...], *, cfg: ModelConfig, scale: float,
+               objective: Callable = lora_objective):
+    return objective(trainable, base, cfg, batch, LoraSpec(scale=scale))
 
 
 def _apply(lora: LoRA, opt_state, acc: dict, step: jax.Array, tc: TrainConfig, total_steps: int):
@@ -159,7 +171,8 @@ def _step_fns(mesh: Mesh | None) -> tuple[Callable, Callable]:
     the rules (batch split over ``(data, fsdp)``; the sums, then the adapter and optimizer state donated)."""
     if mesh is None:
         return _accumulate, _update
-    return (S.cached_sharded_jit(_add_micro, mesh, static_argnums=(5, 6, 7), batch_argnums=(3,), donate_argnums=(0,)),
+    return (S.cached_sharded_jit(_add_micro, mesh, static_argnums=(5, 6, 7, 8), batch_argnums=(3,),
+                                 donate_argnums=(0,)),
             S.cached_sharded_jit(_apply, mesh, static_argnums=(4, 5), donate_argnums=(0, 1)))
 
 
@@ -175,9 +188,10 @@ def _zero_acc(lora: LoRA) -> dict:
 
 
 def _device_batch(batch: Batch, mesh: Mesh | None = None) -> tuple[jax.Array, ...]:
-    """``(ids, mask, labels)`` ``[B, T]`` on the default device, or with rows split over the mesh's batch axes."""
+    """``(ids, mask, labels)`` ``[B, T]`` (+ ``extra [B, T, k]``) on the default device, or with rows split over
+    the mesh's batch axes."""
     chex.assert_equal_shape([batch.ids, batch.mask, batch.labels])
-    arrays = (batch.ids, batch.mask, batch.labels)
+    arrays = (batch.ids, batch.mask, batch.labels) + (() if batch.extra is None else (batch.extra,))
     return tuple(map(jnp.asarray, arrays)) if mesh is None else S.shard_batch(arrays, mesh)
 
 
@@ -190,17 +204,18 @@ def cast_base(base: Params, dtype: str) -> Params:
 
 
 def evaluate(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], *, scale: float, pad_id: int,
-             micro_batch: int = 8, bucket: int = 64) -> float:
-    """Mean response-token cross-entropy of ``items`` under ``base + lora`` (no dropout)."""
+             micro_batch: int = 8, bucket: int = 64, objective: Callable = lora_objective) -> float:
+    """Token-mean loss of ``items`` (by default the response-token cross-entropy under ``base + lora``), no
+    dropout; ``objective`` and ``lora`` may be any trainable pytree and its objective (see :func:`fit`)."""
     loss, tokens = 0.0, 0
     for batch in micro_batches(items, range(len(items)), micro_batch, pad_id, bucket):
-        s, n = _eval_sums(lora, base, _device_batch(batch), cfg=cfg, scale=scale)
+        s, n = _eval_sums(lora, base, _device_batch(batch), cfg=cfg, scale=scale, objective=objective)
         loss, tokens = loss + float(s), tokens + int(n)
     return loss / max(tokens, 1)
 
 
 class _Checkpoints:
-    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` under ``out_dir/checkpoints`` (every process saves
+    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` (``lora``: the trainable pytree) under ``out_dir/checkpoints`` (every process saves
     and restores its shards)."""
 
     def __init__(self, out_dir: Path, mesh: Mesh | None = None):
@@ -262,11 +277,25 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
     Returns the trained adapter (float32).
     """
     tc.validate()
-    mesh = S.as_mesh(mesh)
     if rank_of(lora) != tc.rank:
         raise ConfigError(f"the adapter has rank {rank_of(lora)} but the training config says {tc.rank}.")
+    return fit(lora, base, cfg, items, out_dir, tc, pad_id=pad_id, on_step=on_step, progress=progress, mesh=mesh)
+
+
+def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: str | Path,
+        tc: TrainConfig = TrainConfig(), *, pad_id: int, objective: Callable = lora_objective,
+        record: dict | None = None, on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
+        mesh: Mesh | str | None = None, desc: str = "lora") -> Any:
+    """The training loop of :func:`train` for any float32 pytree ``trainable`` over frozen ``base`` weights:
+    ``objective(trainable, base, cfg, batch, spec)`` gives the summed loss and token count of a micro-batch
+    (see :func:`lora_objective`; it must be hashable, e.g. a module-level function or a frozen dataclass).
+    ``tc`` supplies the optimizer, batching, dropout (through ``spec``), seed and checkpoint cadence; ``record``
+    adds entries to ``train_config.json`` (a folder holding another record refuses to resume). Returns the
+    trained pytree."""
+    tc.validate()
+    mesh = S.as_mesh(mesh)
     out_dir = Path(out_dir).expanduser()
-    _check_run_config(out_dir, {**dataclasses.asdict(tc), "examples": len(items)})
+    _check_run_config(out_dir, {**dataclasses.asdict(tc), "examples": len(items), **(record or {})})
     per_epoch = math.ceil(len(items) / tc.batch_size)
     total = per_epoch * tc.epochs
     base = cast_base(base, tc.dtype)
@@ -274,10 +303,11 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
         base = S.shard(base, mesh)  # no copy when it was loaded onto the mesh by the rules already
     accumulate, update = _step_fns(mesh)
     ckpt = _Checkpoints(out_dir, mesh)
-    state = ckpt.restore_latest(S.place(_fresh_state(lora, tc=tc, total_steps=total), mesh))
+    # the state keeps the key "lora" for any trainable pytree: LoRA runs saved before stay resumable
+    state = ckpt.restore_latest(S.place(_fresh_state(trainable, tc=tc, total_steps=total), mesh))
     start = int(state["step"])
     _trim_metrics(out_dir, start)
-    bar = _progress(total, start, progress)
+    bar = _progress(total, start, progress, desc)
     try:
         for step in range(start, total):
             t0 = time.perf_counter()
@@ -288,7 +318,7 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
                                                     tc.micro_batch, pad_id, tc.bucket)):
                 where = np.asarray([tc.seed, step, j], np.int32)
                 acc = accumulate(acc, state["lora"], base, _device_batch(batch, mesh), where, cfg, tc.scale,
-                                 tc.dropout)
+                                 tc.dropout, objective)
             new_lora, opt_state, m = update(state["lora"], state["opt_state"], acc, np.int32(step), tc, total)
             state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
             m, acc = jax.block_until_ready((m, acc))  # the step's time, not only its dispatch
@@ -305,10 +335,10 @@ def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized]
     return state["lora"]
 
 
-def _progress(total: int, start: int, enabled: bool):
+def _progress(total: int, start: int, enabled: bool, desc: str = "lora"):
     from pktjax.progress import progress_bar
 
-    return progress_bar(total, "lora", "step", enabled=enabled and S.is_main_process(), initial=start)
+    return progress_bar(total, desc, "step", enabled=enabled and S.is_main_process(), initial=start)
 
 
 def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: float) -> dict:

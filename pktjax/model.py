@@ -219,20 +219,24 @@ def _fold_layer(spec: LoraSpec | None, i: jax.Array) -> LoraSpec | None:
     return spec.replace(rng=jax.random.fold_in(spec.rng, i))
 
 
-MODULE_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "coeff")
+MODULE_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "coeff", "output")
 
 
 def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, *, capture: bool,
                 cache: dict | None = None, lora: dict | None = None, spec: LoraSpec | None = None,
-                modules: tuple[str, ...] = ()):
+                modules: tuple[str, ...] = (), shifts: jax.Array | None = None):
     """``lax.scan`` over the stacked layers; returns ``(x, per-layer capture or None, new kv cache or None)``.
 
     ``modules`` names module outputs to collect at every position (``capture`` holds them under ``"modules"``).
+    ``shifts [L, B, T, d]`` is added to each layer's output (zeros: the gradient with respect to them is the
+    gradient with respect to the layer outputs).
     """
     layer_lora = None if lora is None else lora.get("layers")
     xs: dict[str, Any] = {"p": params["layers"], "i": jnp.arange(cfg.num_layers)}
     if layer_lora:
         xs["lora"] = layer_lora
+    if shifts is not None:
+        xs["shift"] = shifts
 
     def step(carry, inp):
         h, kv_all = carry  # kv_all: the whole cache stack, carried so that each step writes only new positions
@@ -248,8 +252,8 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
         if capture:
             ys["trace"] = _last_position(cfg, h, a, r, f, coeff, ctx, probs, v)
         if modules:
-            ys["modules"] = _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, ll, lspec)
-        return (out, new_kv), ys
+            ys["modules"] = _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, out, ll, lspec)
+        return ((out + inp["shift"] if "shift" in inp else out), new_kv), ys
 
     kv0 = (cache["k"], cache["v"]) if cache is not None else None
     (x, kv), ys = jax.lax.scan(step, (x, kv0), xs)
@@ -257,9 +261,10 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
     return x, captured, ({"k": kv[0], "v": kv[1]} if cache is not None else None)
 
 
-def _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, ll, spec) -> dict[str, jax.Array]:
-    """Outputs ``[B, T, out]`` of the named modules (recomputed for the cheap projections)."""
-    known = {"o_proj": a, "down_proj": f, "coeff": coeff}
+def _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, out, ll, spec) -> dict[str, jax.Array]:
+    """Outputs ``[B, T, out]`` of the named modules (recomputed for the cheap projections); ``"output"`` is the
+    layer's residual output ``h + a + f``."""
+    known = {"o_proj": a, "down_proj": f, "coeff": coeff, "output": out}
     out = {}
     for name in modules:
         if name in known:
@@ -288,12 +293,13 @@ def _last_position(cfg, h, a, r, f, coeff, ctx, probs, v) -> dict[str, jax.Array
 
 def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
             *, capture: bool = False, lora: dict | None = None, lora_spec: LoraSpec | None = None,
-            return_hidden: bool = False, modules: tuple[str, ...] = ()):
+            return_hidden: bool = False, modules: tuple[str, ...] = (), shifts: jax.Array | None = None):
     """Logits ``[B, T, V]`` (float32) for ``input_ids [B, T]``; left padding through ``attention_mask [B, T]``.
 
     ``capture=True`` returns ``(logits, Trace)`` (last-position internals for attribution). ``modules`` (e.g.
     ``("up_proj", "down_proj", "v_proj", "o_proj")``) returns ``(logits, {name: [L, B, T, out]})``, the outputs of
-    those modules at every position. ``return_hidden`` returns the last layer's output ``[B, T, d]`` before the
+    those modules at every position (``"output"``: each layer's residual output). ``shifts [L, B, T, d]`` is added
+    to each layer's output (zeros, to differentiate with respect to the layer outputs). ``return_hidden`` returns the last layer's output ``[B, T, d]`` before the
     final norm instead of logits. Jit it with
     ``cfg`` static (``jax.jit(forward, static_argnums=1)``) or call it inside a jitted function.
     """
@@ -306,7 +312,7 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_ma
     bias = attention_mask_bias(cfg, jnp.arange(input_ids.shape[1]), attention_mask)
     x = embed(params, input_ids, lora, lora_spec)
     x, captured, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=lora_spec,
-                                 modules=tuple(modules))
+                                 modules=tuple(modules), shifts=shifts)
     if return_hidden:
         return x
     logits = unembed(params, cfg, x, lora, lora_spec)

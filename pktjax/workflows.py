@@ -5,6 +5,7 @@
   selection, SVD) from checkpoint paths into a PEFT adapter folder of the student's shape (cached in a folder);
 - :func:`train_adapter`: a LoRA (standard, PiSSA or Seeking init) fine-tuned on chat examples, exported (PEFT);
 - :func:`merge_adapter`: an adapter folder merged into its student;
+- :func:`train_semalign`: SemAlign (attribution, pairing, recomposed teacher targets, one student layer trained);
 - :func:`analyze_pair`: the neural-incompatibility analysis of a pair (figures, ``report.md``, ``analysis.json``);
 - :func:`probe_examples` / :func:`seed_examples`: the example sets those read.
 """
@@ -137,6 +138,104 @@ def merge_adapter(student, adapter: str | os.PathLike, dtype: str = "float32"):
     merged = merge_model(student, lora, scale)
     cast = jax.tree.map(lambda x: x.astype(getattr(jnp, dtype)), merged.params)
     return Model(params=cast, config=merged.config, source=merged.source)
+
+
+# ------------------------------------------------------------------------------------------------------ SemAlign
+
+def semalign_plan(teacher, seeds: Examples, tokenizer, student_cfg, sc, folder: Path, cutoff_len: int) -> dict:
+    """The attribution and pairing of a SemAlign run, cached in ``folder/plan.json`` (``teacher``: a loaded
+    :class:`Model`). Returns ``{"scores", "critical", "pairing": {...}, "samples"}``."""
+    import dataclasses
+
+    from pktjax.semalign import critical_layer, layer_attribution, pair_layers
+    from pktjax.sensitivity import seed_batches
+
+    path = folder / "plan.json"
+    if path.is_file():
+        return json.loads(path.read_text())
+    scores = layer_attribution(teacher.params, teacher.config, seed_batches(tokenizer, seeds, cutoff_len))
+    pairing = pair_layers(critical_layer(scores), teacher.config.num_layers, student_cfg.num_layers, sc.layer)
+    plan = {"scores": scores.tolist(), "critical": pairing.critical, "samples": len(seeds),
+            "pairing": dataclasses.asdict(pairing)}
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(plan, indent=1))
+    os.replace(tmp, path)
+    return plan
+
+
+def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
+    """Config-only checks of a SemAlign pair (before any weights are read)."""
+    sc.validate(student_cfg.num_layers)
+    if teacher_cfg.vocab_size != student_cfg.vocab_size:
+        raise PairError(f"teacher vocabulary {teacher_cfg.vocab_size} != student vocabulary "
+                        f"{student_cfg.vocab_size}: SemAlign's semantic bases need one shared vocabulary.")
+    if teacher_cfg.num_layers < 2:
+        raise PairError("SemAlign interpolates between two teacher layers: the teacher needs at least 2 layers.")
+
+
+def train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: str | os.PathLike, tc, sc,
+                   *, teacher_dtype: str = "float32", progress: bool = True, mesh=None):
+    """A SemAlign run from checkpoint paths into ``out``; returns ``(trained student Model, info dict)``.
+
+    Teacher attribution on ``seeds`` and the pairing (``out/plan.json``, kept), the alignment map of the two
+    heads, the recomposed teacher targets of ``examples`` (recomputed on a resume; the teacher is released
+    before training), then :func:`pktjax.lora_train.fit` of student layer ``k†`` (checkpoints, ``metrics.jsonl``
+    under ``out``; an unfinished run resumes). Output: ``out/adapter`` (PEFT, LoRA mode: zero factors outside
+    layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``."""
+    import gc
+
+    import jax.numpy as jnp
+
+    from pktjax import semalign as SA
+    from pktjax import sharding as S
+    from pktjax.checkpoint import Model, load_model, read_model_config, save_model
+    from pktjax.data import Tokenized, tokenize_seeking
+    from pktjax.lora import export_peft
+    from pktjax.lora_train import fit
+    from pktjax.tokenizer import load_tokenizer
+    from pktjax.train_aligner import check_tokenizers
+
+    out = Path(out).expanduser()
+    tc.validate()
+    check_semalign_pair(read_model_config(teacher_path), read_model_config(student_path), sc)
+    tokenizer = load_tokenizer(student_path)
+    check_tokenizers(load_tokenizer(teacher_path), tokenizer)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    student = load_model(student_path, mesh=mesh)
+    teacher = load_model(teacher_path, dtype=getattr(jnp, teacher_dtype), mesh=mesh)
+    plan = semalign_plan(teacher, list(seeds)[:sc.samples], tokenizer, student.config, sc, out, tc.cutoff_len)
+    pairing = SA.Pairing(**{**plan["pairing"], "schedule": tuple(plan["pairing"]["schedule"])})
+    m = SA.alignment_map(SA.head_of(teacher.params), SA.head_of(student.params), sc.frame)
+    items = [tokenize_seeking(tokenizer, ex, tc.cutoff_len) for ex in examples]
+    targets = SA.teacher_targets(teacher.params, teacher.config, items, pairing, m, sc.compare, pad_id=pad,
+                                 micro_batch=tc.micro_batch, bucket=tc.bucket)
+    del teacher
+    gc.collect()
+    items = [Tokenized(t.ids, t.labels, extra=x) for t, x in zip(items, targets)]
+    k = pairing.student_index
+    trainable = SA.init_trainable(student.params, student.config, k, sc, tc.rank, tc.alpha, tc.seed)
+    record = {"method": "semalign", **{f: getattr(sc, f) for f in ("mode", "compare", "frame")},
+              "targets": list(sc.targets), "student_layer": pairing.student_layer}
+    trained = fit(trainable, student.params, student.config, items, out, tc, pad_id=pad,
+                  objective=SA.Objective(k, sc.mode, sc.compare), record=record, progress=progress, mesh=mesh,
+                  desc="semalign")
+    trained = S.to_host(trained)
+    params = SA.merged_params(S.to_host(student.params), trained, k, sc, tc.scale)
+    model = Model(params=params, config=student.config, source=student.source)
+    info = {**record, "teacher": str(teacher_path), "student": str(student_path), "pairing": plan["pairing"],
+            "attribution": plan["scores"], "examples": len(items)}
+    if S.is_main_process():
+        if sc.mode == "lora":
+            full = SA.layer_lora(trained, student.config.num_layers, k)
+            info["adapter"] = str(export_peft(full, student.config, out / "adapter", alpha=tc.alpha,
+                                              dropout=tc.dropout, base_model=str(student_path), overwrite=True))
+        else:
+            if (out / "model").exists():
+                shutil.rmtree(out / "model")
+            info["model"] = str(save_model(model, out / "model"))
+        (out / "semalign.json").write_text(json.dumps(info, indent=1))
+    return model, info
 
 
 # ------------------------------------------------------------------------------------------------------ analysis

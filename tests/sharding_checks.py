@@ -318,15 +318,15 @@ def random_lora(cfg, rank: int, seed: int) -> dict:
 
 def lora_step_fns(cfg, tc, total: int):
     """``(grad_fn, update_fn)`` of one LoRA step from the trainer's pieces: the summed response-token loss with
-    dropout (``lora_train._sums``) and its gradient; the trainer's optimizer (clipping + AdamW) update."""
+    dropout (``lora_train.lora_objective``) and its gradient; the trainer's optimizer (clipping + AdamW) update."""
     import optax
 
-    from pktjax.lora_train import _sums, optimizer
+    from pktjax.lora_train import lora_objective, optimizer
     from pktjax.model import LoraSpec
 
     def grad_fn(lora, base, data, rng):
         spec = LoraSpec(scale=tc.scale, dropout=tc.dropout, rng=rng)
-        return jax.value_and_grad(_sums, has_aux=True)(lora, base, cfg, data, spec)
+        return jax.value_and_grad(lora_objective, has_aux=True)(lora, base, cfg, data, spec)
 
     def update_fn(lora, opt, grads):
         updates, opt = optimizer(tc, total).update(grads, opt, lora)
