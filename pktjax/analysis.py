@@ -433,6 +433,25 @@ def _by_tokens(teacher, student, batches, modules, metric) -> dict[str, np.ndarr
                                         metric)) for m in modules}
 
 
+def alignment_cka(teacher, before, after, examples: Iterable[Any], layer: int, module: str = "down_proj", *,
+                  tokenizer=None, batch_size: int = 4, cutoff_len: int = 768,
+                  max_tokens: int | None = 4096) -> dict[str, np.ndarray]:
+    """SemAlign's "before / after alignment" view: linear CKA of student layer ``layer`` (0-based) with every
+    teacher layer, for the student before and after training: ``{"before": [L_T], "after": [L_T]}``.
+
+    ``before``, ``after``: :class:`pktjax.checkpoint.Model` of one config; ``module``: the output compared
+    (``down_proj`` for SemAlign's default, ``output`` for a layer's residual output). The rows come from
+    :func:`representation_similarity` (same probe tokens for both students)."""
+    if before.config != after.config:
+        raise ConfigError("the students before and after alignment must share one config.")
+    if not 0 <= layer < before.config.num_layers:
+        raise ConfigError(f"layer {layer} is outside the student's 0..{before.config.num_layers - 1}.")
+    kw = dict(tokenizer=tokenizer, batch_size=batch_size, cutoff_len=cutoff_len, max_tokens=max_tokens)
+    examples = list(examples)
+    return {name: representation_similarity(teacher, model, examples, (module,), "cka", **kw)[module][layer]
+            for name, model in (("before", before), ("after", after))}
+
+
 # --------------------------------------------------------------------------------------------------------------
 # Summaries and the markdown report
 # --------------------------------------------------------------------------------------------------------------

@@ -154,3 +154,23 @@ def plot_score_vs_delta(points, stem: str | Path, references: dict[str, float] |
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
     return _save(fig, stem, dpi)
+
+
+def plot_alignment_cka(curves: dict[str, np.ndarray], stem: str | Path, layer: int,
+                       paired: tuple[int, ...] = (), module: str = "down_proj", dpi: int = 110) -> list[Path]:
+    """SemAlign's before / after view: CKA of student layer ``layer`` (from 1, as labelled) with each teacher
+    layer (from 1), one line per entry of ``curves`` (``{"before": [L_T], "after": [L_T]}``); ``paired`` marks the
+    teacher layers the target interpolates. Writes ``stem.png`` and ``stem.pdf``."""
+    fig = _figure(6.0, 3.4)
+    ax = fig.subplots()
+    for (name, y), style in zip(curves.items(), ("--o", "-s", ":^")):
+        y = np.asarray(y, np.float64)
+        ax.plot(np.arange(1, len(y) + 1), y, style, ms=3, lw=1.4, label=f"{name} alignment (mean {y.mean():.3f})")
+    for t in paired:
+        ax.axvline(t, color="0.6", lw=0.8, zorder=0)
+    ax.set(title=f"student layer {layer} ({module}) vs every teacher layer", xlabel="teacher layer",
+           ylabel="linear CKA", ylim=(0.0, 1.02))
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return _save(fig, stem, dpi)

@@ -175,14 +175,18 @@ def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
 
 
 def train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: str | os.PathLike, tc, sc,
-                   *, teacher_dtype: str = "float32", progress: bool = True, mesh=None):
+                   *, teacher_dtype: str = "float32", progress: bool = True, mesh=None,
+                   probe: Examples | None = None, probe_kw: dict[str, Any] | None = None):
     """A SemAlign run from checkpoint paths into ``out``; returns ``(trained student Model, info dict)``.
 
     Teacher attribution on ``seeds`` and the pairing (``out/plan.json``, kept), the alignment map of the two
     heads, the recomposed teacher targets of ``examples`` (recomputed on a resume; the teacher is released
     before training), then :func:`pktjax.lora_train.fit` of student layer ``k†`` (checkpoints, ``metrics.jsonl``
     under ``out``; an unfinished run resumes). Output: ``out/adapter`` (PEFT, LoRA mode: zero factors outside
-    layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``."""
+    layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``. With ``probe``
+    examples, also the before / after CKA view of the trained layer (:func:`pktjax.analysis.alignment_cka`;
+    ``probe_kw``: its batch_size, cutoff_len, max_tokens) as ``out/alignment_cka.png/.pdf``, its numbers in
+    ``semalign.json``."""
     import gc
 
     import jax.numpy as jnp
@@ -234,6 +238,20 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
             if (out / "model").exists():
                 shutil.rmtree(out / "model")
             info["model"] = str(save_model(model, out / "model"))
+    if probe:
+        from pktjax.analysis import alignment_cka
+        from pktjax.plots import plot_alignment_cka
+
+        module = "down_proj" if sc.compare == "ffn" else "output"
+        teacher = load_model(teacher_path, dtype=getattr(jnp, teacher_dtype))
+        curves = alignment_cka(teacher, Model(S.to_host(student.params), student.config, student.source), model,
+                               probe, k, module, tokenizer=tokenizer, **(probe_kw or {}))
+        del teacher
+        if S.is_main_process():
+            plot_alignment_cka(curves, out / "alignment_cka", pairing.student_layer, (pairing.a, pairing.b), module)
+        info["alignment_cka"] = {"module": module, **{name: np.asarray(v).round(6).tolist()
+                                                      for name, v in curves.items()}}
+    if S.is_main_process():
         (out / "semalign.json").write_text(json.dumps(info, indent=1))
     return model, info
 

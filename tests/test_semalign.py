@@ -224,6 +224,34 @@ def test_training_lowers_the_loss_and_resume_is_bit_identical(pair, tmp_path, mo
         np.testing.assert_array_equal(np.delete(w0, k, axis=0), np.delete(w1, k, axis=0))
 
 
+def test_alignment_cka_rows(pair, tiny_dir, tmp_path):
+    from pktjax.analysis import alignment_cka, linear_cka, module_outputs
+    from pktjax.checkpoint import Model
+    from pktjax.plots import plot_alignment_cka
+
+    student, items, pairing = pair
+    teacher = pktjax.load_model(tiny_dir("llama2", **TEACHER))
+    probe = [t.ids for t in items[:3]]
+    k = pairing.student_index
+    scales = jnp.linspace(0.1, 2.0, 32)[:, None]  # per output unit: not an isotropic change, so CKA moves
+    moved = {**student.params, "layers": {**student.params["layers"], "down_proj":
+                                          student.params["layers"]["down_proj"].at[k].multiply(scales)}}
+    after = Model(params=moved, config=student.config, source=None)
+    curves = alignment_cka(teacher, student, after, probe, k, "down_proj", max_tokens=None)
+    assert curves["before"].shape == (4,) and not np.allclose(curves["before"], curves["after"])
+    # independently: every real token's down_proj output of student layer k and teacher layer 2
+    ids = np.zeros((3, max(map(len, probe))), np.int32)
+    mask = np.zeros_like(ids)
+    for i, p in enumerate(probe):
+        ids[i, ids.shape[1] - len(p):], mask[i, ids.shape[1] - len(p):] = p, 1
+    real = mask.reshape(-1) > 0
+    xs = np.asarray(module_outputs(student.params, student.config, ids, mask, ("down_proj",))["down_proj"])
+    ys = np.asarray(module_outputs(teacher.params, teacher.config, ids, mask, ("down_proj",))["down_proj"])
+    want = linear_cka(xs[k][real], ys[2][real])
+    assert curves["before"][2] == pytest.approx(want, abs=1e-4)  # float32 centred co-moments of ~100 tokens
+    assert all(p.is_file() for p in plot_alignment_cka(curves, tmp_path / "cka", k + 1, (pairing.a, pairing.b)))
+
+
 # ------------------------------------------------------------------------------------------------ command line
 
 def test_cli_trains_and_refuses_bad_input(tiny_dir, tmp_path, capsys):
@@ -233,13 +261,14 @@ def test_cli_trains_and_refuses_bad_input(tiny_dir, tmp_path, capsys):
     common = ["semalign", "train", "--teacher", teacher, "--student", student, "--task", str(data), "--epochs", "1",
               "--batch-size", "4", "--micro-batch", "4", "--rank", "4", "--seed-samples", "3", "--no-progress"]
     out = tmp_path / "run"
-    assert main([*common, "--out", str(out)]) == 0
+    assert main([*common, "--out", str(out), "--cka", "3"]) == 0
     info = json.loads((out / "semalign.json").read_text())
     plan = json.loads((out / "plan.json").read_text())
     assert plan["critical"] == int(np.argmax(plan["scores"])) + 1 and plan["samples"] == 3
     assert info["student_layer"] == SA.pair_layers(plan["critical"], 4, 2).student_layer
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
+    assert (out / "alignment_cka.png").is_file() and len(info["alignment_cka"]["after"]) == 4
     assert main([*common, "--out", str(tmp_path / "w"), "--mode", "weights", "--layer", "1"]) == 0
     assert pktjax.load_model(tmp_path / "w" / "model").config.num_layers == 2
 

@@ -42,6 +42,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed-data", default=None, help="attribution examples (default: the task's Seeking samples, "
                    "else the first --seed-samples training examples)")
     t.add_argument("--seed-samples", type=int, default=32)
+    t.add_argument("--cka", type=int, default=0, metavar="N", help="also plot the before / after CKA of the trained "
+                   "layer with every teacher layer on the first N training examples (alignment_cka.png)")
     t.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
     t.add_argument("--mesh", default=None, help="device mesh, e.g. 'fsdp=8' (default: one device)")
     t.add_argument("--no-progress", action="store_true")
@@ -67,8 +69,8 @@ def _train(args: argparse.Namespace) -> int:
                      epochs=args.epochs, batch_size=args.batch_size, micro_batch=args.micro_batch,
                      cutoff_len=args.cutoff_len, dtype=args.dtype, seed=args.seed, save_every=args.save_every)
     tc.validate()
-    if args.rank < 1 or (args.limit is not None and args.limit < 1):
-        raise ConfigError("--rank and --limit must be at least 1.")
+    if args.rank < 1 or (args.limit is not None and args.limit < 1) or args.cka < 0:
+        raise ConfigError("--rank and --limit must be at least 1, --cka at least 0.")
     sc = SemAlignConfig(mode=args.mode, targets=tuple(args.targets), compare=args.compare, frame=args.frame,
                         layer=args.layer, samples=args.seed_samples)
     check_semalign_pair(read_model_config(args.teacher), read_model_config(args.student), sc)
@@ -76,7 +78,8 @@ def _train(args: argparse.Namespace) -> int:
     examples = read_jsonl(data, limit=args.limit)
     seeds = seed_examples(args.seed_data or args.task, args.seed_samples)
     _, info = train_semalign(args.teacher, args.student, seeds, examples, Path(args.out), tc, sc,
-                             teacher_dtype=args.teacher_dtype, progress=not args.no_progress, mesh=S.as_mesh(args.mesh))
+                             teacher_dtype=args.teacher_dtype, progress=not args.no_progress, mesh=S.as_mesh(args.mesh),
+                             probe=examples[:args.cka])
     p = info["pairing"]
     S.main_print(f"critical teacher layer {p['critical']} -> student layer {p['student_layer']} (teacher "
                  f"{p['a']}/{p['b']}, lambda {p['lam']:.3f}); output in {info.get('adapter') or info.get('model')}")
