@@ -176,11 +176,12 @@ def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
 
 def train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: str | os.PathLike, tc, sc,
                    *, teacher_dtype: str = "float32", progress: bool = True, mesh=None,
-                   probe: Examples | None = None, probe_kw: dict[str, Any] | None = None):
+                   probe: Examples | None = None, probe_kw: dict[str, Any] | None = None,
+                   plan_folder: str | os.PathLike | None = None):
     """A SemAlign run from checkpoint paths into ``out``; returns ``(trained student Model, info dict)``.
 
     Teacher attribution on ``seeds`` and the pairing (``out/plan.json``, kept), the alignment map of the two
-    heads, the recomposed teacher targets of ``examples`` (recomputed on a resume; the teacher is released
+    heads (``plan_folder``: where the plan is kept instead, e.g. shared by seeds), the recomposed teacher targets of ``examples`` (recomputed on a resume; the teacher is released
     before training), then :func:`pktjax.lora_train.fit` of student layer ``k†`` (checkpoints, ``metrics.jsonl``
     under ``out``; an unfinished run resumes). Output: ``out/adapter`` (PEFT, LoRA mode: zero factors outside
     layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``. With ``probe``
@@ -208,7 +209,8 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     student = load_model(student_path, mesh=mesh)
     teacher = load_model(teacher_path, dtype=getattr(jnp, teacher_dtype), mesh=mesh)
-    plan = semalign_plan(teacher, list(seeds)[:sc.samples], tokenizer, student.config, sc, out, tc.cutoff_len)
+    plan = semalign_plan(teacher, list(seeds)[:sc.samples], tokenizer, student.config, sc,
+                         Path(plan_folder or out).expanduser(), tc.cutoff_len)
     pairing = SA.Pairing(**{**plan["pairing"], "schedule": tuple(plan["pairing"]["schedule"])})
     m = SA.alignment_map(SA.head_of(teacher.params), SA.head_of(student.params), sc.frame)
     items = [tokenize_seeking(tokenizer, ex, tc.cutoff_len) for ex in examples]

@@ -207,3 +207,40 @@ def test_shipped_configs_are_valid(config, tmp_path):
     cfg = read_config(config, out=str(tmp_path / "run"))
     assert cfg.teacher and cfg.student and cfg.task
     assert cfg.laten["seeds"] or any(getattr(cfg, name) for name in ("seeking", "lora", "pissa"))
+
+
+def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
+    sem = {**LORA, "samples": 2, "seeds": [1, 2], "cutoff_len": 1024}  # MMLU prompts: ~1000 byte tokens
+    path = _config(tmp_path, laten={"seeds": []}, lora=LORA, semalign=sem,
+                   analysis={"n_examples": 2, "rank": 2, "batch_size": 2, "cutoff_len": 64, "max_tokens": 128,
+                             "seeking": False})
+    assert read_config(path).semalign["lr"] == 3e-4  # the paper's, for tasks other than HumanEval
+    assert main(["transfer", str(path)]) == 0
+    out = tmp_path / "run"
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["base student", "base teacher", "LoRA", "SemAlign", "SemAlign"]
+    for row in rows[3:]:
+        folder = Path(row["report"]).parent
+        assert folder == out / "semalign" / f"seed{row['seed']}" and row["vs_student"]["n"] == 6
+        assert (folder / "adapter" / "adapter_model.safetensors").is_file()
+        assert (folder / "alignment_cka.png").is_file()
+        assert all(json.loads(x)["tokens"] > 0 for x in (folder / "metrics.jsonl").read_text().splitlines())
+        assert json.loads(open(row["report"]).read())["settings"]["model"] == str(folder / "adapter")
+    plan = json.loads((out / "semalign" / "plan.json").read_text())  # one attribution for both seeds
+    assert plan["samples"] == 2 and len(plan["scores"]) == 3
+    text = (out / "report.md").read_text()
+    for needle in ("| SemAlign | 1 | — |", "| SemAlign | 2 | — |", "## SemAlign: CKA",
+                   "![seed1](semalign/seed1/alignment_cka.png)"):
+        assert needle in text
+    (out / "semalign" / "seed2" / "eval.json").unlink()  # resumed: the same score again
+    run_transfer(read_config(path))
+    assert json.loads((out / "scores.json").read_text())["rows"] == rows
+
+
+def test_bad_semalign_sections_fail_early(tmp_path):
+    assert read_config(_config(tmp_path, task="humaneval", semalign={})).semalign["lr"] == 3e-5
+    for bad, match in (({"mode": "full"}, "mode 'full'"), ({"compare": "attn"}, "compare 'attn'"),
+                       ({"frame": "tight"}, "frame 'tight'"), ({"layer": 0}, "layer counts from 1"),
+                       ({"targets": ["qkv"]}, "unknown LoRA target"), ({"batch_size": 3}, "multiple of micro")):
+        with pytest.raises(ConfigError, match=rf"bad `semalign` section: .*{match}"):
+            read_config(_config(tmp_path, semalign=bad))

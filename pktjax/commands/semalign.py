@@ -50,11 +50,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=_train)
 
 
-def default_lr(task: str) -> float:
-    """The paper's learning rate: 3e-5 for HumanEval, 3e-4 otherwise."""
-    return 3e-5 if task == "humaneval" else 3e-4
-
-
 def _train(args: argparse.Namespace) -> int:
     from pktjax import sharding as S
     from pktjax.checkpoint import read_model_config
@@ -62,7 +57,7 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax.errors import ConfigError
     from pktjax.lora_train import TrainConfig
     from pktjax.seeking import task_file
-    from pktjax.semalign import SemAlignConfig
+    from pktjax.semalign import SemAlignConfig, default_lr
     from pktjax.workflows import check_semalign_pair, seed_examples, train_semalign
 
     tc = TrainConfig(rank=args.rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr or default_lr(args.task),

@@ -14,6 +14,9 @@ Stages, each skipped when its result file already exists (so an interrupted run 
    sensitivity, layer and sub-matrix selection, SVD into a LoRA of the student's shape, extracted once into
    ``seeking/extracted/``, then LoRA training from that init, merge, evaluate), ``lora/seed<s>/eval.json``
    (standard LoRA init) and ``pissa/seed<s>/eval.json`` (PiSSA init), each with its PEFT adapter beside it;
+   ``semalign/seed<s>/eval.json`` (SemAlign: teacher layer attribution and pairing once into
+   ``semalign/plan.json``, then the paired student layer trained on recomposed teacher outputs, evaluated;
+   with an ``analysis`` section also its before / after CKA view);
 5. optional: ``analysis/analysis.json``: the neural-incompatibility analysis of the pair (figures + numbers);
 6. ``report.md`` + ``scores.json`` + ``aligner_curves.png`` + ``delta_vs_score.png``: the table of scores with
    confidence intervals (LaTen rows with the relative size of their injected deltas), the spread over seeds, each
@@ -37,6 +40,8 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
               samples: 32, seed_data: null, teacher_dtype: float32}
     lora:  {seeds: [1], rank: 16, ..., targets: null, data: null, limit: null}   # the seeking keys up to limit
     pissa: {...}                                                                  # same keys as lora
+    semalign: {seeds: [1], ..., epochs: 5, lr: null, targets: [v_proj, o_proj, up_proj, down_proj],  # seeking's
+               mode: lora | weights, compare: ffn | update | residual, frame: paper | dual, layer: null}  # keys
     analysis: {metric: cka | cosine | both, n_examples: 16, rank: 16, modules: [up_proj, down_proj, v_proj,
                o_proj], batch_size: 4, cutoff_len: 768, max_tokens: 4096, seeking: true, full_heatmap: false}
     out: runs/NAME
@@ -54,14 +59,15 @@ Modules: :mod:`~pktjax.transfer.config` (the schema, its defaults and checks), :
 """
 
 from pktjax.transfer.config import (EVAL_DEFAULTS, EVAL_TASK, LATEN_DEFAULTS, LORA_DEFAULTS, POSTPKT, SECTIONS,
-                                    SEEKING_DEFAULTS, TOP_KEYS, TRAIN_KEYS, TransferConfig, lora_config,
-                                    read_config)
+                                    SEEKING_DEFAULTS, SEMALIGN_DEFAULTS, TOP_KEYS, TRAIN_KEYS, TransferConfig,
+                                    lora_config, read_config, semalign_config)
 from pktjax.transfer.models import check_pair, hub_model, parse_tiny, resolve_model
 from pktjax.transfer.report import plot_aligner_curves, vs_student, write_report
 from pktjax.transfer.stages import _timed, run_transfer
 
 __all__ = [
     "EVAL_DEFAULTS", "EVAL_TASK", "LATEN_DEFAULTS", "LORA_DEFAULTS", "POSTPKT", "SECTIONS", "SEEKING_DEFAULTS",
-    "TOP_KEYS", "TRAIN_KEYS", "TransferConfig", "check_pair", "hub_model", "lora_config", "parse_tiny",
-    "plot_aligner_curves", "read_config", "resolve_model", "run_transfer", "vs_student", "write_report",
+    "SEMALIGN_DEFAULTS", "TOP_KEYS", "TRAIN_KEYS", "TransferConfig", "check_pair", "hub_model", "lora_config",
+    "parse_tiny", "plot_aligner_curves", "read_config", "resolve_model", "run_transfer", "semalign_config",
+    "vs_student", "write_report",
 ]

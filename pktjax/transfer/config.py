@@ -23,10 +23,15 @@ TRAIN_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch_size", "micro_b
 LORA_DEFAULTS = {"seeds": [LoraTrainConfig.seed], **{k: getattr(LoraTrainConfig, k) for k in TRAIN_KEYS},
                  "targets": None, "data": None, "limit": None}
 SEEKING_DEFAULTS = {**LORA_DEFAULTS, "samples": 32, "seed_data": None, "teacher_dtype": "float32"}
+# SemAlign: the paper's trainer settings (5 epochs, lr 3e-4 or 3e-5 for HumanEval when `lr` is null, batch 64,
+# LoRA r 16 on up/down/v/o of the paired layer) and its own choices (pktjax.semalign.SemAlignConfig)
+SEMALIGN_DEFAULTS = {**SEEKING_DEFAULTS, "epochs": 5, "lr": None,
+                     "targets": ["v_proj", "o_proj", "up_proj", "down_proj"], "mode": "lora", "compare": "ffn",
+                     "frame": "paper", "layer": None}
 # section -> (method name in the scores table, LoRA initialisation)
 POSTPKT = {"seeking": ("Seeking", "seeking"), "lora": ("LoRA", "default"), "pissa": ("PiSSA", "pissa")}
 SECTIONS = {"eval": EVAL_DEFAULTS, "laten": LATEN_DEFAULTS, "seeking": SEEKING_DEFAULTS, "lora": LORA_DEFAULTS,
-            "pissa": LORA_DEFAULTS, "analysis": ANALYSIS_DEFAULTS}
+            "pissa": LORA_DEFAULTS, "semalign": SEMALIGN_DEFAULTS, "analysis": ANALYSIS_DEFAULTS}
 TOP_KEYS = ("teacher", "student", "task", "out", *SECTIONS)
 
 
@@ -42,6 +47,7 @@ class TransferConfig:
     seeking: dict[str, Any] | None = None
     lora: dict[str, Any] | None = None
     pissa: dict[str, Any] | None = None
+    semalign: dict[str, Any] | None = None
     analysis: dict[str, Any] | None = None
 
     @property
@@ -91,7 +97,9 @@ def _section(path: Path, raw: dict, name: str) -> dict[str, Any]:
     _check_keys(path, f"`{name}`", given, SECTIONS[name])
     sec = {**SECTIONS[name], **given}
     try:
-        if name in POSTPKT:
+        if name == "semalign":
+            _check_semalign_section(sec, raw["task"])
+        elif name in POSTPKT:
             _check_lora_section(sec)
         elif name == "analysis":
             _check_analysis_section(sec)
@@ -140,6 +148,16 @@ def _check_lora_section(sec: dict[str, Any]) -> None:
         raise ConfigError("teacher_dtype must be float32 or bfloat16")
 
 
+def _check_semalign_section(sec: dict[str, Any], task: str) -> None:
+    from pktjax.semalign import default_lr
+
+    if sec["lr"] is None:
+        sec["lr"] = default_lr(task)
+    _check_lora_section(sec)
+    sec["targets"] = list(sec["targets"])
+    semalign_config(sec).validate()
+
+
 def _check_analysis_section(sec: dict[str, Any]) -> None:
     if sec["metric"] not in ("cka", "cosine", "both"):
         raise ConfigError(f"metric {sec['metric']!r}: choose cka, cosine or both")
@@ -148,5 +166,13 @@ def _check_analysis_section(sec: dict[str, Any]) -> None:
 
 
 def lora_config(sec: dict[str, Any], seed: int) -> LoraTrainConfig:
-    """The LoRA trainer's settings of a ``seeking`` / ``lora`` / ``pissa`` section for one seed."""
+    """The LoRA trainer's settings of a ``seeking`` / ``lora`` / ``pissa`` / ``semalign`` section for one seed."""
     return LoraTrainConfig(**{k: sec[k] for k in TRAIN_KEYS}, seed=seed)
+
+
+def semalign_config(sec: dict[str, Any]):
+    """SemAlign's own settings of a ``semalign`` section (:class:`pktjax.semalign.SemAlignConfig`)."""
+    from pktjax.semalign import SemAlignConfig
+
+    return SemAlignConfig(mode=sec["mode"], targets=tuple(sec["targets"]), compare=sec["compare"],
+                          frame=sec["frame"], layer=sec["layer"], samples=int(sec["samples"]))

@@ -45,6 +45,10 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
     lines += [f"- {k}: {v:.1f}" for k, v in timings.items()]
     if curves:
         lines += ["", f"![aligner curves]({curves.name})"]
+    cka = sorted(cfg.out.glob("semalign/seed*/alignment_cka.png"))
+    if cka:
+        lines += ["", "## SemAlign: CKA of the trained layer with every teacher layer, before / after alignment", "",
+                  *[f"![{p.parent.name}]({p.relative_to(cfg.out)})" for p in cka]]
     if analysis is not None:
         lines += ["", *_analysis_section(cfg.out, analysis)]
     path = cfg.out / "report.md"

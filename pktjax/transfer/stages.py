@@ -12,7 +12,7 @@ from pktjax.config import ModelConfig
 from pktjax.data import laten_split, read_jsonl
 from pktjax.errors import ConfigError
 from pktjax.provenance import provenance
-from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config
+from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config, semalign_config
 from pktjax.transfer.models import check_pair, resolve_model
 from pktjax.transfer.report import _write_json, write_report
 
@@ -143,6 +143,34 @@ def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, 
     return {"method": POSTPKT[name][0], "seed": seed, "step": None, **_score(report)}
 
 
+def _semalign_seeds(cfg: TransferConfig) -> list[dict[str, Any]]:
+    from pktjax.workflows import seed_examples
+
+    return seed_examples(str(cfg.semalign["seed_data"] or cfg.task), cfg.semalign["samples"])
+
+
+def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
+    """One SemAlign student: attribution and pairing (once, ``semalign/plan.json``), the paired layer trained,
+    evaluated. ``semalign/seed<s>/`` holds the adapter (or model), checkpoints, metrics, ``semalign.json``, the
+    before / after CKA view when the config has an ``analysis`` section, and ``eval.json`` (the marker)."""
+    from pktjax.tokenizer import load_tokenizer
+    from pktjax.workflows import probe_examples, train_semalign
+
+    sec, folder = cfg.semalign, cfg.out / "semalign" / f"seed{seed}"
+    report = folder / "eval.json"
+    if not report.is_file():
+        a = cfg.analysis
+        probe = probe_examples(cfg.task, int(a["n_examples"])) if a else None
+        probe_kw = {k: a[k] for k in ("batch_size", "cutoff_len", "max_tokens")} if a else None
+        model, info = train_semalign(teacher, student, _semalign_seeds(cfg),
+                                     read_jsonl(_train_data(cfg, sec), limit=sec["limit"]), folder,
+                                     lora_config(sec, seed), semalign_config(sec), teacher_dtype=sec["teacher_dtype"],
+                                     probe=probe, probe_kw=probe_kw, plan_folder=cfg.out / "semalign")
+        _evaluate(model.replace(source=info.get("adapter") or info.get("model")), cfg, report,
+                  tokenizer=load_tokenizer(student))
+    return {"method": "SemAlign", "seed": seed, "step": None, **_score(report)}
+
+
 def _analysis(cfg: TransferConfig, teacher: Path, student: Path) -> Path:
     """The neural-incompatibility analysis into ``analysis/`` (``analysis.json`` marks it finished)."""
     from pktjax.checkpoint import load_model
@@ -191,6 +219,9 @@ def _check_data(cfg: TransferConfig) -> None:
             read_jsonl(_train_data(cfg, getattr(cfg, name)), limit=1)
     if cfg.seeking is not None:
         _seeking_seeds(cfg)
+    if cfg.semalign is not None:
+        read_jsonl(_train_data(cfg, cfg.semalign), limit=1)
+        _semalign_seeds(cfg)
 
 
 def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
@@ -232,6 +263,8 @@ def run_transfer(cfg: TransferConfig) -> Path:
         for seed in (getattr(cfg, name) or {}).get("seeds", []):
             rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
                                int(seed)))
+    for seed in (cfg.semalign or {}).get("seeds", []):
+        rows.append(_timed(cfg, timings, f"semalign seed {seed}", _semalign_seed, cfg, teacher, student, int(seed)))
     analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
     timings["total"] = sum(timings.values())
     return write_report(cfg, rows, timings, analysis)
