@@ -143,8 +143,9 @@ def merge_adapter(student, adapter: str | os.PathLike, dtype: str = "float32"):
 # ------------------------------------------------------------------------------------------------------ SemAlign
 
 def semalign_plan(teacher, seeds: Examples, tokenizer, student_cfg, sc, folder: Path, cutoff_len: int) -> dict:
-    """The attribution and pairing of a SemAlign run, cached in ``folder/plan.json`` (``teacher``: a loaded
-    :class:`Model`). Returns ``{"scores", "critical", "pairing": {...}, "samples"}``."""
+    """The attribution (cached in ``folder/plan.json``; ``teacher``: a loaded :class:`Model`) and the pairing
+    (derived each time, so ``sc.layer`` always applies). Returns ``{"scores", "critical", "samples",
+    "pairing": {...}}``."""
     import dataclasses
 
     from pktjax.semalign import critical_layer, layer_attribution, pair_layers
@@ -152,16 +153,16 @@ def semalign_plan(teacher, seeds: Examples, tokenizer, student_cfg, sc, folder: 
 
     path = folder / "plan.json"
     if path.is_file():
-        return json.loads(path.read_text())
-    scores = layer_attribution(teacher.params, teacher.config, seed_batches(tokenizer, seeds, cutoff_len))
-    pairing = pair_layers(critical_layer(scores), teacher.config.num_layers, student_cfg.num_layers, sc.layer)
-    plan = {"scores": scores.tolist(), "critical": pairing.critical, "samples": len(seeds),
-            "pairing": dataclasses.asdict(pairing)}
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(plan, indent=1))
-    os.replace(tmp, path)
-    return plan
+        plan = json.loads(path.read_text())
+    else:
+        scores = layer_attribution(teacher.params, teacher.config, seed_batches(tokenizer, seeds, cutoff_len))
+        plan = {"scores": scores.tolist(), "critical": critical_layer(scores), "samples": len(seeds)}
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(plan, indent=1))
+        os.replace(tmp, path)
+    pairing = pair_layers(plan["critical"], teacher.config.num_layers, student_cfg.num_layers, sc.layer)
+    return {**plan, "pairing": dataclasses.asdict(pairing)}
 
 
 def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:

@@ -496,6 +496,52 @@ def check_lora_train(tmp: Path) -> None:
     print("lora_train ok")
 
 
+def check_semalign_fit(tmp: Path) -> None:
+    """SemAlign's one-layer LoRA (2 steps, targets carried with the examples, dropout on) trained by
+    ``lora_train.fit`` on 2x2x2, and on 4x2 interrupted after step 1 and resumed on 2x2x2, ends with the factors
+    of the run without a mesh; the targets are split over data x fsdp with the rest of the batch."""
+    from pktjax import lora_train as lt
+    from pktjax import semalign as SA
+    from pktjax.data import Tokenized
+
+    cfg = student_cfg()
+    base = random_params(cfg, 20)
+    sc = SA.SemAlignConfig()
+    init = SA.init_trainable(base, cfg, 1, sc, 4, 8.0, 0)
+    rng = np.random.default_rng(21)
+    items = []
+    for n in rng.integers(6, 20, size=16):
+        ids = rng.integers(4, 260, size=n).astype(np.int32)
+        items.append(Tokenized(ids, np.where(np.arange(n) < n // 2, IGNORE, ids).astype(np.int32),
+                               extra=rng.normal(size=(n, cfg.hidden_size)).astype(np.float32)))
+    tc = lt.TrainConfig(rank=4, alpha=8.0, lr=1e-2, epochs=1, batch_size=8, micro_batch=4, bucket=16, seed=0,
+                        save_every=1)
+
+    def run(out: str, **kw):
+        return lt.fit(init, base, cfg, items, tmp / out, tc, pad_id=3, objective=SA.Objective(1, "lora", "ffn"),
+                      progress=False, **kw)
+
+    want = run("ref")
+    batches: list = []
+    spy(lt, "_device_batch", batches, lambda a, out: out)
+    got = run("2x2x2", mesh=MESHES["2x2x2"])
+    assert len(batches) == 4 and all(len(b) == 4 for b in batches)
+    assert all(b[3].sharding.spec == P(("data", "fsdp"), None, None) for b in batches)
+    assert got["layers"]["up_proj"]["a"].sharding.spec == P(None, "fsdp")
+    tree_close(got, want, "semalign 2x2x2")
+
+    def stop(step, metrics):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    try:
+        run("4x2", mesh=MESHES["4x2"], on_step=stop)
+    except KeyboardInterrupt:
+        pass
+    tree_close(run("4x2", mesh=MESHES["2x2x2"]), want, "semalign 4x2 then 2x2x2")
+    print("semalign ok")
+
+
 def check_mesh_errors() -> None:
     from pktjax.errors import ConfigError
 
@@ -594,7 +640,7 @@ def main(argv: list[str]) -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         {"load": check_load, "orbax": check_orbax, "train_aligner": check_train_aligner,
-         "lora_train": check_lora_train}[name](Path(tmp))
+         "lora_train": check_lora_train, "semalign": check_semalign_fit}[name](Path(tmp))
 
 
 if __name__ == "__main__":

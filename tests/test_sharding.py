@@ -30,6 +30,7 @@ WORKER_TIMEOUT_S = 300
 CHECKS = {  # test name -> check name, the most expensive first (they start in this order)
     "test_train_aligner_with_mesh_matches_one_device": "train_aligner",
     "test_lora_train_with_mesh_matches_one_device": "lora_train",
+    "test_semalign_fit_with_mesh_matches_one_device": "semalign",
     "test_lora_step_matches_one_device": "lora",
     "test_aligner_step_matches_one_device": "aligner",
     "test_attribution_matches_one_device": "attribution",
@@ -235,6 +236,12 @@ def test_lora_train_with_mesh_matches_one_device(checks):
     """2 LoRA steps on 2x2x2, and 4x2 resumed on 2x2x2, end with the adapter of the run without a mesh; the
     micro-batches are split over data x fsdp and the adapter follows the rules."""
     _check(checks, "lora_train")
+
+
+def test_semalign_fit_with_mesh_matches_one_device(checks):
+    """SemAlign's one-layer LoRA through the shared trainer: on 2x2x2, and 4x2 resumed on 2x2x2, the factors of
+    the run without a mesh; the per-token targets travel split like the rest of the batch."""
+    _check(checks, "semalign")
 
 
 # ------------------------------------------------------------------------------------------- two processes
