@@ -165,6 +165,17 @@ def semalign_plan(teacher, seeds: Examples, tokenizer, student_cfg, sc, folder: 
     return {**plan, "pairing": dataclasses.asdict(pairing)}
 
 
+def _cached_map(path: Path, compute) -> np.ndarray:
+    """SemAlign's alignment map, computed once per plan folder (minutes on a CPU at a 152k vocabulary)."""
+    if path.is_file():
+        return np.load(path)
+    m = compute()
+    tmp = path.with_suffix(".tmp.npy")
+    np.save(tmp, m)
+    os.replace(tmp, path)
+    return m
+
+
 def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
     """Config-only checks of a SemAlign pair (before any weights are read)."""
     sc.validate(student_cfg.num_layers)
@@ -181,9 +192,10 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
                    plan_folder: str | os.PathLike | None = None):
     """A SemAlign run from checkpoint paths into ``out``; returns ``(trained student Model, info dict)``.
 
-    Teacher attribution on ``seeds`` and the pairing (``out/plan.json``, kept), the alignment map of the two
-    heads (``plan_folder``: where the plan is kept instead, e.g. shared by seeds), the recomposed teacher targets of ``examples`` (recomputed on a resume; the teacher is released
-    before training), then :func:`pktjax.lora_train.fit` of student layer ``k†`` (checkpoints, ``metrics.jsonl``
+    Teacher attribution on ``seeds`` (``plan.json``) and the alignment map of the two heads
+    (``alignment_map_<frame>.npy``), both kept in ``plan_folder`` (default ``out``; the transfer job shares one
+    between seeds), the pairing, the recomposed teacher targets of ``examples`` (recomputed on a resume; the
+    teacher is released before training), then :func:`pktjax.lora_train.fit` of student layer ``k†`` (checkpoints, ``metrics.jsonl``
     under ``out``; an unfinished run resumes). Output: ``out/adapter`` (PEFT, LoRA mode: zero factors outside
     layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``. With ``probe``
     examples, also the before / after CKA view of the trained layer (:func:`pktjax.analysis.alignment_cka`;
@@ -213,7 +225,8 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     plan = semalign_plan(teacher, list(seeds)[:sc.samples], tokenizer, student.config, sc,
                          Path(plan_folder or out).expanduser(), tc.cutoff_len)
     pairing = SA.Pairing(**{**plan["pairing"], "schedule": tuple(plan["pairing"]["schedule"])})
-    m = SA.alignment_map(SA.head_of(teacher.params), SA.head_of(student.params), sc.frame)
+    m = _cached_map(Path(plan_folder or out).expanduser() / f"alignment_map_{sc.frame}.npy",
+                    lambda: SA.alignment_map(SA.head_of(teacher.params), SA.head_of(student.params), sc.frame))
     items = [tokenize_seeking(tokenizer, ex, tc.cutoff_len) for ex in examples]
     targets = SA.teacher_targets(teacher.params, teacher.config, items, pairing, m, sc.compare, pad_id=pad,
                                  micro_batch=tc.micro_batch, bucket=tc.bucket)

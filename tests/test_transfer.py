@@ -228,6 +228,7 @@ def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
         assert json.loads(open(row["report"]).read())["settings"]["model"] == str(folder / "adapter")
     plan = json.loads((out / "semalign" / "plan.json").read_text())  # one attribution for both seeds
     assert plan["samples"] == 2 and len(plan["scores"]) == 3
+    assert (out / "semalign" / "alignment_map_paper.npy").is_file()
     text = (out / "report.md").read_text()
     for needle in ("| SemAlign | 1 | — |", "| SemAlign | 2 | — |", "## SemAlign: CKA",
                    "![seed1](semalign/seed1/alignment_cka.png)"):
