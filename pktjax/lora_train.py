@@ -215,8 +215,8 @@ def evaluate(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokeniz
 
 
 class _Checkpoints:
-    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` (``lora``: the trainable pytree) under ``out_dir/checkpoints`` (every process saves
-    and restores its shards)."""
+    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` (``lora``: the trainable pytree) under
+    ``out_dir/checkpoints`` (every process saves and restores its shards)."""
 
     def __init__(self, out_dir: Path, mesh: Mesh | None = None):
         import orbax.checkpoint as ocp

@@ -299,9 +299,9 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_ma
     ``capture=True`` returns ``(logits, Trace)`` (last-position internals for attribution). ``modules`` (e.g.
     ``("up_proj", "down_proj", "v_proj", "o_proj")``) returns ``(logits, {name: [L, B, T, out]})``, the outputs of
     those modules at every position (``"output"``: each layer's residual output). ``shifts [L, B, T, d]`` is added
-    to each layer's output (zeros, to differentiate with respect to the layer outputs). ``return_hidden`` returns the last layer's output ``[B, T, d]`` before the
-    final norm instead of logits. Jit it with
-    ``cfg`` static (``jax.jit(forward, static_argnums=1)``) or call it inside a jitted function.
+    to each layer's output (zeros, to differentiate with respect to the layer outputs). ``return_hidden`` returns
+    the last layer's output ``[B, T, d]`` before the final norm instead of logits. Jit it with ``cfg`` static
+    (``jax.jit(forward, static_argnums=1)``) or call it inside a jitted function.
     """
     chex.assert_rank(input_ids, 2)
     if attention_mask is None:

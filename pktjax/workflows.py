@@ -195,8 +195,8 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     Teacher attribution on ``seeds`` (``plan.json``) and the alignment map of the two heads
     (``alignment_map_<frame>.npy``), both kept in ``plan_folder`` (default ``out``; the transfer job shares one
     between seeds), the pairing, the recomposed teacher targets of ``examples`` (recomputed on a resume; the
-    teacher is released before training), then :func:`pktjax.lora_train.fit` of student layer ``k†`` (checkpoints, ``metrics.jsonl``
-    under ``out``; an unfinished run resumes). Output: ``out/adapter`` (PEFT, LoRA mode: zero factors outside
+    teacher is released before training), then :func:`pktjax.lora_train.fit` of student layer ``k†``
+    (checkpoints, ``metrics.jsonl`` under ``out``; an unfinished run resumes). Output: ``out/adapter`` (PEFT, LoRA mode: zero factors outside
     layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``. With ``probe``
     examples, also the before / after CKA view of the trained layer (:func:`pktjax.analysis.alignment_cka`;
     ``probe_kw``: its batch_size, cutoff_len, max_tokens) as ``out/alignment_cka.png/.pdf``, its numbers in
