@@ -1,0 +1,111 @@
+"""Attribution scores kept on disk, so that an example is located once per model and option, however many
+aligner steps, fused steps and seeds select from it (scores depend only on the frozen model and the example).
+
+One folder per model (e.g. ``<run>/attribution_cache/teacher``), one ``.npz`` file per (example token ids,
+target, mode, attention)::
+
+    fingerprint   the model's fingerprint (:func:`model_fingerprint`); another model's entry is refused
+    mode, attention, ids [T], target
+    layer_attn, layer_ffn [L]      every layer's score
+    ffn [L, f], attn [L, H*hd]     neuron scores; rows not scored are -inf
+    ffn_rows, attn_rows [L]        which rows hold scores
+
+Any ``K`` (as long as the example's top ``K`` layers are among the scored rows) and any rate is cut from an entry.
+Entries are written to a temporary name and renamed, so a reader never sees half of one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from pktjax.config import ModelConfig
+from pktjax.errors import ConfigError
+from pktjax.model import Params
+from pktjax.select import Attribution
+
+_UINT = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}
+
+
+@jax.jit
+def _checksums(leaves: list[jax.Array]) -> jax.Array:
+    """Two position-weighted sums (mod 2^32) of each leaf's bit patterns: ``[n_leaves, 2]`` uint32. One pass over
+    the weights, on whatever devices (and shardings) they live."""
+    out = []
+    for x in leaves:
+        bits = jax.lax.bitcast_convert_type(x, _UINT[x.dtype.itemsize]).astype(jnp.uint32).reshape(-1)
+        idx = jnp.arange(bits.size, dtype=jnp.uint32)
+        out.append(jnp.stack([jnp.sum(bits * (idx * jnp.uint32(2654435761) + jnp.uint32(1))),
+                              jnp.sum((bits ^ (idx * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B))]))
+    return jnp.stack(out)
+
+
+def model_fingerprint(params: Params, cfg: ModelConfig) -> str:
+    """A 16-hex-digit fingerprint of a model's config and weights (every bit of every weight counts)."""
+    paths, leaves = zip(*jax.tree_util.tree_leaves_with_path(params))
+    sums = np.asarray(jax.device_get(_checksums(list(leaves)))).tolist()
+    desc = [repr(cfg)] + [[jax.tree_util.keystr(p), list(x.shape), str(x.dtype), s]
+                          for p, x, s in zip(paths, leaves, sums)]
+    return hashlib.sha256(json.dumps(desc).encode()).hexdigest()[:16]
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    """Cached scores of one example (NumPy fields; ``ffn_rows, attn_rows [L]`` mark the scored rows)."""
+
+    attr: Attribution
+    ffn_rows: np.ndarray
+    attn_rows: np.ndarray
+
+    def covers(self, ffn_layers: np.ndarray, attn_layers: np.ndarray) -> bool:
+        return bool(self.ffn_rows[ffn_layers].all() and self.attn_rows[attn_layers].all())
+
+
+def entry_path(folder: str | os.PathLike, ids: np.ndarray, target: int, mode: str, attention: str) -> Path:
+    """Where the scores of one example and option live in a cache folder."""
+    h = hashlib.sha256(f"{mode}|{attention}|{int(target)}|".encode() + np.asarray(ids, np.int32).tobytes())
+    return Path(folder) / f"{h.hexdigest()[:32]}.npz"
+
+
+def read_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, target: int, mode: str,
+               attention: str) -> Entry | None:
+    """The cached scores of one example, or ``None`` when there are none. An entry written by another model
+    (another fingerprint) is a :class:`ConfigError`: the weights behind the folder changed."""
+    path = entry_path(folder, ids, target, mode, attention)
+    if not path.is_file():
+        return None
+    with np.load(path) as z:
+        data = {k: z[k] for k in z.files}
+    if str(data["fingerprint"]) != fingerprint:
+        raise ConfigError(f"{path} holds attribution scores of another model (fingerprint {data['fingerprint']}, "
+                          f"this model's is {fingerprint}): the weights changed since they were written. Delete "
+                          f"{Path(folder)} or give another cache folder.")
+    same = (str(data["mode"]) == mode and str(data["attention"]) == attention and int(data["target"]) == target
+            and np.array_equal(data["ids"], np.asarray(ids)))
+    if not same:  # a hash collision: not this example's scores
+        return None
+    attr = Attribution(*(data[k] for k in ("layer_attn", "layer_ffn", "ffn", "attn")))
+    return Entry(attr, data["ffn_rows"].astype(bool), data["attn_rows"].astype(bool))
+
+
+def write_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, target: int, mode: str,
+                attention: str, entry: Entry) -> Path:
+    """Store one example's scores (temporary file, then rename); returns the entry's path."""
+    path = entry_path(folder, ids, target, mode, attention)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    a = entry.attr
+    with open(tmp, "wb") as fh:
+        np.savez(fh, fingerprint=fingerprint, mode=mode, attention=attention, ids=np.asarray(ids, np.int32),
+                 target=int(target), layer_attn=np.asarray(a.layer_attn), layer_ffn=np.asarray(a.layer_ffn),
+                 ffn=np.asarray(a.ffn), attn=np.asarray(a.attn), ffn_rows=entry.ffn_rows,
+                 attn_rows=entry.attn_rows)
+    os.replace(tmp, path)
+    return path
