@@ -9,11 +9,19 @@ process CPU seconds are printed too (steadier than wall time on a shared host).
 
     .venv/bin/python experiments/bench_attribution.py                 # tenth sizes, float32, prompt of 128
     .venv/bin/python experiments/bench_attribution.py --size full     # real 13B/7B shapes (accelerator only)
+    .venv/bin/python experiments/bench_attribution.py --examples 1,4,16   # batched against per-example route
+
+With ``--examples E1,E2,...`` it times, for each batch size ``E``, the seconds per example of the batched route
+(:func:`pktjax.attribution.attribution_batch` on ``E`` prompts) and of the per-example route (the same scores,
+every vocabulary product paid again per example; timed once, it does not depend on ``E``), the batched route's
+elementwise pass alone (its ``expm1`` and weighted sums over fixed ``[c, V]`` blocks, without the products), and
+the floor of that pass: a plain ``expm1``-and-sum over the same number of floats, all in the same run.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import resource
 import statistics
@@ -26,7 +34,8 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pktjax.attribution import attribution, matmul_flops  # noqa: E402
+from pktjax.attribution import (_block_gain, _per_example, attribution, attribution_batch,  # noqa: E402
+                                matmul_flops)
 from pktjax.config import ModelConfig  # noqa: E402
 from pktjax.model import forward  # noqa: E402
 
@@ -84,10 +93,12 @@ def vocab_floor(params: dict, chunk: int) -> jax.Array:
 
 def timed(fn, repeats: int) -> dict[str, float]:
     """Seconds of the first call (compile + run) and the median wall and process-CPU seconds of ``repeats``
-    further calls (CPU seconds are the steadier figure on a shared host)."""
-    t0 = time.perf_counter()
+    further calls (CPU seconds are the steadier figure on a shared host); ``repeats=0``: the first call's."""
+    t0, c0 = time.perf_counter(), time.process_time()
     jax.block_until_ready(fn())
     first = time.perf_counter() - t0
+    if repeats == 0:
+        return {"first": first, "wall": first, "cpu": time.process_time() - c0}
     wall, cpu = [], []
     for _ in range(repeats):
         t0, c0 = time.perf_counter(), time.process_time()
@@ -131,6 +142,88 @@ def bench(name: str, cfg: ModelConfig, args: argparse.Namespace) -> None:
     print(f"  {peak_memory()}", flush=True)
 
 
+def _blocks(n: int, chunk: int) -> tuple[int, int]:
+    """``(blocks, c)`` per layer as the attribution cuts ``n`` neurons (evenly sized blocks of at most ``chunk``)."""
+    blocks = -(-n // chunk)
+    return blocks, -(-n // blocks)
+
+
+def elementwise_pass(cfg: ModelConfig, e: int, chunk: int, rms: bool):
+    """The batched route's per-example work alone, over fixed blocks: for every block of every layer (FFN and
+    attention neurons) ``_block_gain`` of ``E`` examples on a ``[c, V]`` block of ``M`` that is not recomputed."""
+    key = jax.random.key(7)
+    logp = jax.nn.log_softmax(jax.random.normal(key, (e, VOCAB)), axis=1)
+    u = jax.random.normal(jax.random.key(8), (e, VOCAB)) if rms else None
+    targets = jnp.arange(e, dtype=jnp.int32)
+    shapes = [_blocks(n, chunk) for n in (cfg.f, cfg.q_dim)]
+    m_blocks = [jax.random.normal(jax.random.key(9), (c, VOCAB)) * 0.01 for _, c in shapes]
+    spread = jax.random.uniform(jax.random.key(10), (e, max(c for _, c in shapes)), minval=0.5, maxval=1.5)
+
+    @jax.jit
+    def run(logp, u, m_blocks):
+        total = 0.0
+        for (blocks, c), m in zip(shapes, m_blocks):
+            def one(i):
+                # varies with the example and the neuron, as the route's coefficients do (a constant would let
+                # the compiler form expm1 once for all examples)
+                b = (1.0 + 1e-3 * i.astype(jnp.float32)) * spread[:e, :c]
+                a = None if u is None else 1e-3 * b
+                return _block_gain(m, a, b, u, logp, targets).sum()
+            total = total + jax.lax.map(one, jnp.arange(cfg.num_layers * blocks)).sum()
+        return total
+
+    return lambda: run(logp, u, m_blocks)
+
+
+def expm1_floor(cfg: ModelConfig, e: int, chunk: int):
+    """A plain ``expm1``-and-sum over as many floats as :func:`elementwise_pass` reads (``E c V`` per block)."""
+    shapes = [_blocks(n, chunk) for n in (cfg.f, cfg.q_dim)]
+    xs = [jax.random.normal(jax.random.key(9), (c, VOCAB)) * 0.01 for _, c in shapes]
+    scales = jnp.linspace(1.0, 2.0, e)
+
+    @jax.jit
+    def run(xs, scales):
+        total = 0.0
+        for (blocks, _), x in zip(shapes, xs):
+            def one(i):
+                return jnp.sum(jnp.expm1((scales + 1e-3 * i.astype(jnp.float32))[:, None, None] * x[None]))
+            total = total + jax.lax.map(one, jnp.arange(cfg.num_layers * blocks)).sum()
+        return total
+
+    return lambda: run(xs, scales)
+
+
+def bench_examples(name: str, cfg: ModelConfig, args: argparse.Namespace) -> list[dict]:
+    """Seconds per example of the batched and per-example routes for each ``E`` of ``--examples``."""
+    params = random_params(cfg, jax.random.key(args.seed), jnp.dtype(args.dtype))
+    sizes = [int(x) for x in args.examples.split(",")]
+    ids = jax.random.randint(jax.random.key(args.seed + 1), (max(sizes), args.seq_len), 3, VOCAB)
+    targets = jax.random.randint(jax.random.key(args.seed + 2), (max(sizes),), 3, VOCAB)
+    opts = dict(mode=args.mode, attention=args.attention, chunk=args.chunk)
+    print(f"{name}: d={cfg.d} f={cfg.f} L={cfg.num_layers} H={cfg.num_heads} V={VOCAB} T={args.seq_len} "
+          f"chunk={args.chunk} mode={args.mode}", flush=True)
+    single = timed(lambda: _per_example(params, cfg, ids[0], int(targets[0]), **opts), args.repeats)
+    print(f"  per-example route        {single['wall']:8.3f} s/example (CPU {single['cpu']:.2f} s)", flush=True)
+    rows = []
+    for e in sizes:
+        batched = timed(lambda: attribution_batch(params, cfg, ids[:e], targets[:e], **opts), args.repeats)
+        ew = timed(elementwise_pass(cfg, e, args.chunk, args.mode == "rmsnorm"), args.repeats)
+        floor = timed(expm1_floor(cfg, e, args.chunk), args.repeats)
+        row = {"model": name, "E": e, "layers": cfg.num_layers, "batched_s_per_example": batched["wall"] / e,
+               "per_example_s": single["wall"], "ratio": batched["wall"] / e / single["wall"],
+               "elementwise_s": ew["wall"], "floor_s": floor["wall"], "elementwise_over_floor": ew["wall"] / floor["wall"],
+               "batched_cpu_s_per_example": batched["cpu"] / e, "per_example_cpu_s": single["cpu"]}
+        rows.append(row)
+        row.update(cpu_ratio=row["batched_cpu_s_per_example"] / single["cpu"], elementwise_cpu_s=ew["cpu"],
+                   floor_cpu_s=floor["cpu"], elementwise_over_floor_cpu=ew["cpu"] / floor["cpu"])
+        print(f"  E={e:3d}: batched {row['batched_s_per_example']:8.3f} s/example, CPU "
+              f"{row['batched_cpu_s_per_example']:.2f} s ({row['ratio']:.3f} / CPU {row['cpu_ratio']:.3f} of "
+              f"per-example); elementwise pass {ew['wall']:8.3f} s, expm1-and-sum floor {floor['wall']:8.3f} s "
+              f"({row['elementwise_over_floor']:.2f}x, CPU {row['elementwise_over_floor_cpu']:.2f}x)", flush=True)
+    print(f"  {peak_memory()}", flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--size", choices=sorted(SIZES), default="tenth")
@@ -142,11 +235,25 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--attention", default="last_key", choices=("last_key", "all_keys"))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--examples", default=None,
+                   help="comma-separated batch sizes E: time the batched against the per-example route")
+    p.add_argument("--layers", type=int, nargs="+", default=None,
+                   help="layer counts of the models, in --models order (default: the size's; every figure here "
+                        "scales with it, ratios do not)")
+    p.add_argument("--json", default=None, help="with --examples: write the figures here")
     args = p.parse_args(argv)
     print(f"backend {jax.default_backend()}: {jax.devices()[0].device_kind}, {len(jax.devices())} device(s), "
           f"{os.cpu_count()} CPUs")
-    for name in args.models.split(","):
-        bench(name, make_config(*SIZES[args.size][name]), args)
+    rows = []
+    for i, name in enumerate(args.models.split(",")):
+        hidden, ffn, layers, heads = SIZES[args.size][name]
+        cfg = make_config(hidden, ffn, args.layers[i] if args.layers else layers, heads)
+        if args.examples:
+            rows += bench_examples(name, cfg, args)
+        else:
+            bench(name, cfg, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

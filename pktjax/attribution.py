@@ -261,24 +261,26 @@ def _block_gain(m_block: jax.Array, a: jax.Array | None, b: jax.Array, u: jax.Ar
                 targets: jax.Array) -> jax.Array:
     """Scores ``[E, c]`` of ``c`` neurons in every example: ``z = a u + b M`` (``M = m_block [c, V]``, ``a, b
     [E, c]``, ``u [E, V]``, ``a = u = None`` in mode ``reference``), then ``z_w - log(1 + sum_v p_v expm1(z_v))`` as
-    in :func:`_gain` (the ``logsumexp`` fallback only for blocks that hold a row needing it, one example at a
-    time so memory stays at one ``[c, V]`` block). The main pass reads ``M`` and each example's ``p, u`` rows
-    once and writes only the sums: no ``[E, c, V]`` array is formed."""
+    in :func:`_gain`, with the ``logsumexp`` fallback only for blocks that hold a row needing it.
+
+    One example at a time (a sequential map): each step is one fused pass over ``M`` that writes only ``c`` sums,
+    so memory stays at one ``[c, V]`` block and no ``[E, c, V]`` array is formed. (A single fused pass over all
+    examples broadcasts ``p`` along the middle axis, which XLA's CPU backend runs several times slower.)"""
 
     def z_of(a_e, b_e, u_e):  # [c], [c], [V] -> [c, V]
         z = b_e[:, None] * m_block
         return z if a_e is None else z + a_e[:, None] * u_e[None]
 
-    p = jnp.exp(logp)  # [E, V]
-    small = jnp.sum(jnp.expm1(jax.vmap(z_of)(a, b, u)) * p[:, None], axis=2)
-    near = jnp.log1p(jnp.maximum(small, -0.5))
-    far = ~(small >= -0.5) | ~jnp.isfinite(small)  # NaN (0 * inf) compares false
+    def one(x):  # one example: ``(a [c], b [c], u [V], logp [V]) -> [c]``
+        a_e, b_e, u_e, logp_e = x
+        p = jax.lax.optimization_barrier(jnp.exp(logp_e))  # [V] once, not again for every neuron
+        small = jnp.sum(jnp.expm1(z_of(a_e, b_e, u_e)) * p[None], axis=1)
+        near = jnp.log1p(jnp.maximum(small, -0.5))
+        far = ~(small >= -0.5) | ~jnp.isfinite(small)  # NaN (0 * inf) compares false
+        return jax.lax.cond(jnp.any(far), lambda: jnp.where(
+            far, jax.nn.logsumexp(z_of(a_e, b_e, u_e) + logp_e[None], axis=1), near), lambda: near)
 
-    def fallback():
-        lse = jax.lax.map(lambda x: jax.nn.logsumexp(z_of(*x[:3]) + x[3][None], axis=1), (a, b, u, logp))
-        return jnp.where(far, lse, near)
-
-    lse = jax.lax.cond(jnp.any(far), fallback, lambda: near)
+    lse = jax.lax.map(one, (a, b, u, logp))
     z_w = b * m_block[:, targets].T
     if a is not None:
         z_w = z_w + a * jnp.take_along_axis(u, targets[:, None], axis=1)

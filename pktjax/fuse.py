@@ -4,6 +4,8 @@ Locate on one example of the train split (picked by ``random.Random(seed)``), ex
 (it may differ from the training rate), apply the aligner saved after ``step``, inject, and write a Hugging Face
 checkpoint folder with :func:`pktjax.save_model`, plus ``injection.json`` in it: the aligner step, rate, seed and
 example used, and the size of the injected deltas (:func:`pktjax.inject.delta_sizes`).
+(The main job injects in memory instead and evaluates the fused student at once: one locate and one extraction
+serve every aligner step.)
 """
 
 from __future__ import annotations
@@ -40,15 +42,22 @@ def _check_aligner(aligner: AlignerParams, modules: tuple[str, ...], teacher: So
         raise ConfigError(f"the aligner has no hypernetwork for {missing}; it was trained for {sorted(aligner)}.")
 
 
+def fuse_example(examples: Sequence[dict[str, Any]], seed: int) -> dict[str, Any]:
+    """The train-split example a fuse with ``seed`` locates on (``random.Random(seed)``)."""
+    return examples[random.Random(seed).randrange(len(examples))]
+
+
 def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step: int,
          examples: Sequence[dict[str, Any]] | str | os.PathLike, out: str | os.PathLike, *, rate: float = 0.1,
          seed: int = 42, modules: Sequence[str] | None = None, mode: str | None = None,
-         attention: str | None = None, layers: int | None = None, tokenizer=None) -> Path:
+         attention: str | None = None, layers: int | None = None, tokenizer=None,
+         cache: str | os.PathLike | None = None) -> Path:
     """Write the fused student to ``out`` and return its path.
 
     ``aligner_dir``: a :func:`pktjax.train_aligner` output folder; ``step``: which saved aligner to apply.
     ``modules``, ``mode``, ``attention`` and ``layers`` (K) default to the training run's. Every check (output folder, data,
-    pair, aligner sizes) runs before the models are loaded.
+    pair, aligner sizes) runs before the models are loaded. ``cache``: a folder of attribution scores
+    (:func:`pktjax.train_aligner.locate_pair`) to read the example's scores from, or keep them in.
     """
     out = Path(out)
     _check_out(out)
@@ -59,9 +68,9 @@ def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step:
     _check_aligner(aligner, modules, teacher, student)
     layers = layers or run["config"].get("layers")
     pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer, layers=layers)
-    index = random.Random(seed).randrange(len(examples))
+    index = random.Random(seed).randrange(len(examples))  # the example fuse_example picks
     knowledge, _, sel_s = locate_and_extract(pair, examples[index], mode or run["config"]["mode"],
-                                             attention or run["config"]["attention"], layers)
+                                             attention or run["config"]["attention"], layers, cache)
     deltas = align(aligner, knowledge)
     record = {"aligner": str(aligner_dir), "step": step, "rate": rate, "seed": seed, "example": index,
               "modules": list(modules), "delta": delta_sizes(pair.student.params, pair.student.config, sel_s, deltas)}

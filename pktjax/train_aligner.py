@@ -24,6 +24,10 @@ Output folder::
     state/<t>/      aligner + optimizer state after the last finished step (orbax), for resuming
     log.jsonl       one line of metrics per step, with the size of what checkpoint t injects on step t's
                     selection (``delta``: :func:`pktjax.inject.delta_sizes`)
+    attribution_cache/{teacher,student}/   every step's attribution scores (:mod:`pktjax.attribution_cache`)
+
+The examples of all remaining steps are located before the first one, in one batched pass per model
+(:func:`locate_pair`); scores already in the cache are read back.
 
 Calling :func:`train_aligner` again on the same folder resumes after the last saved step and ends with the same
 aligner as an uninterrupted run, on any mesh.
@@ -59,7 +63,7 @@ from jax.sharding import Mesh
 
 from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
-from pktjax.attribution import ATTENTION, MODES, locate
+from pktjax.attribution import ATTENTION, MODES, locate_each
 from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
@@ -189,18 +193,30 @@ def layer_count(teacher: ModelConfig, student: ModelConfig, layers: int | None) 
     return k
 
 
-def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "reference", attention: str = "last_key",
-                       layers: int | None = None) -> tuple[dict[str, jax.Array], Selection, Selection]:
-    """Locate on one example in both models, select ``K`` layers (``layers``, default ``L_S``) and
-    ``(N_f, N_a)`` neurons each, extract the teacher's knowledge; neurons are scored only in each model's top
-    ``K`` layers (:func:`pktjax.attribution.locate`). Returns ``(knowledge [K, ...] per module, teacher
-    selection, student selection)``."""
+def locate_pair(pair: Pair, examples: Sequence[dict[str, Any]], mode: str = "reference",
+                attention: str = "last_key", layers: int | None = None,
+                cache: str | os.PathLike | None = None) -> list[tuple[Selection, Selection]]:
+    """Locate on each of ``examples`` in both models (batched passes, :func:`pktjax.attribution.locate_each`;
+    neurons scored only in each example's top ``K`` layers) and select ``K`` layers (``layers``, default ``L_S``)
+    and ``(N_f, N_a)`` neurons each: ``[(teacher selection, student selection)]``, one per example. ``cache``: a
+    folder whose ``teacher/`` and ``student/`` subfolders keep the scores (:mod:`pktjax.attribution_cache`)."""
     k = layer_count(pair.teacher.config, pair.student.config, layers)
-    sels = []
-    for m in (pair.teacher, pair.student):
-        attr = locate(m.params, m.config, pair.tokenizer, [example], mode=mode, attention=attention, layers=k)
-        sels.append(select(attr, k, *pair.counts))
-    return extract(pair.teacher.params, pair.teacher.config, sels[0], pair.modules), sels[0], sels[1]
+    per_model = []
+    for role, m in (("teacher", pair.teacher), ("student", pair.student)):
+        folder = None if cache is None else Path(cache) / role
+        attrs = locate_each(m.params, m.config, pair.tokenizer, examples, mode=mode, attention=attention,
+                            layers=k, cache=folder)
+        per_model.append([select(a, k, *pair.counts) for a in attrs])
+    return list(zip(*per_model))
+
+
+def locate_and_extract(pair: Pair, example: dict[str, Any], mode: str = "reference", attention: str = "last_key",
+                       layers: int | None = None, cache: str | os.PathLike | None = None,
+                       ) -> tuple[dict[str, jax.Array], Selection, Selection]:
+    """Locate on one example in both models (:func:`locate_pair`), extract the teacher's knowledge. Returns
+    ``(knowledge [K, ...] per module, teacher selection, student selection)``."""
+    sel_t, sel_s = locate_pair(pair, [example], mode, attention, layers, cache)[0]
+    return extract(pair.teacher.params, pair.teacher.config, sel_t, pair.modules), sel_t, sel_s
 
 
 # ------------------------------------------------------------------------------------------------ the loss
@@ -448,11 +464,14 @@ def _run_record(pair: Pair, config: TrainConfig, order: np.ndarray, n_extract: i
             "order": [int(i) for i in order], "n_align": n_align}
 
 
-def _train_step(step: int, state: dict[str, Any], pair: Pair, example: dict[str, Any], batch_items: list[Tokenized],
-                config: TrainConfig, lr: float, mesh: Mesh | None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """One aligner step; returns ``(new state, metrics)``. A non-finite loss or gradient leaves the state."""
+def _train_step(step: int, state: dict[str, Any], pair: Pair, located: tuple[Selection, Selection],
+                batch_items: list[Tokenized], config: TrainConfig, lr: float,
+                mesh: Mesh | None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """One aligner step from the step's ``(teacher, student)`` selections; returns ``(new state, metrics)``. A
+    non-finite loss or gradient leaves the state."""
     t0 = time.perf_counter()
-    knowledge, _, sel_s = locate_and_extract(pair, example, config.mode, config.attention, config.layers)
+    sel_t, sel_s = located
+    knowledge = extract(pair.teacher.params, pair.teacher.config, sel_t, pair.modules)
     batches = micro_batches(batch_items, config.micro_batch, pair.tokenizer.eos_token_id, config.bucket,
                             config.cutoff_len)
     loss, ce, mse, grads = step_gradients(state["aligner"], pair.student, sel_s, knowledge, batches,
@@ -486,6 +505,11 @@ class _Run:
     mesh: Mesh | None
 
 
+def step_order(n_extract: int, seed: int) -> np.ndarray:
+    """The extract examples in the order the steps take them (a permutation drawn from ``seed``)."""
+    return np.random.default_rng(seed).permutation(n_extract)
+
+
 def _prepare(teacher: Source, student: Source, extract_examples, align_examples, config: TrainConfig,
              tokenizer, mesh: Mesh | str | None) -> _Run:
     """All checks (mesh and data first, then the pair), then the models, tokens and the seeded order."""
@@ -498,18 +522,22 @@ def _prepare(teacher: Source, student: Source, extract_examples, align_examples,
                         layers=config.layers)
     tok = functools.partial(tokenize_laten, pair.tokenizer, cutoff_len=config.cutoff_len,
                             train_on_inputs=config.train_on_inputs)
-    order = np.random.default_rng(config.seed).permutation(len(extract_ex))
+    order = step_order(len(extract_ex), config.seed)
     return _Run(pair, config, steps, order, extract_ex, [tok(e) for e in extract_ex], [tok(e) for e in align_ex],
                 mesh)
 
 
-def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar, callback) -> dict[str, Any]:
+def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar, callback,
+               cache: Path | None) -> dict[str, Any]:
     schedule = lr_schedule(run.config.lr, len(run.extract_examples))
+    c = run.config  # every step's example located up front, in one batched pass per model
+    located = locate_pair(run.pair, [run.extract_examples[int(run.order[t])] for t in range(start, run.steps)],
+                          c.mode, c.attention, c.layers, cache)
     for step in range(start, run.steps):
         drawn = random.Random(step).sample(range(len(run.align_tokens)), run.config.examples_per_step - 1)
         ex = int(run.order[step])
         items = [run.align_tokens[i] for i in drawn] + [run.extract_tokens[ex]]
-        state, metrics = _train_step(step, state, run.pair, run.extract_examples[ex], items, run.config,
+        state, metrics = _train_step(step, state, run.pair, located[step - start], items, run.config,
                                      schedule(step), run.mesh)
         metrics.update(example=ex, align_examples=drawn)
         store.save(step, state["aligner"], state["opt_state"], metrics)
@@ -523,7 +551,8 @@ def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar,
 def train_aligner(teacher: Source, student: Source, extract_examples, align_examples, out_dir: str | os.PathLike,
                   config: TrainConfig = TrainConfig(), *, tokenizer=None,
                   callback: Callable[[int, dict[str, Any]], None] | None = None,
-                  progress: bool = True, mesh: Mesh | str | None = None) -> AlignerParams:
+                  progress: bool = True, mesh: Mesh | str | None = None,
+                  cache: str | os.PathLike | None = None) -> AlignerParams:
     """Train LaTen's aligner (SPEC §3.6) and return its final parameters; see the module docstring.
 
     ``teacher``/``student``: :class:`Model` or checkpoint paths; ``extract_examples``/``align_examples``: lists
@@ -531,7 +560,9 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
     with GQA, rate outside (0, 1]) raises before any model is loaded. ``callback(step, metrics)`` runs after each
     saved step. Resumes from ``out_dir`` if it holds a run with the same settings (the mesh may differ).
     ``mesh``: ``None`` (one device), a :class:`Mesh` or a spec such as ``"data=2,fsdp=2,tensor=2"``; see the
-    module docstring.
+    module docstring. ``cache``: where the attribution scores are kept (default ``out_dir/attribution_cache``;
+    not kept when several processes share the run), so a resumed run or another run on the same examples
+    reads them back instead of locating again.
     """
     run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer, mesh)
     t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
@@ -544,7 +575,8 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
     try:
         start, restored = store.resume(state)
         bar.update(start)
-        state = _run_steps(run, restored or state, start, store, bar, callback)
+        cache = None if jax.process_count() > 1 else Path(cache or out_dir / "attribution_cache")
+        state = _run_steps(run, restored or state, start, store, bar, callback, cache)
     finally:
         bar.close()
         store.close()

@@ -17,6 +17,9 @@ from pktjax.transfer.models import check_pair, resolve_model
 from pktjax.transfer.report import _write_json, write_report
 
 
+LOCATE_BATCH = 32  # examples per batched locate pass: the paper's MBPP protocol (27 examples) in one
+
+
 def _claim_output(cfg: TransferConfig) -> None:
     """Refuse a folder that holds another run; record this run's config otherwise."""
     marker = cfg.out / "transfer.json"
@@ -66,36 +69,99 @@ def _fuse_steps(setting: Any, saved: list[int]) -> list[int]:
 def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr: float,
                 sub: str) -> list[dict[str, Any]]:
     """Train the aligner for one seed (at ``lr``, in ``laten/<sub>seed<s>``), fuse and evaluate the chosen steps;
-    returns one row per step, with the injected deltas' sizes (``delta``) when the fuse recorded them."""
-    from pktjax.fuse import INJECTION, fuse
-    from pktjax.train_aligner import TrainConfig, aligner_steps, train_aligner
+    returns one row per step, with the injected deltas' sizes (``delta``).
+
+    Both models are loaded once for the seed; the scores come from the run's attribution cache (filled by
+    :func:`_laten_locate`). The fuse example is located and the teacher's knowledge extracted once, then each
+    step's fused student is evaluated from its parameters in memory (no checkpoint written); its fuse record
+    (``injection.json``, as :func:`pktjax.fuse.fuse` writes one) lands beside the step's ``eval.json``."""
+    import random
+
+    from pktjax.align import align
+    from pktjax.fuse import INJECTION
+    from pktjax.inject import delta_sizes, inject
+    from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, prepare_pair,
+                                      train_aligner)
 
     lt, folder = cfg.laten, cfg.out / "laten" / f"{sub}seed{seed}"
     tc = TrainConfig(lr=lr, rate=lt["rate"], steps=lt["steps"], examples_per_step=lt["examples_per_step"],
                      cutoff_len=lt["cutoff_len"], micro_batch=lt["micro_batch"], seed=seed,
                      train_on_inputs=cfg.task == "mmlu", layers=lt["layers"])
+    pair = None
     t0 = time.time()
     if not (folder / "trained.json").is_file():
-        train_aligner(teacher, student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
-                      folder / "aligner", tc)
+        pair = prepare_pair(teacher, student, rate=lt["rate"], layers=lt["layers"])
+        train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
+                      folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache")
         _write_json(folder / "trained.json", {"seconds": time.time() - t0})
+    steps = _fuse_steps(lt["fuse_steps"], aligner_steps(folder / "aligner"))
+    todo = [s for s in steps if not (folder / f"step{s}" / "eval.json").is_file()]
+    if todo:
+        pair = pair or prepare_pair(teacher, student, rate=lt["rate"], layers=lt["layers"])
+        train = read_jsonl(laten_split(cfg.task, "train"))
+        index = random.Random(seed).randrange(len(train))  # the example pktjax.fuse.fuse_example picks
+        knowledge, _, sel_s = locate_and_extract(pair, train[index], tc.mode, tc.attention, lt["layers"],
+                                                 cfg.out / "attribution_cache")
+        student_model, tokenizer, modules = pair.student, pair.tokenizer, pair.modules
+        pair = None  # the teacher is not needed any more
+        for step in todo:
+            deltas = align(load_aligner(folder / "aligner", step), knowledge)
+            record = {"aligner": str(folder / "aligner"), "step": step, "rate": lt["rate"], "seed": seed,
+                      "example": index, "modules": list(modules),
+                      "delta": delta_sizes(student_model.params, student_model.config, sel_s, deltas)}
+            _write_json(folder / f"step{step}" / INJECTION, record)
+            fused = student_model.replace(params=inject(student_model.params, student_model.config, sel_s, deltas),
+                                          source=f"{folder / 'aligner'} step {step}")
+            _evaluate(fused, cfg, folder / f"step{step}" / "eval.json", tokenizer=tokenizer)
     rows = []
-    for step in _fuse_steps(lt["fuse_steps"], aligner_steps(folder / "aligner")):
+    for step in steps:
         report_path = folder / f"step{step}" / "eval.json"
-        if not report_path.is_file():
-            fused = folder / f"step{step}" / "model"
-            shutil.rmtree(fused, ignore_errors=True)  # a fuse cut short leaves nothing reusable
-            fuse(teacher, student, folder / "aligner", step, laten_split(cfg.task, "train"), fused,
-                 rate=lt["rate"], seed=seed)
-            shutil.copyfile(fused / INJECTION, report_path.with_name(INJECTION))
-            _evaluate(fused, cfg, report_path)
-            shutil.rmtree(fused, ignore_errors=True)  # keep the report, not a copy of the student per step
         injection = report_path.with_name(INJECTION)
         delta = json.loads(injection.read_text())["delta"] if injection.is_file() else None
         method = "LaTen" if not sub else f"LaTen lr {lr:g}"
         rows.append({"method": method, "seed": seed, "step": step, "lr": lr, **_score(report_path),
                      "delta": delta})
     return rows
+
+
+def _laten_examples(cfg: TransferConfig) -> list[dict[str, Any]]:
+    """Every example the LaTen seeds locate on: each seed's extract examples (its steps) and its fuse example."""
+    from pktjax.fuse import fuse_example
+    from pktjax.train_aligner import step_order
+
+    extract, train = read_jsonl(laten_split(cfg.task, "extract")), read_jsonl(laten_split(cfg.task, "train"))
+    steps = cfg.laten["steps"] or len(extract)
+    seen, out = set(), []
+    for seed in cfg.laten["seeds"]:
+        for ex in [extract[int(i)] for i in step_order(len(extract), int(seed))[:steps]] + \
+                [fuse_example(train, int(seed))]:
+            key = json.dumps(ex, sort_keys=True)
+            if key not in seen:
+                seen.add(key)
+                out.append(ex)
+    return out
+
+
+def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
+    """Locate every example of every LaTen seed up front, one batched pass per model (each loaded once, alone),
+    into ``attribution_cache/{teacher,student}``; ``laten/located.json`` marks the stage finished."""
+    from pktjax.attribution import locate_each
+    from pktjax.checkpoint import load_model, read_model_config
+    from pktjax.tokenizer import load_tokenizer
+    from pktjax.train_aligner import layer_count
+
+    marker = cfg.out / "laten" / "located.json"
+    if marker.is_file():
+        return
+    examples = _laten_examples(cfg)
+    k = layer_count(read_model_config(teacher), read_model_config(student), cfg.laten["layers"])
+    tokenizer = load_tokenizer(student)
+    for role, path in (("teacher", teacher), ("student", student)):
+        model = load_model(path)
+        locate_each(model.params, model.config, tokenizer, examples, layers=k, batch=LOCATE_BATCH,
+                    cache=cfg.out / "attribution_cache" / role)
+        del model
+    _write_json(marker, {"examples": len(examples), "layers": k})
 
 
 def _train_data(cfg: TransferConfig, sec: dict[str, Any]) -> Path:
@@ -255,6 +321,8 @@ def run_transfer(cfg: TransferConfig) -> Path:
     check_pair(teacher, student)
     rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
             for name, path in (("student", student), ("teacher", teacher))]
+    if cfg.laten["seeds"]:
+        _timed(cfg, timings, "laten locate", _laten_locate, cfg, teacher, student)
     for lr, sub in laten_rates(cfg):
         for seed in cfg.laten["seeds"]:
             key = f"laten {'lr ' + format(lr, 'g') + ' ' if sub else ''}seed {seed}"
