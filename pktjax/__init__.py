@@ -7,7 +7,7 @@ from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError, DataError, PairError, PktjaxError
 from pktjax.model import Trace, forward
 from pktjax.tokenizer import load_tokenizer
-from pktjax.attribution import attribution, attribution_target, locate
+from pktjax.attribution import attribution, attribution_batch, attribution_target, locate, locate_each
 from pktjax.select import Attribution, Selection, select
 from pktjax.sensitivity import sensitivity
 from pktjax import lora, seeking
@@ -27,6 +27,7 @@ __all__ = [
     "lora", "seeking", "sensitivity",
     "analysis",
     "TrainConfig", "align", "extract", "fuse", "init_aligner", "inject", "train_aligner",
-    "Attribution", "Selection", "attribution", "attribution_target", "locate", "select",
+    "Attribution", "Selection", "attribution", "attribution_batch", "attribution_target", "locate", "locate_each",
+    "select",
     "evaluate", "generate", "sandbox",
 ]

@@ -416,7 +416,7 @@ def check_train_aligner(tmp: Path) -> None:
 
     want = run("ref")
     pairs, steps = [], []
-    spy(ta, "locate_and_extract", pairs, lambda a, out: (a[0], out[0]))
+    spy(ta, "locate_pair", pairs, lambda a, out: (a[0], out[0]))
     spy(ta, "step_gradients", steps, lambda a, out: (a[0], out[3]))
     mesh = S.make_mesh(MESHES["2x2x2"])
     got = run("2x2x2", mesh=MESHES["2x2x2"])
