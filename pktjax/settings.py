@@ -329,8 +329,8 @@ class LatenSettings:
             raise ConfigError(f"{where + '.' if where else ''}fuse_steps = {self.fuse_steps!r}: choose all, last "
                               "or a non-empty list of steps >= 0.")
         if isinstance(self.fuse_steps, tuple) and self.steps is not None and max(self.fuse_steps) >= self.steps:
-            raise ConfigError(f"{where + '.' if where else ''}fuse_steps = {list(self.fuse_steps)}: the aligner "
-                              f"runs steps 0 to {self.steps - 1} (steps = {self.steps}).")
+            raise ConfigError(f"{where + '.' if where else ''}fuse_steps = {list(self.fuse_steps)} names a step the "
+                              f"run stops before: it saves steps 0 to {self.steps - 1} (steps = {self.steps}).")
 
 
 _LORA_KEYS = ("rank", "alpha", "dropout", "lr", "epochs", "batch_size", "micro_batch", "cutoff_len", "dtype")

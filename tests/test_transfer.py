@@ -228,7 +228,9 @@ def test_shipped_configs_are_valid(config, tmp_path):
     ("laten.layers=99", "layers=99: K must be between 1 and 2"),
     ("laten.cutoff_len=0", "laten.cutoff_len = 0: must be >= 1"),
     ("laten.examples_per_step=0", "laten.examples_per_step = 0: must be >= 1"),
-    ("laten.fuse_steps=[1]", "fuse_steps = \\[1\\]: the aligner runs steps 0 to 0"),
+    ("laten.fuse_steps=[1]", "fuse_steps = \\[1\\] names a step the run stops before"),
+    ("laten.lr=[1e-3, 1e-3]", "laten.lr = \\[0.001, 0.001\\]: give one rate or a list of distinct rates"),
+    ("eval.prompt_format=html", "eval.prompt_format = 'html': choose one of paper, chat_template"),
     ("laten.fuse_steps=first", "fuse_steps = 'first': choose all, last"),
     ("laten.seeds=[true]", "laten.seeds\\[0\\] = True: must be an integer"),
     ("laten.seeds=5", "laten.seeds = 5: must be a list of integers"),
@@ -267,7 +269,8 @@ def test_overrides_and_print_config(tmp_path, capsys):
                  "--print-config"]) == 0
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["laten"]["lr"] == 3e-4 and printed["laten"]["seeds"] == [4, 5]
-    assert printed["eval"] == {"task": None, "limit": 3, "max_new_tokens": None, "batch_size": 6, "few_shot": 0}
+    assert printed["eval"] == {"task": None, "limit": 3, "max_new_tokens": None, "batch_size": 6, "few_shot": 0,
+                               "prompt_format": "paper"}
     assert printed["laten"]["rate"] == LatenSettings.rate == AlignerTrainConfig.rate  # one default, filled in
     assert not (tmp_path / "run").exists()
     cfg = read_config(path, overrides=["laten.lr=3e-4"])

@@ -196,7 +196,8 @@ def _check_models(cfg: TransferConfig) -> bool:
             raise ConfigError(f"laten.steps = {lt.steps}: must be <= {n_extract}, the size of the {cfg.task} extract "
                               "split (one extract example per step).")
         if isinstance(lt.fuse_steps, tuple) and max(lt.fuse_steps) >= steps:
-            raise ConfigError(f"laten.fuse_steps = {list(lt.fuse_steps)}: the aligner runs steps 0 to {steps - 1}.")
+            raise ConfigError(f"laten.fuse_steps = {list(lt.fuse_steps)} names a step the run stops before: it "
+                              f"saves steps 0 to {steps - 1}.")
         if lt.examples_per_step - 1 > n_align:
             raise ConfigError(f"laten.examples_per_step = {lt.examples_per_step}: each step draws "
                               f"{lt.examples_per_step - 1} of the {n_align} examples of the align split; "
