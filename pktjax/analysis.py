@@ -39,8 +39,10 @@ import numpy as np
 from flax import struct
 
 from pktjax.config import ModelConfig
+from pktjax.data import Tokenized, bucket_length, check_example, pad_left, tokenize_laten
 from pktjax.errors import ConfigError, PairError
-from pktjax.model import LINEAR_NAMES
+from pktjax.model import LINEAR_NAMES, forward
+from pktjax.tokenizer import load_tokenizer
 
 DEFAULT_MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
 METRICS = ("cka", "cosine")
@@ -265,8 +267,6 @@ def mean_cosine(x: Any, y: Any) -> float:
 def probe_tokens(examples: Iterable[Any], tokenizer=None, cutoff_len: int = 768) -> list[np.ndarray]:
     """Token ids ``[T_i]`` of each example: chat examples through the LaTen tokenization (SPEC §2), sequences of
     ints as they are."""
-    from pktjax.data import check_example, tokenize_laten
-
     out = []
     for i, ex in enumerate(examples):
         if isinstance(ex, dict):
@@ -286,8 +286,6 @@ def probe_batches(tokens: Sequence[np.ndarray], batch_size: int, pad_id: int,
     """Left-padded batches ``(ids [B, T], mask [B, T], weight [B*T])``; ``weight`` marks the real tokens counted
     (at most ``max_tokens`` over the whole probe set). Every batch has ``batch_size`` rows (short ones are padded
     with empty rows) and ``T`` a multiple of 64, so jitted code sees few shapes."""
-    from pktjax.data import Tokenized, bucket_length, pad_left
-
     budget = max_tokens if max_tokens is not None else math.inf
     for start in range(0, len(tokens), batch_size):
         if budget <= 0:
@@ -306,8 +304,6 @@ def probe_batches(tokens: Sequence[np.ndarray], batch_size: int, pad_id: int,
 def module_outputs(params: dict[str, Any], cfg: ModelConfig, ids: jax.Array, mask: jax.Array,
                    modules: tuple[str, ...]) -> dict[str, jax.Array]:
     """``ids, mask [B, T]`` -> ``{module: [L, B*T, out]}``, the module outputs at every position."""
-    from pktjax.model import forward
-
     _, outs = forward(params, cfg, ids, mask, modules=modules)
     return {k: v.reshape(v.shape[0], -1, v.shape[-1]) for k, v in outs.items()}
 
@@ -367,8 +363,6 @@ def representation_similarity(teacher, student, examples: Iterable[Any],
 def _tokenizer_for(student, tokenizer):
     if tokenizer is not None or not getattr(student, "source", None):
         return tokenizer
-    from pktjax.tokenizer import load_tokenizer
-
     return load_tokenizer(student.source)
 
 

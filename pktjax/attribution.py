@@ -35,9 +35,8 @@ from pktjax.data import Tokenized, bucket_length, check_example, iter_chunks, pa
 from pktjax.errors import ConfigError, DataError
 from pktjax.model import Params, Trace, forward, rms_norm
 from pktjax.select import Attribution
+from pktjax.settings import ATTENTION, MODES
 
-MODES = ("reference", "rmsnorm")
-ATTENTION = ("last_key", "all_keys")
 TRAILING = '. ")\n,]'  # stripped from the end of the response before the target token is taken
 DEFAULT_CHUNK = 512
 

@@ -13,6 +13,7 @@ import importlib
 import pkgutil
 import sys
 
+import pktjax.commands as commands
 from pktjax.errors import PktjaxError
 
 
@@ -45,8 +46,6 @@ def version_line() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    import pktjax.commands as commands
-
     parser = Parser(prog="pktjax", description="Cross-scale parametric knowledge transfer in JAX.")
     parser.add_argument("--version", action="version", version=version_line())
     sub = parser.add_subparsers(dest="command", required=True)
@@ -75,7 +74,7 @@ def enable_compilation_cache() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from pktjax.sharding import initialize_distributed
+    from pktjax.sharding import initialize_distributed  # loads jax: only once a command runs, not for --help
 
     initialize_distributed()  # before any jax call touches the devices; a no-op in a single plain process
     enable_compilation_cache()

@@ -33,6 +33,7 @@ from pktjax.provenance import provenance
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
 from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
+from pktjax.tokenizer import load_tokenizer
 
 Generator = Callable[[Sequence[str], int, Sequence[str]], Sequence[str]]
 Progress = Callable[[int], None]
@@ -127,8 +128,6 @@ def _resolve_model(model_or_path, tokenizer, generator):
     else:
         model = load_model(model_or_path)
     if tokenizer is None:
-        from pktjax.tokenizer import load_tokenizer
-
         if model.source is None:
             raise PktjaxError("evaluate: this Model has no source folder to read a tokenizer from; pass tokenizer=.")
         tokenizer = load_tokenizer(model.source)

@@ -27,6 +27,8 @@ import numpy as np
 
 from pktjax.config import ModelConfig, _llama3_inv_freq
 from pktjax.errors import CheckpointError
+from pktjax.gguf_format import read_gguf
+from pktjax.safetensors_io import SafetensorsSource, write_safetensors_stream
 
 SUPPORTED_ARCHS = ("llama", "mistral", "qwen2")
 _PERMUTED_ARCHS = ("llama", "mistral")  # llama.cpp permutes q/k rows for these
@@ -72,8 +74,6 @@ def _open_reader(path: Path):
         import gguf  # noqa: F401  (its quantization tables and kernels)
     except ImportError:
         raise CheckpointError(f"{path}: reading GGUF needs the `gguf` package (pip install gguf).") from None
-    from pktjax.gguf_format import read_gguf
-
     try:
         return read_gguf(path)
     except CheckpointError:
@@ -340,10 +340,7 @@ def gguf_cache_key(path: Path) -> str:
 def cached_source(path: Path, source: "GGUFSource", home: Path):
     """``source`` dequantized once into ``home/dequantized/<file stem>-<key>/model.safetensors`` (float32, written
     to a temporary name and renamed), then read from that file through a memory map on every later load.
-    Returns a :class:`pktjax.checkpoint.SafetensorsSource`."""
-    from pktjax.checkpoint import SafetensorsSource
-    from pktjax.safetensors_io import write_safetensors_stream
-
+    Returns a :class:`pktjax.safetensors_io.SafetensorsSource`."""
     folder = home / "dequantized" / f"{path.stem}-{gguf_cache_key(path)}"
     target = folder / "model.safetensors"
     if not target.is_file():

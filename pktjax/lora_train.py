@@ -42,9 +42,10 @@ from pktjax import sharding as S
 from pktjax.config import ModelConfig
 from pktjax.data import Batch, Tokenized, bucket_length, iter_chunks, pad_left
 from pktjax.errors import ConfigError
-from pktjax.lora import LoRA, rank_of, scale_of
+from pktjax.lora import LoRA, rank_of
 from pktjax.losses import token_cross_entropy
 from pktjax.model import LoraSpec, forward
+from pktjax.settings import LoraTrainConfig
 
 Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -53,42 +54,7 @@ METRICS_FILE = "metrics.jsonl"
 _EMPTY = Tokenized(np.zeros(0, np.int32), np.zeros(0, np.int32))
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Hyper-parameters of a LoRA run (the Seeking authors' defaults)."""
-
-    rank: int = 16
-    alpha: float = 16.0
-    dropout: float = 0.05
-    lr: float = 3e-4
-    epochs: int = 3
-    batch_size: int = 64
-    micro_batch: int = 8
-    warmup_ratio: float = 0.03
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    cutoff_len: int = 2048
-    bucket: int = 64
-    dtype: str = "float32"  # compute dtype of the frozen base weights; the adapter stays float32
-    seed: int = 1
-    save_every: int = 0  # extra checkpoints every N optimizer steps (0: after each epoch and at the end only)
-
-    @property
-    def scale(self) -> float:
-        return scale_of(self.alpha, self.rank)
-
-    def validate(self) -> None:
-        checks = [(self.epochs >= 1, "epochs must be at least 1"), (self.lr > 0, "lr must be positive"),
-                  (self.micro_batch >= 1 and self.batch_size >= self.micro_batch,
-                   "need 1 <= micro_batch <= batch_size"),
-                  (self.batch_size % self.micro_batch == 0, "batch_size must be a multiple of micro_batch"),
-                  (0.0 <= self.dropout < 1.0, "dropout must lie in [0, 1)"),
-                  (0.0 <= self.warmup_ratio < 1.0, "warmup_ratio must lie in [0, 1)"),
-                  (self.dtype in DTYPES, f"dtype must be one of {', '.join(DTYPES)}"),
-                  (self.save_every >= 0, "save_every must be >= 0")]
-        bad = [msg for ok, msg in checks if not ok]
-        if bad:
-            raise ConfigError(f"bad LoRA training config: {'; '.join(bad)}.")
+TrainConfig = LoraTrainConfig  # a LoRA run's settings (defined with the other settings)
 
 
 def schedule(tc: TrainConfig, total_steps: int) -> optax.Schedule:

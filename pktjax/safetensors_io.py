@@ -116,3 +116,50 @@ def write_safetensors_stream(path: str | Path, specs: Sequence[tuple[str, Sequen
             fh.write(arr.tobytes())
         fh.flush()
         os.fsync(fh.fileno())
+
+
+class SafetensorsSource:
+    """All ``*.safetensors`` of a checkpoint folder, through ``model.safetensors.index.json`` when present."""
+
+    def __init__(self, folder: Path):
+        self.path = folder
+        index = folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError) as e:
+                raise CheckpointError(f"{index}: not a valid safetensors index ({e}).") from None
+            files = sorted(set(weight_map.values()))
+        else:
+            files = sorted(p.name for p in folder.glob("*.safetensors"))
+            weight_map = None
+        if not files:
+            raise CheckpointError(f"{folder}: no *.safetensors files. pktjax reads safetensors checkpoints "
+                                  "(convert .bin weights with transformers' save_pretrained(safe_serialization=True)).")
+        self._files: dict[str, SafetensorsFile] = {}
+        for name in files:
+            if not (folder / name).is_file():
+                raise CheckpointError(f"{index}: names shard {name!r}, which is missing from {folder}.")
+            self._files[name] = SafetensorsFile(folder / name)
+        self._where = {k: fname for fname, fobj in self._files.items() for k in fobj.keys()}
+        if weight_map is not None:
+            missing = [k for k, v in weight_map.items() if k not in self._where]
+            if missing:
+                raise CheckpointError(f"{index}: tensor {missing[0]!r} is listed but not found in its shard.")
+
+    def names(self) -> list[str]:
+        return list(self._where)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        if name not in self._where:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint.")
+        return self._files[self._where[name]]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return self._file(name).shape(name)
+
+    def get(self, name: str) -> np.ndarray:
+        return self._file(name).get(name)
+
+    def location(self, name: str) -> str:
+        return str(self._file(name).path)

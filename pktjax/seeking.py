@@ -89,7 +89,8 @@ def max_submatrix(sens_matrix: Any, rows: int, cols: int) -> tuple[int, int]:
     return int(top), int(left)
 
 
-def _check_pair(teacher_cfg: ModelConfig, student_cfg: ModelConfig, targets: Iterable[str]) -> None:
+def check_seeking_pair(teacher_cfg: ModelConfig, student_cfg: ModelConfig, targets: Iterable[str]) -> None:
+    """Seeking's pair rules: one model family and vocabulary, a teacher at least as large in every target."""
     if teacher_cfg.model_type != student_cfg.model_type or teacher_cfg.vocab_size != student_cfg.vocab_size:
         raise PairError(f"teacher ({teacher_cfg.model_type}, vocabulary {teacher_cfg.vocab_size}) and student "
                         f"({student_cfg.model_type}, vocabulary {student_cfg.vocab_size}) must come from one family "
@@ -109,7 +110,7 @@ def plan(sens: Params, teacher_cfg: ModelConfig, student_cfg: ModelConfig,
     """Where to cut: ``{"layers": [L_S teacher layers], "windows": {target: [(top, left), ...]}}`` (one window per
     selected layer for q..down, one for embed_tokens / lm_head), in LoRA orientation (:func:`pktjax.lora.weight`)."""
     targets = check_targets(targets)
-    _check_pair(teacher_cfg, student_cfg, targets)
+    check_seeking_pair(teacher_cfg, student_cfg, targets)
     layers = select_layers(sens, student_cfg.num_layers)
     windows = {}
     for t in targets:

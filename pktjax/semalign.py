@@ -48,12 +48,12 @@ from pktjax.config import ModelConfig
 from pktjax.data import IGNORE, Batch, Tokenized, iter_chunks, pad_left, bucket_length
 from pktjax.errors import ConfigError, PairError
 from pktjax.model import LINEAR_NAMES, LoraSpec, forward
+from pktjax.settings import COMPARES, FRAMES, SEMALIGN_MODES as MODES, SEMALIGN_TARGETS as DEFAULT_TARGETS
+from pktjax.settings import semalign_lr as default_lr  # the paper's rate: 3e-5 for HumanEval, else 3e-4
 
 Params = dict[str, Any]
-COMPARE = {"ffn": ("down_proj",), "update": ("o_proj", "down_proj"), "residual": ("output",)}
-FRAMES = ("paper", "dual")
-MODES = ("lora", "weights")
-DEFAULT_TARGETS = ("v_proj", "o_proj", "up_proj", "down_proj")  # the paper's LoRA modules
+# compare -> the forward outputs summed (pktjax.model.forward's modules)
+COMPARE = dict(zip(COMPARES, (("down_proj",), ("o_proj", "down_proj"), ("output",))))
 _HI = jax.lax.Precision.HIGHEST
 
 
@@ -301,11 +301,6 @@ def compared_output(outs: dict[str, jax.Array], compare: str) -> jax.Array:
 
 
 # ------------------------------------------------------------------------------------------------ the trainable layer
-
-def default_lr(task: str) -> float:
-    """The paper's learning rate: 3e-5 for HumanEval, 3e-4 for the other tasks."""
-    return 3e-5 if task == "humaneval" else 3e-4
-
 
 @dataclasses.dataclass(frozen=True)
 class SemAlignConfig:

@@ -28,9 +28,11 @@ import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from pktjax.checkpoint import hf_tensor_names, layer_shapes, top_shapes
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError
+from pktjax.layout import hf_tensor_names, layer_shapes, top_shapes
+from pktjax.model import forward
+from pktjax.safetensors_io import DTYPES
 
 DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
 AXES = (DATA, FSDP, TENSOR)
@@ -293,8 +295,6 @@ def to_host(tree: Any) -> Any:
 def sharded_forward(cfg: ModelConfig, mesh: Mesh, params: Any, batch_shape: Sequence[int]) -> Callable:
     """``f(params, ids [B, T], mask [B, T]) -> logits [B, T, V]`` jitted with explicit shardings: params by their
     rules, the batch on ``(data, fsdp)``, logits on ``(data, fsdp)`` x ``tensor`` (vocabulary)."""
-    from pktjax.model import forward
-
     b, t = batch_shape
     ids = batch_sharding((b, t), mesh)
     out = batch_sharding((b, t, cfg.vocab_size), mesh, last=TENSOR)
@@ -350,8 +350,6 @@ def _safetensors_maps(source: Any) -> dict[str, np.ndarray]:
     """``{name: read-only np.memmap}`` for every tensor of a safetensors folder source (else ``{}``)."""
     import json
     import struct
-
-    from pktjax.safetensors_io import DTYPES
 
     folder = getattr(source, "path", None)
     if folder is None or not os.path.isdir(folder):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
+from pktjax.atomic import atomic_folder
 from pktjax.errors import CheckpointError
+from pktjax.registry import home
 
 
 def load_tokenizer(path: str | os.PathLike):
@@ -27,10 +30,6 @@ def load_tokenizer(path: str | os.PathLike):
 
 def _cache_folder(path: Path) -> Path:
     """Where the tokenizer built from ``path`` is kept: keyed by the file's absolute path, size and mtime."""
-    import hashlib
-
-    from pktjax.registry import home
-
     st = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:16]
     return home() / "tokenizers" / f"{path.stem}-{key}"
@@ -40,8 +39,6 @@ def _gguf_tokenizer(path: Path):
     """Build the tokenizer from a GGUF file's metadata once (``transformers`` takes tens of seconds for a
     150k-token vocabulary), save it under ``$PKTJAX_HOME/tokenizers/`` and load that copy afterwards."""
     from transformers import AutoTokenizer
-
-    from pktjax.checkpoint import atomic_folder
 
     cached = _cache_folder(path)
     if (cached / "tokenizer_config.json").is_file():

@@ -63,56 +63,26 @@ from jax.sharding import Mesh
 
 from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
-from pktjax.attribution import ATTENTION, MODES, locate_each
+from pktjax.attribution import locate_each
 from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
 from pktjax.errors import ConfigError, DataError, PairError
-from pktjax.extract import check_modules, check_pair, extract
+from pktjax.extract import extract
 from pktjax.inject import delta_adapter, delta_sizes, inject
 from pktjax.losses import mean_token_ce
 from pktjax.model import forward
+from pktjax.pair import check_laten_pair, check_tokenizers, layer_count
 from pktjax.progress import progress_bar
-from pktjax.select import Selection, neuron_counts, select
+from pktjax.select import Selection, select
+from pktjax.settings import AlignerTrainConfig
 from pktjax.tokenizer import load_tokenizer
 
 log = logging.getLogger("pktjax.laten")
 Source = Model | str | os.PathLike
 
 
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    """Settings of an aligner run (SPEC §3.6 defaults). ``steps``: stop after this many steps (``None``: run the
-    whole extract split); the learning-rate schedule spans the whole split either way.
-    ``micro_batch`` examples go through one compiled forward/backward; lengths round up to ``bucket``.
-    ``train_on_inputs``: loss on prompt tokens too (the command line turns it on for MMLU)."""
-
-    lr: float = 3e-5
-    rate: float = 0.1
-    steps: int | None = None
-    examples_per_step: int = 16
-    mse_weight: float = 1000.0
-    cutoff_len: int = 768
-    train_on_inputs: bool = False
-    micro_batch: int = 4
-    bucket: int = 64
-    seed: int = 42
-    modules: tuple[str, ...] | None = None
-    mode: str = "reference"
-    attention: str = "last_key"
-    layers: int | None = None  # K, the layers transferred into; None: every student layer (SPEC §3.2 default)
-
-    def check(self) -> None:
-        for name in ("examples_per_step", "cutoff_len", "micro_batch", "bucket"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"{name}={getattr(self, name)} must be a positive integer.")
-        if not (self.lr > 0 and math.isfinite(self.lr)) or self.mse_weight < 0:
-            raise ConfigError(f"lr={self.lr} must be positive and mse_weight={self.mse_weight} non-negative.")
-        if self.layers is not None and self.layers < 1:
-            raise ConfigError(f"layers={self.layers} must be a positive number of layers (or None for all).")
-        if self.mode not in MODES or self.attention not in ATTENTION:
-            raise ConfigError(f"mode={self.mode!r} / attention={self.attention!r}: choose a mode in {MODES} "
-                              f"and attention in {ATTENTION}.")
+TrainConfig = AlignerTrainConfig  # the aligner's settings (defined with the other settings)
 
 
 # ----------------------------------------------------------------------------------------------- the pair
@@ -138,12 +108,6 @@ def peek_config(src: Source) -> ModelConfig:
 
 def _source_path(src: Source) -> str | None:
     return src.source if isinstance(src, Model) else str(src)
-
-
-def check_tokenizers(teacher_tok, student_tok) -> None:
-    """Both models must tokenize alike: same vocabulary and EOS."""
-    if teacher_tok.get_vocab() != student_tok.get_vocab() or teacher_tok.eos_token_id != student_tok.eos_token_id:
-        raise PairError("teacher and student tokenizers differ; LaTen needs one shared vocabulary.")
 
 
 def _pair_tokenizer(teacher: Source, student: Source, tokenizer=None):
@@ -173,24 +137,9 @@ def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequ
     (0, 1], ``v_proj`` with GQA, unknown module, ``layers`` beyond either model's depth).
     """
     cfg_t, cfg_s = peek_config(teacher), peek_config(student)
-    check_pair(cfg_t, cfg_s)
-    layer_count(cfg_t, cfg_s, layers)
-    modules = check_modules(modules, cfg_t, cfg_s)
-    n_f, n_a = neuron_counts(cfg_s.intermediate_size, cfg_s.hidden_size, rate)
-    if n_a > min(cfg_t.q_dim, cfg_s.q_dim):
-        raise ConfigError(f"rate {rate} asks for {n_a} attention neurons per layer, more than the models have.")
+    modules, counts = check_laten_pair(cfg_t, cfg_s, rate=rate, modules=modules, layers=layers)
     tokenizer = _pair_tokenizer(teacher, student, tokenizer)
-    return Pair(_load(teacher, mesh), _load(student, mesh), tokenizer, modules, (n_f, n_a))
-
-
-def layer_count(teacher: ModelConfig, student: ModelConfig, layers: int | None) -> int:
-    """``K``: ``layers``, or every student layer when ``None``; at most the smaller model's depth."""
-    limit = min(teacher.num_layers, student.num_layers)
-    k = student.num_layers if layers is None else layers
-    if not 1 <= k <= limit:
-        raise ConfigError(f"layers={layers}: K must be between 1 and {limit} (the student has "
-                          f"{student.num_layers} layers, the teacher {teacher.num_layers}).")
-    return k
+    return Pair(_load(teacher, mesh), _load(student, mesh), tokenizer, modules, counts)
 
 
 def locate_pair(pair: Pair, examples: Sequence[dict[str, Any]], mode: str = "reference",
@@ -513,7 +462,7 @@ def step_order(n_extract: int, seed: int) -> np.ndarray:
 def _prepare(teacher: Source, student: Source, extract_examples, align_examples, config: TrainConfig,
              tokenizer, mesh: Mesh | str | None) -> _Run:
     """All checks (mesh and data first, then the pair), then the models, tokens and the seeded order."""
-    config.check()
+    config.validate()
     mesh = S.as_mesh(mesh)
     extract_ex = load_examples(extract_examples, "extract")
     align_ex = load_examples(align_examples, "align")

@@ -19,16 +19,26 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
-from pktjax.data import LATEN_TASKS, SEEKING_TASKS, laten_split, read_jsonl, seeking_file
+from pktjax import analysis, lora, plots
+from pktjax import sharding as S
+from pktjax.analysis import heatmap_summary, probe_tokens
+from pktjax.checkpoint import Model, load_model
+from pktjax.data import LATEN_TASKS, SEEKING_TASKS, laten_split, read_jsonl, seeking_file, tokenize_seeking
 from pktjax.errors import ConfigError, PairError
+from pktjax.lora import TARGETS, check_targets, export_peft, import_peft, merge_model
+from pktjax.lora_train import train
+from pktjax.pair import check_tokenizers
+from pktjax.seeking import extract_for_examples, task_file
+from pktjax.settings import AnalysisSettings, as_dict
+from pktjax.tokenizer import load_tokenizer
 
 Examples = list[dict[str, Any]]
 # Defaults of the analysis (`pktjax analyze` and a transfer config's `analysis:` section).
-ANALYSIS_DEFAULTS = {"metric": "cka", "n_examples": 16, "rank": 16,
-                     "modules": ["up_proj", "down_proj", "v_proj", "o_proj"], "batch_size": 4, "cutoff_len": 768,
-                     "max_tokens": 4096, "seeking": True, "full_heatmap": False}
+ANALYSIS_DEFAULTS = as_dict(AnalysisSettings())
 
 
 # ------------------------------------------------------------------------------------------------------ examples
@@ -59,14 +69,6 @@ def extract_to(teacher: str | os.PathLike, student: str | os.PathLike, student_c
 
     ``seeds``: a Seeking task name or JSONL path (its sample file is read), or the seed examples themselves;
     at most ``samples`` are used. Returns the plan (``{"layers", "windows"}``)."""
-    import jax.numpy as jnp
-
-    from pktjax.checkpoint import load_model
-    from pktjax.lora import TARGETS, check_targets, export_peft
-    from pktjax.seeking import extract_for_examples, task_file
-    from pktjax.tokenizer import load_tokenizer
-    from pktjax.train_aligner import check_tokenizers
-
     targets = check_targets(targets or TARGETS)
     tokenizer = load_tokenizer(teacher)
     check_tokenizers(tokenizer, load_tokenizer(student))
@@ -87,8 +89,6 @@ def extract_to(teacher: str | os.PathLike, student: str | os.PathLike, student_c
 def seeking_factors(teacher, student, student_cfg, seeds, folder: str | os.PathLike, **kw) -> dict:
     """The Seeking LoRA factors cached in ``folder``: extracted there by :func:`extract_to` (same ``seeds`` and
     keywords) unless a finished extraction (``extraction.json``) is already there, then read back."""
-    from pktjax.lora import import_peft
-
     folder = Path(folder).expanduser()
     if not (folder / "extraction.json").is_file():
         shutil.rmtree(folder, ignore_errors=True)  # an extraction cut short leaves nothing reusable
@@ -104,13 +104,6 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
     checkpoints and ``metrics.jsonl`` under ``out``, and export it to ``out/adapter`` in PEFT's format for the
     *original* student. A run left unfinished in ``out`` resumes. ``student``: a loaded :class:`Model`;
     ``mesh``: shard the training over it (every process trains; process 0 writes the adapter)."""
-    import jax
-
-    from pktjax import lora
-    from pktjax import sharding as S
-    from pktjax.data import tokenize_seeking
-    from pktjax.lora_train import train
-
     targets = targets or (lora.targets_of(teacher_lora) if teacher_lora else lora.TARGETS)
     base, lora0 = lora.init(student.params, student.config, tc.rank, tc.alpha, targets, method,
                             key=jax.random.key(tc.seed), teacher_lora=teacher_lora)
@@ -128,12 +121,6 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
 
 def merge_adapter(student, adapter: str | os.PathLike, dtype: str = "float32"):
     """The :class:`Model` ``student`` with the PEFT adapter folder ``adapter`` merged in, weights cast to ``dtype``."""
-    import jax
-    import jax.numpy as jnp
-
-    from pktjax.checkpoint import Model
-    from pktjax.lora import import_peft, merge_model
-
     lora, scale = import_peft(adapter, student.config)
     merged = merge_model(student, lora, scale)
     cast = jax.tree.map(lambda x: x.astype(getattr(jnp, dtype)), merged.params)
@@ -276,9 +263,6 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
 
 def shared_tokenizer(teacher_path, student_path, examples: Examples):
     """The student's tokenizer, after checking that the teacher's tokenizes ``examples`` identically."""
-    from pktjax.analysis import probe_tokens
-    from pktjax.tokenizer import load_tokenizer
-
     tok_s, tok_t = load_tokenizer(student_path), load_tokenizer(teacher_path)
     ids_s, ids_t = probe_tokens(examples, tok_s), probe_tokens(examples, tok_t)
     if any(len(a) != len(b) or (a != b).any() for a, b in zip(ids_s, ids_t)):
@@ -299,8 +283,6 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
     ``seeking_lora`` or the ``seeking_seeds`` to extract it from, the Seeking init), ``report.md`` and last
     ``analysis.json`` (every number; its presence marks a finished analysis), and returns that JSON object.
     """
-    from pktjax import analysis, plots
-
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
     modules = tuple(modules)
@@ -323,9 +305,6 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
 
 def _parametric(teacher, student, modules, rank, tokenizer, cutoff_len, seeds, seeking) -> tuple[dict, dict]:
     """Parametric similarity of the PiSSA init and, when given or extractable, the Seeking init."""
-    from pktjax import analysis, lora
-    from pktjax.seeking import extract_for_examples
-
     targets = tuple(m for m in modules if m in lora.LINEAR_NAMES)
     if not targets:
         return {}, {"parametric": "skipped (no projection modules given)"}
@@ -344,8 +323,6 @@ def _parametric(teacher, student, modules, rank, tokenizer, cutoff_len, seeds, s
 
 
 def _as_json(meta, param, rep, triangle) -> dict[str, Any]:
-    from pktjax.analysis import heatmap_summary
-
     def lst(x):
         return np.asarray(x, np.float64).round(6).tolist()
 

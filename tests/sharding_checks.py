@@ -20,7 +20,7 @@ from jax.sharding import PartitionSpec as P
 
 from pktjax import sharding as S
 from pktjax.checkpoint import Model, SafetensorsSource, layer_shapes, load_model, save_model, top_shapes
-from pktjax.commands.plan import tree_bytes
+from pktjax.memory import tree_bytes
 from pktjax.data import IGNORE
 from pktjax.model import forward
 from pktjax.tiny import tiny_config

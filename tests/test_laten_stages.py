@@ -222,15 +222,23 @@ def test_align_init_shapes_jit_and_vmap(teacher, student):
     jitted = jax.jit(pktjax.align)(al, know)
     for m in MODULES:
         np.testing.assert_array_equal(np.asarray(jitted[m]), np.asarray(out[m]))
-    # vmap over a batch of knowledge dicts, and over a batch of aligners
+    # vmap over a batch of knowledge dicts, and over a batch of aligners. Batched and plain matmuls may sum in
+    # another order (XLA picks the kernel per CPU), so they agree to float32 rounding only: each output is two
+    # chained dot products of length d_T, whose forward error is at most 2 d_T eps (|W2| |W1| |x|) elementwise
+    # (the standard gamma_n bound, relu being 1-Lipschitz); that bound is align() of the absolute values.
+    def close(got, want, aligner, knowledge):
+        scale = pktjax.align(jax.tree.map(jnp.abs, aligner), jax.tree.map(jnp.abs, knowledge))
+        for m in MODULES:
+            bound = 2 * 48 * np.finfo(np.float32).eps * np.asarray(scale[m], np.float64) * 1.01
+            assert np.all(np.abs(np.asarray(got[m], np.float64) - np.asarray(want[m], np.float64)) <= bound), m
+
     batch = jax.tree.map(lambda x: jnp.stack([x, 2 * x]), know)
     vm = jax.vmap(pktjax.align, in_axes=(None, 0))(al, batch)
-    twice = pktjax.align(al, jax.tree.map(lambda x: 2 * x, know))
-    for m in MODULES:
-        np.testing.assert_allclose(vm[m][1], twice[m], rtol=1e-6, atol=0)
+    twice_know = jax.tree.map(lambda x: 2 * x, know)
+    close({m: vm[m][1] for m in MODULES}, pktjax.align(al, twice_know), al, twice_know)
     als = jax.tree.map(lambda x: jnp.stack([x, -x]), al)
     va = jax.vmap(pktjax.align, in_axes=(0, None))(als, know)
-    np.testing.assert_allclose(va["up_proj"][0], out["up_proj"], rtol=1e-6)
+    close({m: va[m][0] for m in MODULES}, out, al, know)
 
 
 def test_lr_schedule_is_the_authors_one_cycle_over_the_split():

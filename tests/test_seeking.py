@@ -144,7 +144,11 @@ def test_sensitivity_matches_torch_autograd(tiny_dir):
     layers_only = pktjax.sensitivity(model.params, model.config, batches, top=top)
     assert set(layers_only) == {"layers"}
     for key, full in sens["layers"].items():
-        np.testing.assert_allclose(layers_only["layers"][key], full, rtol=1e-6, atol=1e-9, err_msg=key)
+        # the same gradients through another compiled graph: equal up to reordered float32 sums, a few sqrt(n) eps
+        # of the magnitude (n: the longest reduction, the vocabulary's log-softmax)
+        tol = 8 * np.sqrt(model.config.vocab_size) * np.finfo(np.float32).eps
+        np.testing.assert_allclose(layers_only["layers"][key], full, rtol=tol, atol=tol * np.abs(full).max(),
+                                   err_msg=key)
     assert seeking.top_keys(model.params, ["lm_head"]) == {"embed"}  # tied: the head reads the embedding
     with pytest.raises(ValueError, match="choose among"):
         pktjax.sensitivity(model.params, model.config, batches, top=["lm_head"])

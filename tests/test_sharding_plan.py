@@ -7,7 +7,7 @@ import json
 import pytest
 
 from pktjax.cli import main
-from pktjax.commands import plan as P
+from pktjax import memory as P
 from pktjax.errors import ConfigError, PairError
 from pktjax.presets import load_config, preset_names
 
@@ -15,7 +15,7 @@ GIB = 1 << 30
 
 
 def _inp(mesh="fsdp=1", gib=80.0, **kw):
-    sizes = P._mesh_sizes(mesh, None)
+    sizes = P.mesh_sizes(mesh, None)
     return P.PlanInput(teacher=load_config("llama-2-13b"), student=load_config("llama-2-7b"), mesh=sizes,
                        device_gib=gib, **kw)
 
@@ -80,5 +80,5 @@ def test_cli_errors(capsys):
     assert main(["plan", "--teacher", "llama-2-13b", "--student", "llama-2-7b", "--mesh", "fsdp=-1"]) == 2
     assert "--devices" in capsys.readouterr().err
     with pytest.raises(PairError):
-        P._check(P.PlanInput(teacher=load_config("qwen2.5-1.5b"), student=load_config("llama-2-7b"),
+        P.check_input(P.PlanInput(teacher=load_config("qwen2.5-1.5b"), student=load_config("llama-2-7b"),
                              mesh={"data": 1, "fsdp": 1, "tensor": 1}))

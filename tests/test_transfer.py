@@ -1,13 +1,15 @@
 """The main job end to end on a random tiny pair, its resumption, and its refusals of bad configs."""
 
 import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from pktjax.cli import main
-from pktjax.errors import CheckpointError, ConfigError
+from pktjax.errors import CheckpointError, ConfigError, PairError
+from pktjax.settings import SEMALIGN_TARGETS, AlignerTrainConfig, LatenSettings
 from pktjax.transfer import read_config, run_transfer, vs_student
 
 TEACHER = "tiny:hidden=48,layers=3,inter=64,heads=4,seed=1"
@@ -97,8 +99,9 @@ def test_bad_configs_fail_before_heavy_work(tmp_path):
         run_transfer(read_config(_config(tmp_path, teacher=str(tmp_path / "missing"))))
     with pytest.raises(ConfigError, match="no LaTen splits"):
         read_config(_config(tmp_path, task="super_ni"))
-    with pytest.raises(ConfigError, match="smaller than the student"):
+    with pytest.raises(PairError, match="is not larger than the student"):
         run_transfer(read_config(_config(tmp_path, teacher=STUDENT, student=TEACHER, out=str(tmp_path / "r2"))))
+    assert not (tmp_path / "r2").exists()  # the pair is checked from configs, before the output folder
     other = tmp_path / "r3"
     run_transfer_claim = read_config(_config(tmp_path, out=str(other)))
     other.mkdir()
@@ -206,7 +209,7 @@ def test_bad_sections_and_models_fail_early(tmp_path, monkeypatch):
 def test_shipped_configs_are_valid(config, tmp_path):
     cfg = read_config(config, out=str(tmp_path / "run"))
     assert cfg.teacher and cfg.student and cfg.task
-    assert cfg.laten["seeds"] or any(getattr(cfg, name) for name in ("seeking", "lora", "pissa"))
+    assert cfg.laten.seeds or any(getattr(cfg, name) for name in ("seeking", "lora", "pissa", "semalign"))
 
 
 def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
@@ -214,7 +217,9 @@ def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
     path = _config(tmp_path, laten={"seeds": []}, lora=LORA, semalign=sem,
                    analysis={"n_examples": 2, "rank": 2, "batch_size": 2, "cutoff_len": 64, "max_tokens": 128,
                              "seeking": False})
-    assert read_config(path).semalign["lr"] == 3e-4  # the paper's, for tasks other than HumanEval
+    sem = read_config(path).semalign
+    assert sem.lr is None  # null: the paper's rate for the task, 3e-4 for tasks other than HumanEval
+    assert sem.trainer(1, "mmlu").lr == 3e-4 and sem.trainer(1, "mmlu").epochs == 5
     assert main(["transfer", str(path)]) == 0
     out = tmp_path / "run"
     rows = json.loads((out / "scores.json").read_text())["rows"]
@@ -239,9 +244,112 @@ def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
 
 
 def test_bad_semalign_sections_fail_early(tmp_path):
-    assert read_config(_config(tmp_path, task="humaneval", semalign={})).semalign["lr"] == 3e-5
-    for bad, match in (({"mode": "full"}, "mode 'full'"), ({"compare": "attn"}, "compare 'attn'"),
-                       ({"frame": "tight"}, "frame 'tight'"), ({"layer": 0}, "layer counts from 1"),
+    cfg = read_config(_config(tmp_path, task="humaneval", semalign={}))
+    assert cfg.semalign.trainer(1, cfg.task).lr == 3e-5 and cfg.semalign.targets == SEMALIGN_TARGETS
+    assert read_config(_config(tmp_path, semalign={"lr": 1e-3})).semalign.trainer(1, "humaneval").lr == 1e-3
+    for bad, match in (({"mode": "full"}, "semalign.mode = 'full': choose one of lora, weights"),
+                       ({"compare": "attn"}, "semalign.compare = 'attn': choose one of ffn, update, residual"),
+                       ({"frame": "tight"}, "semalign.frame = 'tight': choose one of paper, dual"),
+                       ({"layer": 0}, "semalign.layer = 0: must be >= 1"),
+                       ({"lr": 0}, "semalign.lr = 0.0: must be > 0"),
+                       ({"targets": []}, "semalign.targets: name at least one matrix"),
+                       ({"targets": ["lm_head"]}, "targets \\['lm_head'\\]: name one or more of"),
                        ({"targets": ["qkv"]}, "unknown LoRA target"), ({"batch_size": 3}, "multiple of micro")):
         with pytest.raises(ConfigError, match=rf"bad `semalign` section: .*{match}"):
             read_config(_config(tmp_path, semalign=bad))
+
+
+    assert cfg.laten.seeds or any(getattr(cfg, name) for name in ("seeking", "lora", "pissa"))
+
+
+@pytest.mark.parametrize("override, message", [
+    ("eval.batch_size=eight", "eval.batch_size = 'eight': must be an integer"),
+    ("eval.batch_size=0", "eval.batch_size = 0: must be >= 1"),
+    ("eval.limit=-5", "eval.limit = -5: must be >= 1"),
+    ("eval.limit=0", "eval.limit = 0: must be >= 1"),
+    ("eval.max_new_tokens=0", "eval.max_new_tokens = 0: must be >= 1"),
+    ("eval.few_shot=-1", "eval.few_shot = -1: must be >= 0"),
+    ("eval.task=foo", "eval.task = 'foo': choose one of gsm8k"),
+    ("task=foo", "task 'foo' has no LaTen splits"),
+    ("laten.rate=2.0", "laten.rate = 2.0: must be > 0 and <= 1"),
+    ("laten.steps=-1", "laten.steps = -1: must be >= 1"),
+    ("laten.steps=100000", "laten.steps = 100000: must be <= "),
+    ("laten.micro_batch=0", "laten.micro_batch = 0: must be >= 1"),
+    ("laten.layers=99", "layers=99: K must be between 1 and 2"),
+    ("laten.cutoff_len=0", "laten.cutoff_len = 0: must be >= 1"),
+    ("laten.examples_per_step=0", "laten.examples_per_step = 0: must be >= 1"),
+    ("laten.fuse_steps=[1]", "fuse_steps = \\[1\\] names a step the run stops before"),
+    ("laten.lr=[1e-3, 1e-3]", "laten.lr = \\[0.001, 0.001\\]: give one rate or a list of distinct rates"),
+    ("eval.prompt_format=html", "eval.prompt_format = 'html': choose one of paper, chat_template"),
+    ("laten.fuse_steps=first", "fuse_steps = 'first': choose all, last"),
+    ("laten.seeds=[true]", "laten.seeds\\[0\\] = True: must be an integer"),
+    ("laten.seeds=5", "laten.seeds = 5: must be a list of integers"),
+    ("laten.lr=fast", "laten.lr = 'fast': must be a number"),
+    ("lora.rank=0", "lora.rank = 0: must be >= 1"),
+    ("seeking.teacher_dtype=float16", "teacher_dtype = 'float16': choose one of float32, bfloat16"),
+    ("analysis.metric=l2", "analysis.metric = 'l2': choose one of cka"),
+    ("teacher=tiny:hidden=abc", "tiny:hidden=abc: invalid literal"),
+    ("laten.nope=1", "unknown `laten` key\\(s\\) 'nope'"),
+    ("laten", "write key=value or section.key=value"),
+])
+def test_bad_values_exit_2_before_any_work(tmp_path, capsys, override, message):
+    """Every bad setting is refused by the command line with exit code 2 and a message naming the key and the
+    allowed values, before a model is built and before the output folder exists."""
+    path = _config(tmp_path)
+    assert main(["transfer", str(path), override]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_unreadable_configs_exit_2(tmp_path, capsys):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("teacher: [unclosed\n")
+    assert main(["transfer", str(bad_yaml)]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+    latin1 = tmp_path / "latin1.yaml"
+    latin1.write_bytes("teacher: caf\xe9\n".encode("latin-1"))
+    assert main(["transfer", str(latin1)]) == 2
+    assert "not UTF-8 text" in capsys.readouterr().err
+
+
+def test_overrides_and_print_config(tmp_path, capsys):
+    path = _config(tmp_path)
+    assert main(["transfer", str(path), "laten.lr=3e-4", "eval.limit=3", "laten.seeds=[4, 5]",
+                 "--print-config"]) == 0
+    printed = yaml.safe_load(capsys.readouterr().out)
+    assert printed["laten"]["lr"] == 3e-4 and printed["laten"]["seeds"] == [4, 5]
+    assert printed["eval"] == {"task": None, "limit": 3, "max_new_tokens": None, "batch_size": 6, "few_shot": 0,
+                               "prompt_format": "paper"}
+    assert printed["laten"]["rate"] == LatenSettings.rate == AlignerTrainConfig.rate  # one default, filled in
+    assert not (tmp_path / "run").exists()
+    cfg = read_config(path, overrides=["laten.lr=3e-4"])
+    assert cfg.laten.lr == 3e-4 and cfg.raw["laten"]["lr"] == "3e-4"  # YAML 1.1 reads 3e-4 as text
+    assert cfg.fingerprint() != read_config(path).fingerprint()
+
+
+def test_result_neutral_settings_do_not_change_the_fingerprint(tmp_path):
+    path = _config(tmp_path)
+    base = read_config(path)
+    assert read_config(path, overrides=["eval.batch_size=2"]).fingerprint() == base.fingerprint()
+    assert read_config(path, overrides=["eval.limit=2"]).fingerprint() != base.fingerprint()
+    # a run recorded with the fingerprint of the whole config as written is still resumed
+    assert base.legacy_fingerprint() != base.fingerprint()
+
+
+def test_settings_build_and_flags_share_one_definition():
+    import argparse
+
+    from pktjax.settings import LoraTrainConfig, add_arguments, build, from_args
+
+    p = argparse.ArgumentParser()
+    add_arguments(p, AlignerTrainConfig)
+    args = p.parse_args(["--lr", "1e-3", "--modules", "up_proj,down_proj", "--no-train-on-inputs"])
+    tc = from_args(AlignerTrainConfig, args)
+    assert tc == AlignerTrainConfig(lr=1e-3, modules=("up_proj", "down_proj"))
+    assert "(default: 3e-05)" in p.format_help().replace("\n", " ").replace("  ", " ") or "3e-05" in p.format_help()
+    with pytest.raises(ConfigError, match="flag.lr = -1.0: must be > 0"):
+        from_args(AlignerTrainConfig, p.parse_args(["--lr", "-1"]))
+    with pytest.raises(ConfigError, match="batch_size=10 must be a multiple of micro_batch=4"):
+        build(LoraTrainConfig, {"batch_size": 10, "micro_batch": 4})
+    assert build(LoraTrainConfig, {"lr": "3e-5"}).lr == 3e-5

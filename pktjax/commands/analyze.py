@@ -13,7 +13,9 @@ from pathlib import Path
 
 from pktjax.commands import list_argument, task_argument
 from pktjax.errors import ConfigError
-from pktjax.workflows import ANALYSIS_DEFAULTS as D
+from pktjax.settings import METRICS, AnalysisSettings, as_dict
+
+D = as_dict(AnalysisSettings())  # the analysis defaults, defined once in pktjax.settings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                                   "or a JSONL file of chat examples")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
     p.add_argument("--n-examples", type=int, default=D["n_examples"], help="probe examples (default %(default)s)")
-    p.add_argument("--metric", choices=("cka", "cosine", "both"), default=D["metric"],
+    p.add_argument("--metric", choices=METRICS, default=D["metric"],
                    help="representation similarity measure")
     p.add_argument("--rank", type=int, default=D["rank"],
                    help="LoRA rank of the PiSSA and Seeking inits (default %(default)s)")

@@ -5,11 +5,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pktjax.settings import LoraTrainConfig, SeekingSettings, add_arguments, from_args
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pktjax.commands import task_argument
     from pktjax.commands.seeking import add_targets_argument
-
     p = sub.add_parser("lora", help="LoRA students: train (default / PiSSA / Seeking init), merge into a checkpoint")
     lora = p.add_subparsers(dest="lora_command", required=True)
     t = lora.add_parser("train", help="fine-tune a LoRA on a task (resumes when --out holds checkpoints)")
@@ -19,20 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--teacher", help="teacher checkpoint for --init seeking without a PATH")
     task_argument(t, "data", required=True, help="gsm | mmlu | super_ni | lima (the shipped 1000 examples) or a JSONL")
     t.add_argument("--out", required=True, help="output folder: adapter/, checkpoints/, metrics.jsonl")
-    t.add_argument("--epochs", type=int, default=3, help="passes over the training examples")
-    t.add_argument("--lr", type=float, default=3e-4, help="peak learning rate")
-    t.add_argument("--batch-size", type=int, default=64, help="examples per optimizer step")
-    t.add_argument("--micro-batch", type=int, default=8, help="examples per compiled forward/backward")
-    t.add_argument("--rank", type=int, default=None, help="LoRA rank (default 16, or the extracted adapter's)")
-    t.add_argument("--alpha", type=float, default=16.0, help="LoRA scale numerator (the update is alpha/rank B A)")
-    t.add_argument("--dropout", type=float, default=0.05, help="dropout on the LoRA input")
+    add_arguments(t, LoraTrainConfig, rank={"default": None,
+                                            "help": "LoRA rank (default 16, or the extracted adapter's)"})
     add_targets_argument(t)
-    t.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="compute dtype of the base")
-    t.add_argument("--seed", type=int, default=1, help="seed of the LoRA init, dropout and example order")
-    t.add_argument("--cutoff-len", type=int, default=2048, help="tokens per example at most")
     t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
-    t.add_argument("--seed-samples", type=int, default=32, help="seed examples for --init seeking with --teacher")
-    t.add_argument("--save-every", type=int, default=0, help="also checkpoint every N steps")
+    t.add_argument("--seed-samples", type=int, default=SeekingSettings.samples,
+                   help="seed examples for --init seeking with --teacher (default: %(default)s)")
     t.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
                    "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -67,7 +60,7 @@ def _teacher_lora(args, method: str, path: str | None, student, out: Path):
     if not args.teacher and not (out / "extracted" / "extraction.json").is_file():
         raise ConfigError("--init seeking needs --teacher (or seeking:PATH with an extracted adapter).")
     return seeking_factors(args.teacher, args.student, student.config, args.task, out / "extracted",
-                           rank=args.rank or 16, targets=args.targets, samples=args.seed_samples,
+                           rank=args.rank or LoraTrainConfig.rank, targets=args.targets, samples=args.seed_samples,
                            cutoff_len=args.cutoff_len)
 
 
@@ -76,7 +69,6 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax import sharding as S
     from pktjax.checkpoint import load_model
     from pktjax.data import read_jsonl
-    from pktjax.lora_train import TrainConfig
     from pktjax.seeking import task_file
     from pktjax.tokenizer import load_tokenizer
     from pktjax.workflows import train_adapter
@@ -87,10 +79,8 @@ def _train(args: argparse.Namespace) -> int:
     student = load_model(args.student, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     teacher_lora = _teacher_lora(args, method, path, student, out)
-    rank = args.rank or (lora_mod.rank_of(teacher_lora) if teacher_lora else 16)
-    tc = TrainConfig(rank=rank, alpha=args.alpha, dropout=args.dropout, lr=args.lr, epochs=args.epochs,
-                     batch_size=args.batch_size, micro_batch=args.micro_batch, cutoff_len=args.cutoff_len,
-                     dtype=args.dtype, seed=args.seed, save_every=args.save_every)
+    rank = args.rank or (lora_mod.rank_of(teacher_lora) if teacher_lora else LoraTrainConfig.rank)
+    tc = from_args(LoraTrainConfig, args, rank=rank)
     examples = read_jsonl(task_file(args.task, "train"), limit=args.limit)
     adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
                             teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh)

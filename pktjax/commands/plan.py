@@ -1,44 +1,12 @@
 """``pktjax plan``: per-device memory of LaTen (locate + aligner training) for a teacher/student pair on a mesh.
-
-No weights are read: shapes come from the configs as ``jax.ShapeDtypeStruct`` trees and ``jax.eval_shape`` (the
-aligner, its AdamW state, the attribution outputs), and the bytes each device holds from the partition rules of
-:mod:`pktjax.sharding` (a dim its mesh axes do not divide is counted as replicated). Notation: ``s`` bytes per
-weight element (``--dtype``), ``b`` examples per micro-batch, ``T`` tokens (``--cutoff-len``), ``L, d, f, H, q =
-H*hd, kv`` of the student (training) or teacher (attribution), ``V`` vocabulary, ``t``/``n_b`` the size of the
-``tensor`` axis / of ``data x fsdp``, ``b' = ceil(b / n_b)``, ``K = L_S`` selected layers, ``N = N_f`` or ``N_a``.
-
-Held throughout: teacher and student weights (rules), aligner ``W1 [d_T, d_T]``, ``W2 [d_S, d_T]`` per module
-(float32, rules), AdamW ``mu, nu`` (same), gradients x2 (the micro-batch gradient plus the running sum).
-
-Locate phase (per model, the larger counts): full logits ``T V 4 / t``; attention scores and probabilities of one
-layer ``2 H T^2 4 / t``; one neuron block ``2 chunk V 4 / t`` (logits and its exponentials) plus ``chunk d 4``;
-the captured trace ``L (4 d + f + 2 q) 4``; the scores ``L (f + q) 4``; one FSDP-gathered layer of weights x2
-(when ``fsdp > 1``).
-
-Training step (one micro-batch, gradients through the student, no rematerialisation): knowledge ``K N d_T s``,
-aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and the same again padded to all ``L``
-layers for the forward's delta adapter (``L = K`` by default; split like the knowledge; the student's weights are
-not copied: the deltas enter inside the products); residuals saved for the backward pass
-``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]`` (layer input, 2 norms, attention and FFN outputs, residual; q and context, k, v; gate, up, silu(gate), their
-product; float32 attention probabilities and their cast); logits ``3 b' T V 4 / t`` (logits, log-softmax and
-their cotangent); one FSDP-gathered layer of weights x2.
-
-Peak = held + max(locate, training step). It fits when the peak is at most 90% of the device memory (the rest
-is XLA's workspace and fragmentation; on GPU set ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
-"""
+The memory model and its formulas: :mod:`pktjax.memory`."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import functools
-import math
-from typing import Any, Mapping
 
 from pktjax.commands import list_argument
-
-USABLE = 0.9
-GIB = 1 << 30
+from pktjax.settings import AlignerTrainConfig, add_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -50,267 +18,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device-memory-gb", type=float, default=80.0, help="memory of one device in GiB")
     p.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
                    help="dtype of the teacher and student weights")
-    p.add_argument("--rate", type=float, default=0.1, help="fraction of student neurons transferred per layer")
-    p.add_argument("--p-examples", type=int, default=16, help="examples in each aligner step's loss (P)")
-    p.add_argument("--micro-batch", type=int, default=4, help="examples per compiled forward/backward")
-    p.add_argument("--cutoff-len", type=int, default=768, help="tokens per example (T)")
+    add_arguments(p, AlignerTrainConfig, ("rate", "micro_batch", "cutoff_len"))
+    p.add_argument("--p-examples", type=int, default=AlignerTrainConfig.examples_per_step,
+                   help="examples in each aligner step's loss (P) (default: %(default)s)")
     p.add_argument("--chunk", type=int, default=512, help="neurons per attribution block")
     list_argument(p, "--modules", default=None,
                   help="transferred modules (default: up,down,v,o; without v_proj for GQA)")
     p.set_defaults(func=_plan)
 
 
-@dataclasses.dataclass(frozen=True)
-class PlanInput:
-    """What a plan needs: two configs, a mesh shape and the run's sizes."""
-
-    teacher: Any
-    student: Any
-    mesh: Mapping[str, int]
-    dtype: str = "bfloat16"
-    device_gib: float = 80.0
-    rate: float = 0.1
-    p_examples: int = 16
-    micro_batch: int = 4
-    cutoff_len: int = 768
-    chunk: int = 512
-    modules: tuple[str, ...] | None = None
-
-
-# ------------------------------------------------------------------------------------------------ shapes and bytes
-
-def param_structs(cfg, dtype) -> dict[str, Any]:
-    """``ShapeDtypeStruct`` tree of a model's parameters (layout of :mod:`pktjax.model`)."""
-    import jax
-
-    from pktjax.checkpoint import layer_shapes, top_shapes
-
-    tree: dict[str, Any] = {k: jax.ShapeDtypeStruct(s, dtype) for k, s in top_shapes(cfg).items()}
-    tree["layers"] = {k: jax.ShapeDtypeStruct((cfg.num_layers, *s), dtype) for k, s in layer_shapes(cfg).items()}
-    return tree
-
-
-def tree_bytes(tree: Any, mesh: Mapping[str, int]) -> int:
-    """Bytes one device holds of a tree of arrays / ShapeDtypeStructs laid out by the partition rules."""
-    import jax
-
-    from pktjax import sharding as S
-
-    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return sum(S.per_device_bytes(x.shape, x.dtype, S.spec_for(S.path_str(p), x.shape, mesh), mesh)
-               for p, x in leaves)
-
-
-@functools.cache
-def aligner_structs(d_teacher: int, d_student: int, modules: tuple[str, ...]) -> tuple[Any, Any]:
-    """``(aligner, AdamW state)`` shapes from ``jax.eval_shape`` of their initialisers."""
-    import jax
-
-    from pktjax.align import init_aligner
-    from pktjax.train_aligner import OPTIMIZER
-
-    aligner = jax.eval_shape(lambda k: init_aligner(k, modules, d_teacher, d_student), jax.random.key(0))
-    return aligner, jax.eval_shape(OPTIMIZER.init, aligner)
-
-
-@functools.cache
-def attribution_structs(cfg, dtype: str, tokens: int, chunk: int) -> Any:
-    """Shapes of the attribution scores (``jax.eval_shape`` of :func:`pktjax.attribution.attribution`)."""
-    import jax
-    import jax.numpy as jnp
-
-    from pktjax.attribution import attribution
-
-    ids = jax.ShapeDtypeStruct((1, tokens), jnp.int32)
-    return jax.eval_shape(lambda p, i: attribution(p, cfg, i, 0, chunk=chunk), param_structs(cfg, dtype), ids)
-
-
-def _split(n: int, parts: int) -> int:
-    return -(-n // parts)
-
-
-def gathered_layer(cfg, s: int, mesh: Mapping[str, int]) -> int:
-    """Two FSDP-gathered copies of one layer's weights (split over ``tensor`` only); none without ``fsdp``."""
-    from pktjax.checkpoint import layer_shapes
-
-    if mesh["fsdp"] == 1:
-        return 0
-    return 2 * s * sum(_split(math.prod(shape), mesh["tensor"]) for shape in layer_shapes(cfg).values())
-
-
-def locate_bytes(cfg, dtype, inp: PlanInput) -> int:
-    """Transient bytes per device of one attribution pass (formula in the module docstring)."""
-    t, tokens, v = inp.mesh["tensor"], inp.cutoff_len, cfg.vocab_size
-    scores = tree_bytes(attribution_structs(cfg, dtype, tokens, inp.chunk), {"data": 1, "fsdp": 1, "tensor": 1})
-    transient = 4 * (tokens * _split(v, t) + 2 * _split(cfg.num_heads, t) * tokens ** 2
-                     + 2 * inp.chunk * _split(v, t) + inp.chunk * cfg.hidden_size
-                     + cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim))
-    return transient + scores + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
-
-
-def activation_bytes(cfg, s: int, inp: PlanInput, micro_batch: int) -> int:
-    """Residuals saved for the backward pass plus the logits of one micro-batch, per device."""
-    t, tokens = inp.mesh["tensor"], inp.cutoff_len
-    b = _split(micro_batch, inp.mesh["data"] * inp.mesh["fsdp"])
-    split = (2 * cfg.q_dim + 2 * cfg.kv_dim + 4 * cfg.intermediate_size) / t
-    per_token = s * (6 * cfg.hidden_size + split) + _split(cfg.num_heads, t) * tokens * (4 + s)
-    return int(cfg.num_layers * b * tokens * per_token) + 3 * b * tokens * _split(cfg.vocab_size, t) * 4
-
-
-def knowledge_bytes(inp: PlanInput, modules: tuple[str, ...], s: int) -> int:
-    """Knowledge (weight dtype), the aligner's hidden layer before and after relu (float32), deltas and their
-    cotangents (float32), twice (``[K, N, d_S]`` from the aligner, ``[L, N, d_S]`` in the delta adapter), split by
-    the rules."""
-    import jax
-    import jax.numpy as jnp
-
-    from pktjax.select import neuron_counts
-
-    n_f, n_a = neuron_counts(inp.student.intermediate_size, inp.student.hidden_size, inp.rate)
-    k, d_t, d_s = inp.student.num_layers, inp.teacher.hidden_size, inp.student.hidden_size
-    total = 0
-    def rows(n: int, d: int, dtype) -> int:  # one module's [K, N, d] array, split like row knowledge
-        return tree_bytes({"up_proj": jax.ShapeDtypeStruct((k, n, d), dtype)}, inp.mesh)
-
-    for m in modules:
-        n = n_f if m in ("up_proj", "down_proj") else n_a
-        total += rows(n, d_t, jnp.bfloat16 if s == 2 else jnp.float32)
-        total += 2 * rows(n, d_t, jnp.float32) + 4 * rows(n, d_s, jnp.float32)
-    return total
-
-
-def _itemsize(dtype) -> int:
-    import jax.numpy as jnp
-
-    return jnp.dtype(dtype).itemsize
-
-
-# ---------------------------------------------------------------------------------------------------- the plan
-
-def plan(inp: PlanInput) -> dict[str, Any]:
-    """Per-device bytes of every component, the phase peaks and whether it fits (see the module docstring)."""
-    from pktjax.extract import check_modules
-
-    modules = check_modules(inp.modules, inp.teacher, inp.student)
-    s = _itemsize(inp.dtype)
-    aligner, opt = aligner_structs(inp.teacher.hidden_size, inp.student.hidden_size, modules)
-    student = param_structs(inp.student, inp.dtype)
-    held = {
-        "teacher weights": tree_bytes(param_structs(inp.teacher, inp.dtype), inp.mesh),
-        "student weights": tree_bytes(student, inp.mesh),
-        "aligner (float32)": tree_bytes(aligner, inp.mesh),
-        "aligner gradients x2": 2 * tree_bytes(aligner, inp.mesh),
-        "AdamW state": tree_bytes(opt, inp.mesh),
-    }
-    locate = {"attribution (teacher)": locate_bytes(inp.teacher, inp.dtype, inp),
-              "attribution (student)": locate_bytes(inp.student, inp.dtype, inp)}
-    train = {
-        "knowledge, hidden, deltas": knowledge_bytes(inp, modules, s),
-        "activations (1 micro-batch)": activation_bytes(inp.student, s, inp, inp.micro_batch),
-        "gathered layer": gathered_layer(inp.student, s, inp.mesh),
-    }
-    peak = sum(held.values()) + max(max(locate.values()), sum(train.values()))
-    best = _largest_micro_batch(inp, held, locate, train, s)
-    return {"modules": modules, "held": held, "locate": locate, "train": train, "peak": peak,
-            "fits": peak <= USABLE * inp.device_gib * GIB, "largest_micro_batch": best}
-
-
-def _largest_micro_batch(inp: PlanInput, held, locate, train, s: int) -> int:
-    """The largest micro-batch (up to P) whose peak fits; 0 if none does."""
-    budget = USABLE * inp.device_gib * GIB - sum(held.values())
-    fixed = sum(v for k, v in train.items() if not k.startswith("activations"))
-    best = 0
-    for b in range(1, inp.p_examples + 1):
-        if max(max(locate.values()), fixed + activation_bytes(inp.student, s, inp, b)) <= budget:
-            best = b
-    return best
-
-
-def _gib(n: float) -> str:
-    return f"{n / GIB:8.2f}"
-
-
-def render(inp: PlanInput, result: dict[str, Any], names: tuple[str, str] = ("teacher", "student")) -> str:
-    """The plan as a Markdown table plus a verdict."""
-    from pktjax.select import neuron_counts
-
-    mesh = _mesh_str(inp.mesh)
-    n_dev = math.prod(inp.mesh.values())
-    n_f, n_a = neuron_counts(inp.student.intermediate_size, inp.student.hidden_size, inp.rate)
-    devices = f"{n_dev} device{'s' if n_dev > 1 else ''}"
-    head = (f"teacher {names[0]} -> student {names[1]}, {inp.dtype} weights, mesh {mesh} ({devices} x "
-            f"{inp.device_gib:g} GiB)")
-    sizes = (f"modules {', '.join(result['modules'])}; K={inp.student.num_layers} layers, N_f={n_f}, N_a={n_a}; "
-             f"P={inp.p_examples} examples in micro-batches of {inp.micro_batch} x {inp.cutoff_len} tokens; "
-             f"attribution chunk {inp.chunk}")
-    lines = [head, sizes, "", "| phase | component | GiB per device |", "|---|---|---:|"]
-    for phase, part in (("held", result["held"]), ("locate", result["locate"]), ("train step", result["train"])):
-        lines += [f"| {phase} | {name} | {_gib(v)} |" for name, v in part.items()]
-    lines.append(f"| **peak** | held + max(locate, train step) | **{_gib(result['peak']).strip()}** |")
-    lines += ["", _verdict(inp, result)]
-    return "\n".join(lines)
-
-
-def _verdict(inp: PlanInput, result: dict[str, Any]) -> str:
-    usable = USABLE * inp.device_gib
-    share = f"peak {result['peak'] / GIB:.1f} GiB of {usable:.1f} GiB usable ({USABLE:.0%} of {inp.device_gib:g})"
-    best = result["largest_micro_batch"]
-    rows = inp.mesh["data"] * inp.mesh["fsdp"]
-    note = (f" Note: data x fsdp = {rows} devices split each micro-batch; a micro-batch of {inp.micro_batch} leaves "
-            f"some of them idle (use a multiple of {rows})." if inp.micro_batch % rows else "")
-    if result["fits"]:
-        return f"FITS: {share}; micro-batches of up to {best} fit.{note}"
-    if best:
-        return f"DOES NOT FIT: {share}; it fits with --micro-batch {best}.{note}"
-    others = [m for m in alternatives(inp) if plan(dataclasses.replace(inp, mesh=m))["fits"]]
-    hint = ("; on the same devices it fits with --mesh " + " or --mesh ".join(_mesh_str(m) for m in others)
-            if others else ", even with --micro-batch 1 or another mesh of these devices: use more devices")
-    return f"DOES NOT FIT: {share}{hint}.{note}"
-
-
-def alternatives(inp: PlanInput) -> list[dict[str, int]]:
-    """Other ``fsdp x tensor`` meshes of the same device count (``data`` kept), fewest tensor devices first."""
-    n = inp.mesh["fsdp"] * inp.mesh["tensor"]
-    out = [{"data": inp.mesh["data"], "fsdp": n // t, "tensor": t} for t in range(1, n + 1) if n % t == 0]
-    return [m for m in out if m != dict(inp.mesh)]
-
-
-def _mesh_str(mesh: Mapping[str, int]) -> str:
-    return ",".join(f"{a}={n}" for a, n in mesh.items() if n > 1) or "fsdp=1"
-
-
 def _plan(args: argparse.Namespace) -> int:
+    from pktjax.memory import PlanInput, check_input, mesh_sizes, plan, render
     from pktjax.presets import load_config
 
-    sizes = _mesh_sizes(args.mesh, args.devices)
+    sizes = mesh_sizes(args.mesh, args.devices)
     inp = PlanInput(teacher=load_config(args.teacher), student=load_config(args.student), mesh=sizes,
                     dtype=args.dtype, device_gib=args.device_memory_gb, rate=args.rate, p_examples=args.p_examples,
                     micro_batch=args.micro_batch, cutoff_len=args.cutoff_len, chunk=args.chunk, modules=args.modules)
-    _check(inp)
+    check_input(inp)
     print(render(inp, plan(inp), (args.teacher, args.student)))
     return 0
-
-
-def _mesh_sizes(spec: str, devices: int | None) -> dict[str, int]:
-    """Axis sizes of ``spec`` for ``devices`` devices (default: the product of the sizes given)."""
-    from pktjax import sharding as S
-    from pktjax.errors import ConfigError
-
-    if devices is None:
-        if "-1" in spec:
-            raise ConfigError(f"mesh {spec!r} has a -1 axis: pass --devices N to plan for N devices.")
-        sizes = [part.partition("=")[2].strip() for part in spec.split(",")]
-        devices = math.prod(int(v) for v in sizes if v.isdigit()) or 1
-    return S.parse_mesh_spec(spec, devices)
-
-
-def _check(inp: PlanInput) -> None:
-    from pktjax.errors import ConfigError
-    from pktjax.extract import check_pair
-
-    check_pair(inp.teacher, inp.student)
-    for name in ("p_examples", "micro_batch", "cutoff_len", "chunk"):
-        if getattr(inp, name) < 1:
-            raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
-    if inp.device_gib <= 0:
-        raise ConfigError("--device-memory-gb must be positive.")

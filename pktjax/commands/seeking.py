@@ -5,8 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pktjax.commands import list_argument, task_argument
-
-from pktjax.workflows import extract_to  # the extraction itself; pktjax.commands.lora imports it from here too
+from pktjax.settings import DTYPES, SeekingSettings
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -17,11 +16,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--student", required=True, help="student checkpoint folder or .gguf (only its config is read)")
     task_argument(e, "data", required=True, help="gsm | mmlu | super_ni | lima (the shipped seed samples) or a JSONL")
     e.add_argument("--out", required=True, help="new folder for the extracted adapter (PEFT format)")
-    e.add_argument("--rank", type=int, default=16, help="SVD rank r of the extracted factors")
+    e.add_argument("--rank", type=int, default=SeekingSettings.rank,
+                   help="SVD rank r of the extracted factors (default: %(default)s)")
     add_targets_argument(e)
-    e.add_argument("--samples", type=int, default=32, help="seed examples to read (the shipped files hold 32)")
-    e.add_argument("--cutoff-len", type=int, default=2048, help="tokens per seed example at most")
-    e.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="teacher weights' dtype")
+    e.add_argument("--samples", type=int, default=SeekingSettings.samples,
+                   help="seed examples to read (the shipped files hold 32; default: %(default)s)")
+    e.add_argument("--cutoff-len", type=int, default=SeekingSettings.cutoff_len,
+                   help="tokens per seed example at most (default: %(default)s)")
+    e.add_argument("--dtype", choices=DTYPES, default=SeekingSettings.teacher_dtype, help="teacher weights' dtype")
     e.set_defaults(func=_extract)
 
 
@@ -33,6 +35,7 @@ def add_targets_argument(p: argparse.ArgumentParser) -> None:
 
 def _extract(args: argparse.Namespace) -> int:
     from pktjax.checkpoint import read_model_config
+    from pktjax.workflows import extract_to
 
     cut = extract_to(args.teacher, args.student, read_model_config(args.student), args.task, args.out, rank=args.rank,
                      targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len, dtype=args.dtype)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pktjax.semalign import COMPARE, DEFAULT_TARGETS, FRAMES, MODES
+    from pktjax.settings import COMPARES, FRAMES, SEMALIGN_MODES, SEMALIGN_TARGETS
 
     p = sub.add_parser("semalign", help="SemAlign: align one student layer with the teacher's recomposed outputs")
     sem = p.add_subparsers(dest="semalign_command", required=True)
@@ -19,14 +19,14 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "split), super_ni | lima (the Seeking 1000 examples) or a JSONL file")
     t.add_argument("--out", required=True, help="output folder: plan.json, adapter/ or model/, checkpoints/, "
                    "metrics.jsonl, semalign.json")
-    t.add_argument("--mode", choices=MODES, default="lora", help="train a LoRA on the layer or its weights")
-    t.add_argument("--compare", choices=tuple(COMPARE), default="ffn",
+    t.add_argument("--mode", choices=SEMALIGN_MODES, default="lora", help="train a LoRA on the layer or its weights")
+    t.add_argument("--compare", choices=COMPARES, default="ffn",
                    help="layer output compared: ffn (pre-residual MLP output), update (attention + MLP) or "
                         "residual (the layer's residual output)")
     t.add_argument("--frame", choices=FRAMES, default="paper", help="recomposition: the paper's S_S a, or the "
                    "dual frame (exact when the heads are equal)")
     t.add_argument("--layer", type=int, default=None, help="student layer to train (from 1) instead of the pairing's")
-    t.add_argument("--targets", nargs="+", default=list(DEFAULT_TARGETS), help="matrices of the layer to train")
+    t.add_argument("--targets", nargs="+", default=list(SEMALIGN_TARGETS), help="matrices of the layer to train")
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("--lr", type=float, default=None, help="default 3e-4 (3e-5 for humaneval), as in the paper")
     t.add_argument("--batch-size", type=int, default=64)

@@ -12,7 +12,11 @@ from typing import Iterator
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="run a whole transfer experiment from one YAML/JSON config")
     p.add_argument("config", help="config file, e.g. experiments/configs/demo.yaml")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                   help="override a setting of the config, e.g. laten.lr=3e-4 eval.limit=50 (values read as YAML)")
     p.add_argument("--out", help="output folder (default: the config's `out`); rerun to resume")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved config (every default filled in) and exit")
     p.set_defaults(func=_run)
 
 
@@ -37,7 +41,12 @@ def exit_on_sigterm() -> Iterator[None]:
 def _run(args: argparse.Namespace) -> int:
     from pktjax.transfer import read_config, run_transfer
 
-    cfg = read_config(args.config, args.out)
+    cfg = read_config(args.config, args.out, args.overrides)
+    if args.print_config:
+        import yaml
+
+        print(yaml.safe_dump(cfg.resolved(), sort_keys=False), end="")
+        return 0
     with exit_on_sigterm():
         report = run_transfer(cfg)
     print(report.read_text())

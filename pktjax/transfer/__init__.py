@@ -27,30 +27,28 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
     teacher: PATH | registry:qwen2.5-coder/teacher | tiny:hidden=64,layers=4,inter=96,heads=4,seed=1 | org/name
     student: PATH | registry:qwen2.5-coder/student | tiny:... | org/name
     task: gsm | mmlu | humaneval | mbpp        # LaTen splits (../shared/data/laten/<task>/)
-    eval: {task: null, limit: null, max_new_tokens: null, batch_size: 8, few_shot: 0,   # task: from the top
-           prompt_format: paper}       # `task`; limit: the whole test set; max_new_tokens: the task's (512);
-                                       # prompt_format: paper | chat_template (the model's own)
-    laten: {seeds: [42], steps: null, rate: 0.1, lr: 3e-5, cutoff_len: 768, examples_per_step: 16,
-            micro_batch: 4, fuse_steps: all | last | [1, 2], layers: null}   # seeds: [] skips LaTen;
-            # layers: K (default every student layer); lr: one peak rate or a list (each run for every seed);
-            # the one-cycle schedule spans the whole extract split, steps (null: all) only stops it early;
-            # step t = the aligner after t + 1 updates (step 0 took one update at lr/25)
-    seeking: {seeds: [1], rank: 16, alpha: 16, dropout: 0.05, lr: 3e-4, epochs: 3, batch_size: 64,
-              micro_batch: 8, cutoff_len: 2048, dtype: float32, targets: null, data: null, limit: null,
-              samples: 32, seed_data: null, teacher_dtype: float32}
-    lora:  {seeds: [1], rank: 16, ..., targets: null, data: null, limit: null}   # the seeking keys up to limit
-    pissa: {...}                                                                  # same keys as lora
-    semalign: {seeds: [1], ..., epochs: 5, lr: null, targets: [v_proj, o_proj, up_proj, down_proj],  # seeking's
-               mode: lora | weights, compare: ffn | update | residual, frame: paper | dual, layer: null}  # keys
-    analysis: {metric: cka | cosine | both, n_examples: 16, rank: 16, modules: [up_proj, down_proj, v_proj,
-               o_proj], batch_size: 4, cutoff_len: 768, max_tokens: 4096, seeking: true, full_heatmap: false}
+    eval: {task, limit, max_new_tokens, batch_size, few_shot, prompt_format}
+    laten: {seeds, steps, rate, lr, cutoff_len, examples_per_step, micro_batch, fuse_steps, layers}
+    seeking: {seeds, rank, alpha, dropout, lr, epochs, batch_size, micro_batch, cutoff_len, dtype, targets, data,
+              limit, samples, seed_data, teacher_dtype}
+    lora:  {seeds, rank, ..., targets, data, limit}   # the seeking keys up to limit
+    pissa: {...}                                      # same keys as lora
+    semalign: {seeds, ..., teacher_dtype, mode, compare, frame, layer}   # the seeking keys and SemAlign's own
+    analysis: {metric, n_examples, rank, modules, batch_size, cutoff_len, max_tokens, seeking, full_heatmap}
     out: runs/NAME
 
-LoRA-trained students default to SPEC §4 (the Seeking authors' trainer: rank 16, alpha 16, dropout 0.05,
-lr 3e-4, 3 epochs, batch 64, all nine target modules), trained on the task's LaTen train split (``data``: a
-JSONL file or a Seeking task name instead; ``limit``: its first N examples). Seeking's seed examples are up to
-``samples`` (default 32) of a Seeking task's shipped samples (gsm, mmlu, super_ni, lima), else the first
-``samples`` of the train split (``seed_data`` names another source). The analysis reuses the ``seeking``
+Each section's keys, defaults, allowed values and meaning are those of its class in :mod:`pktjax.settings`
+(:data:`~pktjax.transfer.config.SECTIONS`); ``pktjax transfer CONFIG --print-config`` prints a config with every
+default filled in, and ``pktjax transfer CONFIG key=value ...`` overrides settings (``laten.lr=3e-4``).
+``laten.seeds: []`` skips LaTen; ``laten.lr`` is one peak rate or a list (each run for every seed); the
+one-cycle schedule spans the whole extract split, ``laten.steps`` (null: all) only stops it early, and step ``t``
+is the aligner after ``t + 1`` updates; ``eval.batch_size`` is left out of the run's fingerprint, so changing it does not
+block resuming.
+
+LoRA-trained students default to SPEC §4 (the Seeking authors' trainer, all nine target modules), trained on the
+task's LaTen train split (``data``: a JSONL file or a Seeking task name instead; ``limit``: its first N examples).
+Seeking's seed examples are up to ``samples`` of a Seeking task's shipped samples (gsm, mmlu, super_ni, lima), else
+the first ``samples`` of the train split (``seed_data`` names another source). The analysis reuses the ``seeking``
 stage's extraction when ranks and modules allow.
 
 Modules: :mod:`~pktjax.transfer.config` (the schema, its defaults and checks), :mod:`~pktjax.transfer.models`
@@ -60,14 +58,14 @@ Modules: :mod:`~pktjax.transfer.config` (the schema, its defaults and checks), :
 
 from pktjax.transfer.config import (EVAL_DEFAULTS, EVAL_TASK, LATEN_DEFAULTS, LORA_DEFAULTS, POSTPKT, SECTIONS,
                                     SEEKING_DEFAULTS, SEMALIGN_DEFAULTS, TOP_KEYS, TRAIN_KEYS, TransferConfig,
-                                    lora_config, read_config, semalign_config)
-from pktjax.transfer.models import check_pair, hub_model, parse_tiny, resolve_model
+                                    laten_rates, lora_config, read_config, semalign_config)
+from pktjax.transfer.models import check_job_pair, hub_model, parse_tiny, peek_config, resolve_model
 from pktjax.transfer.report import plot_aligner_curves, vs_student, write_report
 from pktjax.transfer.stages import _timed, run_transfer
 
 __all__ = [
     "EVAL_DEFAULTS", "EVAL_TASK", "LATEN_DEFAULTS", "LORA_DEFAULTS", "POSTPKT", "SECTIONS", "SEEKING_DEFAULTS",
-    "SEMALIGN_DEFAULTS", "TOP_KEYS", "TRAIN_KEYS", "TransferConfig", "check_pair", "hub_model", "lora_config",
-    "parse_tiny", "plot_aligner_curves", "read_config", "resolve_model", "run_transfer", "semalign_config",
-    "vs_student", "write_report",
+    "SEMALIGN_DEFAULTS", "TOP_KEYS", "TRAIN_KEYS", "TransferConfig", "check_job_pair", "hub_model", "laten_rates",
+    "lora_config", "parse_tiny", "peek_config", "plot_aligner_curves", "read_config", "resolve_model", "run_transfer",
+    "semalign_config", "vs_student", "write_report",
 ]

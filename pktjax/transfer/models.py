@@ -1,26 +1,44 @@
-"""The transfer job's models: a spec (path, ``registry:``, ``tiny:``, hub id) as a local path; the pair check."""
+"""The transfer job's models: a spec (path, ``registry:``, ``tiny:``, hub id) as a local path or a config; the
+pair check of the job's methods."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
+from pktjax.checkpoint import read_model_config
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError
-from pktjax.registry import parse_hub_id
+from pktjax.lora import TARGETS
+from pktjax.pair import check_pair
+from pktjax.registry import hub_snapshot, packaged_path, parse_hub_id
+from pktjax.settings import LatenSettings, SeekingSettings
+from pktjax.tiny import save_random_model, tiny_config
 
 
 def parse_tiny(spec: str) -> tuple[ModelConfig, int, float]:
     """``tiny:hidden=64,layers=4,...,seed=1,std=0.2`` -> ``(config, seed, std)`` of a random model."""
-    from pktjax.tiny import tiny_config
-
-    fields = dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(",") if kv)
-    seed, std = int(fields.pop("seed", 0)), float(fields.pop("std", 0.2))
-    model_type = fields.pop("model_type", "llama")
+    allowed = "tiny models take hidden, layers, inter, heads, kv_heads, vocab, seed, std and model_type, as k=v"
     try:
-        return tiny_config(model_type=model_type, **{k: int(v) for k, v in fields.items()}), seed, std
-    except TypeError as e:
-        raise ConfigError(f"{spec}: {e}; tiny models take hidden, layers, inter, heads, kv_heads, vocab, seed, "
-                          "std and model_type.") from None
+        fields = dict(kv.split("=", 1) for kv in spec.split(":", 1)[1].split(",") if kv)
+        seed, std = int(fields.pop("seed", 0)), float(fields.pop("std", 0.2))
+        model_type = fields.pop("model_type", "llama")
+        cfg = tiny_config(model_type=model_type, **{k: int(v) for k, v in fields.items()})
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{spec}: {e}; {allowed} (integers; std a number).") from None
+    if min(cfg.hidden_size, cfg.num_layers, cfg.intermediate_size, cfg.num_heads, cfg.vocab_size) < 1 or \
+            cfg.hidden_size % cfg.num_heads or cfg.num_heads % cfg.num_kv_heads:
+        raise ConfigError(f"{spec}: sizes must be positive, hidden a multiple of heads and heads of kv_heads.")
+    return cfg, seed, std
+
+
+def peek_config(spec: str) -> ModelConfig | None:
+    """A model spec's config without building, downloading or loading weights; ``None`` for a hub id that is
+    not downloaded yet (its config is known only after the download)."""
+    if spec.startswith("tiny:"):
+        return parse_tiny(spec)[0]
+    if parse_hub_id(spec) and not Path(spec).expanduser().exists():
+        return None
+    return read_model_config(resolve_model(spec, Path()))
 
 
 def resolve_model(spec: str, folder: Path) -> Path:
@@ -28,15 +46,11 @@ def resolve_model(spec: str, folder: Path) -> Path:
     names an installed packaged model, an existing path is itself, and ``org/name[@revision]`` is a Hugging Face
     repo."""
     if spec.startswith("tiny:"):
-        from pktjax.tiny import save_random_model
-
         if not (folder / "config.json").is_file():
             cfg, seed, std = parse_tiny(spec)
             save_random_model(folder, cfg, seed, std=std)
         return folder
     if spec.startswith("registry:"):
-        from pktjax.registry import packaged_path
-
         return packaged_path(spec.split(":", 1)[1])
     path = Path(spec).expanduser()
     if path.exists():
@@ -50,22 +64,16 @@ def resolve_model(spec: str, folder: Path) -> Path:
 
 def hub_model(repo_id: str) -> Path:
     """A Hugging Face repo ``org/name[@revision]``: its snapshot in the standard cache, downloaded when online."""
-    from pktjax.registry import hub_snapshot
-
     try:
         return hub_snapshot(repo_id)
     except CheckpointError as e:
         raise ConfigError(f"model {e}") from None
 
 
-def check_pair(teacher: Path, student: Path) -> None:
-    """Refuse a pair that does not share a vocabulary or whose teacher is the smaller model (configs only)."""
-    from pktjax.checkpoint import read_model_config
-
-    t, s = read_model_config(teacher), read_model_config(student)
-    if t.vocab_size != s.vocab_size:
-        raise ConfigError(f"teacher vocabulary {t.vocab_size} != student vocabulary {s.vocab_size}: "
-                          "the pair must share a tokenizer.")
-    if (t.hidden_size, t.num_layers) < (s.hidden_size, s.num_layers) or t.hidden_size < s.hidden_size:
-        raise ConfigError(f"the teacher (d={t.hidden_size}, L={t.num_layers}) is smaller than the student "
-                          f"(d={s.hidden_size}, L={s.num_layers}); swap them.")
+def check_job_pair(teacher: ModelConfig, student: ModelConfig, laten: LatenSettings | None,
+                   seeking: SeekingSettings | None) -> None:
+    """The pair rules of the methods a job runs (:func:`pktjax.pair.check_pair`): LaTen's when ``laten`` has
+    seeds, Seeking's when there is a ``seeking`` section with seeds."""
+    check_pair(teacher, student,
+               laten={"rate": laten.rate, "layers": laten.layers} if laten is not None and laten.seeds else None,
+               seeking_targets=(seeking.targets or TARGETS) if seeking is not None and seeking.seeds else None)

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from pktjax.tasks.common import mcnemar_exact
 from pktjax.transfer.config import TransferConfig
 
 
@@ -131,8 +132,6 @@ def vs_student(base_report: str | os.PathLike, report: str | os.PathLike) -> dic
     """A trained model against the base student on the same examples: ``gained`` (solved here only), ``lost``
     (solved by the base student only), ``changed`` (outputs unlike the base student's), ``n`` and ``p``, the exact
     McNemar test of gained against lost. ``None`` when the two evaluations did not score the same example ids."""
-    from pktjax.tasks.common import mcnemar_exact
-
     base, new = ({r["id"]: r for r in json.loads(Path(f).read_text())["records"]} for f in (base_report, report))
     if base.keys() != new.keys():
         return None

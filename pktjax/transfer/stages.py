@@ -3,18 +3,39 @@
 from __future__ import annotations
 
 import json
+import random
 import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
 
+import jax
+
+from pktjax.checkpoint import load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import laten_split, read_jsonl
 from pktjax.errors import ConfigError
+from pktjax.align import align
+from pktjax.attribution import locate_each
+from pktjax.evaluate import evaluate
+from pktjax.fuse import INJECTION, fuse_example
+from pktjax.inject import delta_sizes, inject
+from pktjax.lora import TARGETS
+from pktjax.pair import check_tokenizers, layer_count
+from pktjax.progress import progress_bar
 from pktjax.provenance import provenance
+from pktjax.seeking import task_file
+from pktjax.sharding import is_main_process
+from pktjax.tasks import get_task
+from pktjax.tokenizer import load_tokenizer
+from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, prepare_pair,
+                                  step_order, train_aligner)
 from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config, semalign_config
-from pktjax.transfer.models import check_pair, resolve_model
+from pktjax.transfer.models import check_job_pair, peek_config, resolve_model
 from pktjax.transfer.report import _write_json, write_report
+from pktjax.settings import LoraSettings
+from pktjax.workflows import (analyze_pair, check_semalign_pair, merge_adapter, probe_examples, seed_examples,
+                              seeking_factors, shared_tokenizer, train_adapter, train_semalign)
 
 
 LOCATE_BATCH = 32  # examples per batched locate pass: the paper's MBPP protocol (27 examples) in one
@@ -24,7 +45,7 @@ def _claim_output(cfg: TransferConfig) -> None:
     """Refuse a folder that holds another run; record this run's config otherwise."""
     marker = cfg.out / "transfer.json"
     if marker.is_file():
-        if json.loads(marker.read_text()).get("fingerprint") != cfg.fingerprint():
+        if json.loads(marker.read_text()).get("fingerprint") not in (cfg.fingerprint(), cfg.legacy_fingerprint()):
             raise ConfigError(f"{cfg.out}: holds a run of another config; choose a new output folder "
                               "(or rerun the same config to resume).")
         return
@@ -37,23 +58,16 @@ def _claim_output(cfg: TransferConfig) -> None:
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
-    import jax
-
-    from pktjax.evaluate import evaluate
-    from pktjax.progress import progress_bar
-    from pktjax.sharding import is_main_process
-    from pktjax.tasks import get_task
-
     if out.is_file():
         return
     e = cfg.eval
     label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
     partial = out.with_suffix(".partial.jsonl")  # finished batches: an interrupted evaluation goes on from there
-    total = len(get_task(cfg.eval_task).load(e["limit"]))
+    total = len(get_task(cfg.eval_task).load(e.limit))
     with progress_bar(total, f"eval {label}", "ex", enabled=is_main_process()) as bar:
-        evaluate(model, cfg.eval_task, limit=e["limit"], few_shot=e["few_shot"], batch_size=e["batch_size"],
-                 max_new_tokens=e["max_new_tokens"], out=out, tokenizer=tokenizer, progress=bar.update,
-                 prompt_format=e["prompt_format"],
+        evaluate(model, cfg.eval_task, limit=e.limit, few_shot=e.few_shot, batch_size=e.batch_size,
+                 max_new_tokens=e.max_new_tokens, out=out, tokenizer=tokenizer, progress=bar.update,
+                 prompt_format=e.prompt_format,
                  resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
     partial.unlink(missing_ok=True)
 
@@ -75,38 +89,30 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
     :func:`_laten_locate`). The fuse example is located and the teacher's knowledge extracted once, then each
     step's fused student is evaluated from its parameters in memory (no checkpoint written); its fuse record
     (``injection.json``, as :func:`pktjax.fuse.fuse` writes one) lands beside the step's ``eval.json``."""
-    import random
-
-    from pktjax.align import align
-    from pktjax.fuse import INJECTION
-    from pktjax.inject import delta_sizes, inject
-    from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, prepare_pair,
-                                      train_aligner)
-
     lt, folder = cfg.laten, cfg.out / "laten" / f"{sub}seed{seed}"
-    tc = TrainConfig(lr=lr, rate=lt["rate"], steps=lt["steps"], examples_per_step=lt["examples_per_step"],
-                     cutoff_len=lt["cutoff_len"], micro_batch=lt["micro_batch"], seed=seed,
-                     train_on_inputs=cfg.task == "mmlu", layers=lt["layers"])
+    tc = TrainConfig(lr=lr, rate=lt.rate, steps=lt.steps, examples_per_step=lt.examples_per_step,
+                     cutoff_len=lt.cutoff_len, micro_batch=lt.micro_batch, seed=seed,
+                     train_on_inputs=cfg.task == "mmlu", layers=lt.layers)
     pair = None
     t0 = time.time()
     if not (folder / "trained.json").is_file():
-        pair = prepare_pair(teacher, student, rate=lt["rate"], layers=lt["layers"])
+        pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers)
         train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
                       folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache")
         _write_json(folder / "trained.json", {"seconds": time.time() - t0})
-    steps = _fuse_steps(lt["fuse_steps"], aligner_steps(folder / "aligner"))
+    steps = _fuse_steps(lt.fuse_steps, aligner_steps(folder / "aligner"))
     todo = [s for s in steps if not (folder / f"step{s}" / "eval.json").is_file()]
     if todo:
-        pair = pair or prepare_pair(teacher, student, rate=lt["rate"], layers=lt["layers"])
+        pair = pair or prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers)
         train = read_jsonl(laten_split(cfg.task, "train"))
         index = random.Random(seed).randrange(len(train))  # the example pktjax.fuse.fuse_example picks
-        knowledge, _, sel_s = locate_and_extract(pair, train[index], tc.mode, tc.attention, lt["layers"],
+        knowledge, _, sel_s = locate_and_extract(pair, train[index], tc.mode, tc.attention, lt.layers,
                                                  cfg.out / "attribution_cache")
         student_model, tokenizer, modules = pair.student, pair.tokenizer, pair.modules
         pair = None  # the teacher is not needed any more
         for step in todo:
             deltas = align(load_aligner(folder / "aligner", step), knowledge)
-            record = {"aligner": str(folder / "aligner"), "step": step, "rate": lt["rate"], "seed": seed,
+            record = {"aligner": str(folder / "aligner"), "step": step, "rate": lt.rate, "seed": seed,
                       "example": index, "modules": list(modules),
                       "delta": delta_sizes(student_model.params, student_model.config, sel_s, deltas)}
             _write_json(folder / f"step{step}" / INJECTION, record)
@@ -126,13 +132,10 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
 
 def _laten_examples(cfg: TransferConfig) -> list[dict[str, Any]]:
     """Every example the LaTen seeds locate on: each seed's extract examples (its steps) and its fuse example."""
-    from pktjax.fuse import fuse_example
-    from pktjax.train_aligner import step_order
-
     extract, train = read_jsonl(laten_split(cfg.task, "extract")), read_jsonl(laten_split(cfg.task, "train"))
-    steps = cfg.laten["steps"] or len(extract)
+    steps = cfg.laten.steps or len(extract)
     seen, out = set(), []
-    for seed in cfg.laten["seeds"]:
+    for seed in cfg.laten.seeds:
         for ex in [extract[int(i)] for i in step_order(len(extract), int(seed))[:steps]] + \
                 [fuse_example(train, int(seed))]:
             key = json.dumps(ex, sort_keys=True)
@@ -145,16 +148,11 @@ def _laten_examples(cfg: TransferConfig) -> list[dict[str, Any]]:
 def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
     """Locate every example of every LaTen seed up front, one batched pass per model (each loaded once, alone),
     into ``attribution_cache/{teacher,student}``; ``laten/located.json`` marks the stage finished."""
-    from pktjax.attribution import locate_each
-    from pktjax.checkpoint import load_model, read_model_config
-    from pktjax.tokenizer import load_tokenizer
-    from pktjax.train_aligner import layer_count
-
     marker = cfg.out / "laten" / "located.json"
     if marker.is_file():
         return
     examples = _laten_examples(cfg)
-    k = layer_count(read_model_config(teacher), read_model_config(student), cfg.laten["layers"])
+    k = layer_count(read_model_config(teacher), read_model_config(student), cfg.laten.layers)
     tokenizer = load_tokenizer(student)
     for role, path in (("teacher", teacher), ("student", student)):
         model = load_model(path)
@@ -164,36 +162,26 @@ def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
     _write_json(marker, {"examples": len(examples), "layers": k})
 
 
-def _train_data(cfg: TransferConfig, sec: dict[str, Any]) -> Path:
+def _train_data(cfg: TransferConfig, sec: LoraSettings) -> Path:
     """A LoRA section's fine-tuning examples: ``data`` (a JSONL file or a Seeking task) or the LaTen train split."""
-    from pktjax.seeking import task_file
-
-    return task_file(str(sec["data"]), "train") if sec["data"] else laten_split(cfg.task, "train")
+    return task_file(str(sec.data), "train") if sec.data else laten_split(cfg.task, "train")
 
 
 def _seeking_seeds(cfg: TransferConfig) -> list[dict[str, Any]]:
-    from pktjax.workflows import seed_examples
-
-    return seed_examples(str(cfg.seeking["seed_data"] or cfg.task), cfg.seeking["samples"])
+    return seed_examples(str(cfg.seeking.seed_data or cfg.task), cfg.seeking.samples)
 
 
 def _seeking_factors(cfg: TransferConfig, teacher: Path, student: Path, student_cfg: ModelConfig) -> dict:
     """Seeking's extracted LoRA, computed once for every seed (and the analysis) in ``seeking/extracted``."""
-    from pktjax.workflows import seeking_factors
-
     s = cfg.seeking
     return seeking_factors(teacher, student, student_cfg, _seeking_seeds(cfg), cfg.out / "seeking" / "extracted",
-                           rank=s["rank"], targets=s["targets"], samples=s["samples"], cutoff_len=s["cutoff_len"],
-                           dtype=s["teacher_dtype"])
+                           rank=s.rank, targets=s.targets, samples=s.samples, cutoff_len=s.cutoff_len,
+                           dtype=s.teacher_dtype)
 
 
 def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
     """One LoRA-trained student of section ``name`` (seeking, lora or pissa): train from its init, merge the
     adapter, evaluate. ``<name>/seed<s>/`` holds the adapter, checkpoints, metrics and ``eval.json`` (the marker)."""
-    from pktjax.checkpoint import load_model, read_model_config
-    from pktjax.tokenizer import load_tokenizer
-    from pktjax.workflows import merge_adapter, train_adapter
-
     sec, folder = getattr(cfg, name), cfg.out / name / f"seed{seed}"
     report = folder / "eval.json"
     if not report.is_file():
@@ -201,37 +189,33 @@ def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, 
         teacher_lora = _seeking_factors(cfg, teacher, student, read_model_config(student)) \
             if name == "seeking" else None
         model, tokenizer = load_model(student), load_tokenizer(student)
-        examples = read_jsonl(_train_data(cfg, sec), limit=sec["limit"])
+        examples = read_jsonl(_train_data(cfg, sec), limit=sec.limit)
         adapter = train_adapter(model, tokenizer, examples, folder, lora_config(sec, seed), method=POSTPKT[name][1],
-                                targets=sec["targets"], teacher_lora=teacher_lora)
+                                targets=sec.targets, teacher_lora=teacher_lora)
         merged = merge_adapter(model, adapter).replace(source=str(adapter))  # the eval report names the adapter
         _evaluate(merged, cfg, report, tokenizer=tokenizer)
     return {"method": POSTPKT[name][0], "seed": seed, "step": None, **_score(report)}
 
 
 def _semalign_seeds(cfg: TransferConfig) -> list[dict[str, Any]]:
-    from pktjax.workflows import seed_examples
-
-    return seed_examples(str(cfg.semalign["seed_data"] or cfg.task), cfg.semalign["samples"])
+    return seed_examples(str(cfg.semalign.seed_data or cfg.task), cfg.semalign.samples)
 
 
 def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
     """One SemAlign student: attribution and pairing (once, ``semalign/plan.json``), the paired layer trained,
     evaluated. ``semalign/seed<s>/`` holds the adapter (or model), checkpoints, metrics, ``semalign.json``, the
     before / after CKA view when the config has an ``analysis`` section, and ``eval.json`` (the marker)."""
-    from pktjax.tokenizer import load_tokenizer
-    from pktjax.workflows import probe_examples, train_semalign
-
     sec, folder = cfg.semalign, cfg.out / "semalign" / f"seed{seed}"
     report = folder / "eval.json"
     if not report.is_file():
         a = cfg.analysis
-        probe = probe_examples(cfg.task, int(a["n_examples"])) if a else None
-        probe_kw = {k: a[k] for k in ("batch_size", "cutoff_len", "max_tokens")} if a else None
+        probe = probe_examples(cfg.task, a.n_examples) if a else None
+        probe_kw = {"batch_size": a.batch_size, "cutoff_len": a.cutoff_len, "max_tokens": a.max_tokens} if a else None
         model, info = train_semalign(teacher, student, _semalign_seeds(cfg),
-                                     read_jsonl(_train_data(cfg, sec), limit=sec["limit"]), folder,
-                                     lora_config(sec, seed), semalign_config(sec), teacher_dtype=sec["teacher_dtype"],
-                                     probe=probe, probe_kw=probe_kw, plan_folder=cfg.out / "semalign")
+                                     read_jsonl(_train_data(cfg, sec), limit=sec.limit), folder,
+                                     sec.trainer(seed, cfg.task), semalign_config(sec),
+                                     teacher_dtype=sec.teacher_dtype, probe=probe, probe_kw=probe_kw,
+                                     plan_folder=cfg.out / "semalign")
         _evaluate(model.replace(source=info.get("adapter") or info.get("model")), cfg, report,
                   tokenizer=load_tokenizer(student))
     return {"method": "SemAlign", "seed": seed, "step": None, **_score(report)}
@@ -239,36 +223,31 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
 
 def _analysis(cfg: TransferConfig, teacher: Path, student: Path) -> Path:
     """The neural-incompatibility analysis into ``analysis/`` (``analysis.json`` marks it finished)."""
-    from pktjax.checkpoint import load_model
-    from pktjax.workflows import analyze_pair, probe_examples, seed_examples, shared_tokenizer
-
     a, folder = cfg.analysis, cfg.out / "analysis"
     if (folder / "analysis.json").is_file():
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # an analysis cut short leaves nothing reusable
-    examples = probe_examples(cfg.task, int(a["n_examples"]))
+    examples = probe_examples(cfg.task, int(a.n_examples))
     tokenizer = shared_tokenizer(teacher, student, examples)
     t_model, s_model = load_model(teacher), load_model(student)
-    reuse = a["seeking"] and _reuses_seeking(cfg)
+    reuse = a.seeking and _reuses_seeking(cfg)
     meta = {"teacher": cfg.teacher, "student": cfg.student,
             "probe": f"{cfg.task} train split ({len(examples)} examples)"}
     if reuse:
         meta["Seeking init"] = "the seeking stage's extraction (seeking/extracted)"
-    analyze_pair(t_model, s_model, examples, folder, tokenizer=tokenizer, metric=a["metric"], rank=int(a["rank"]),
-                 modules=a["modules"], batch_size=int(a["batch_size"]), cutoff_len=int(a["cutoff_len"]),
-                 max_tokens=a["max_tokens"], triangle=not a["full_heatmap"], meta=meta,
+    analyze_pair(t_model, s_model, examples, folder, tokenizer=tokenizer, metric=a.metric, rank=int(a.rank),
+                 modules=a.modules, batch_size=int(a.batch_size), cutoff_len=int(a.cutoff_len),
+                 max_tokens=a.max_tokens, triangle=not a.full_heatmap, meta=meta,
                  seeking_lora=_seeking_factors(cfg, teacher, student, s_model.config) if reuse else None,
-                 seeking_seeds=seed_examples(cfg.task, probe=len(examples)) if a["seeking"] and not reuse else None)
+                 seeking_seeds=seed_examples(cfg.task, probe=len(examples)) if a.seeking and not reuse else None)
     return folder
 
 
 def _reuses_seeking(cfg: TransferConfig) -> bool:
     """Whether the ``seeking`` stage's extraction serves the analysis (same rank, covers its modules)."""
-    from pktjax.lora import TARGETS
-
     s = cfg.seeking
-    return s is not None and s["rank"] == cfg.analysis["rank"] and \
-        set(cfg.analysis["modules"]) & set(TARGETS) <= set(s["targets"] or TARGETS)
+    return s is not None and s.rank == cfg.analysis.rank and \
+        set(cfg.analysis.modules) & set(TARGETS) <= set(s.targets or TARGETS)
 
 
 def _score(report_path: Path) -> dict[str, Any]:
@@ -290,10 +269,41 @@ def _check_data(cfg: TransferConfig) -> None:
         _semalign_seeds(cfg)
 
 
+def _check_models(cfg: TransferConfig) -> bool:
+    """The pair check and the settings that depend on the models or the data (LaTen's ``layers``, ``steps`` and
+    ``fuse_steps``), from configs only, before the output folder is touched. False when a model's config is not
+    readable yet (a hub id not downloaded): the pair is checked after the download then."""
+    lt = cfg.laten
+    if lt.seeds:
+        n_extract = len(read_jsonl(laten_split(cfg.task, "extract")))
+        n_align = len(read_jsonl(laten_split(cfg.task, "align")))
+        steps = lt.steps or n_extract
+        if steps > n_extract:
+            raise ConfigError(f"laten.steps = {lt.steps}: must be <= {n_extract}, the size of the {cfg.task} extract "
+                              "split (one extract example per step).")
+        if isinstance(lt.fuse_steps, tuple) and max(lt.fuse_steps) >= steps:
+            raise ConfigError(f"laten.fuse_steps = {list(lt.fuse_steps)} names a step the run stops before: it "
+                              f"saves steps 0 to {steps - 1}.")
+        if lt.examples_per_step - 1 > n_align:
+            raise ConfigError(f"laten.examples_per_step = {lt.examples_per_step}: each step draws "
+                              f"{lt.examples_per_step - 1} of the {n_align} examples of the align split; "
+                              f"choose at most {n_align + 1}.")
+    teacher, student = peek_config(cfg.teacher), peek_config(cfg.student)
+    if teacher is None or student is None:
+        return False
+    _check_pair(cfg, teacher, student)
+    return True
+
+
+def _check_pair(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig) -> None:
+    """The pair rules of every method the job runs (SemAlign's beside :func:`check_job_pair`'s)."""
+    check_job_pair(teacher, student, cfg.laten, cfg.seeking)
+    if cfg.semalign is not None and cfg.semalign.seeds:
+        check_semalign_pair(teacher, student, semalign_config(cfg.semalign))
+
+
 def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
     """Run one stage; its seconds add to those that earlier, interrupted runs spent on it (``timings.json``)."""
-    from pktjax.sharding import is_main_process
-
     path = cfg.out / "timings.json"
     t = time.time()
     try:
@@ -314,24 +324,28 @@ def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
 def run_transfer(cfg: TransferConfig) -> Path:
     """Run every stage of ``cfg`` (resuming finished ones) and return the report path."""
     _check_data(cfg)
+    known = _check_models(cfg)
     _claim_output(cfg)
     timings: dict[str, float] = {}
     teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
     student = resolve_model(cfg.student, cfg.out / "models" / "student")
-    check_pair(teacher, student)
+    if not known:  # a hub model's config is known only now that it is downloaded
+        _check_pair(cfg, read_model_config(teacher), read_model_config(student))
+    if cfg.laten.seeds or cfg.seeking is not None or cfg.semalign is not None:
+        check_tokenizers(load_tokenizer(teacher), load_tokenizer(student))
     rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
             for name, path in (("student", student), ("teacher", teacher))]
-    if cfg.laten["seeds"]:
+    if cfg.laten.seeds:
         _timed(cfg, timings, "laten locate", _laten_locate, cfg, teacher, student)
     for lr, sub in laten_rates(cfg):
-        for seed in cfg.laten["seeds"]:
+        for seed in cfg.laten.seeds:
             key = f"laten {'lr ' + format(lr, 'g') + ' ' if sub else ''}seed {seed}"
             rows += _timed(cfg, timings, key, _laten_seed, cfg, teacher, student, int(seed), lr, sub)
     for name in POSTPKT:
-        for seed in (getattr(cfg, name) or {}).get("seeds", []):
+        for seed in getattr(getattr(cfg, name), "seeds", ()):
             rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
                                int(seed)))
-    for seed in (cfg.semalign or {}).get("seeds", []):
+    for seed in getattr(cfg.semalign, "seeds", ()):
         rows.append(_timed(cfg, timings, f"semalign seed {seed}", _semalign_seed, cfg, teacher, student, int(seed)))
     analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
     timings["total"] = sum(timings.values())
