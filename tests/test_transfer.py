@@ -219,7 +219,7 @@ def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
                              "seeking": False})
     sem = read_config(path).semalign
     assert sem.lr is None  # null: the paper's rate for the task, 3e-4 for tasks other than HumanEval
-    assert sem.trainer(1, "mmlu").lr == 3e-4 and sem.trainer(1, "mmlu").epochs == 5
+    assert sem.trainer(1, "mmlu").lr == 3e-4
     assert main(["transfer", str(path)]) == 0
     out = tmp_path / "run"
     rows = json.loads((out / "scores.json").read_text())["rows"]
@@ -245,7 +245,8 @@ def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
 
 def test_bad_semalign_sections_fail_early(tmp_path):
     cfg = read_config(_config(tmp_path, task="humaneval", semalign={}))
-    assert cfg.semalign.trainer(1, cfg.task).lr == 3e-5 and cfg.semalign.targets == SEMALIGN_TARGETS
+    assert cfg.semalign.trainer(1, cfg.task).lr == 3e-5 and cfg.semalign.trainer(1, cfg.task).epochs == 5
+    assert cfg.semalign.targets == SEMALIGN_TARGETS
     assert read_config(_config(tmp_path, semalign={"lr": 1e-3})).semalign.trainer(1, "humaneval").lr == 1e-3
     for bad, match in (({"mode": "full"}, "semalign.mode = 'full': choose one of lora, weights"),
                        ({"compare": "attn"}, "semalign.compare = 'attn': choose one of ffn, update, residual"),
