@@ -484,15 +484,7 @@ def check_lora_train(tmp: Path) -> None:
     assert got["lm_head"]["b"].sharding.spec == P("tensor", None)
     tree_close(got, want, "lora 2x2x2")
 
-    def stop(step, metrics):
-        if step == 1:
-            raise KeyboardInterrupt
-
-    try:
-        run("4x2", mesh=MESHES["4x2"], on_step=stop)
-    except KeyboardInterrupt:
-        pass
-    tree_close(run("4x2", mesh=MESHES["2x2x2"]), want, "lora 4x2 then 2x2x2")
+    _resume_on_another_mesh(run, want, "lora")
     print("lora_train ok")
 
 
@@ -530,15 +522,7 @@ def check_semalign_fit(tmp: Path) -> None:
     assert got["layers"]["up_proj"]["a"].sharding.spec == P(None, "fsdp")
     tree_close(got, want, "semalign 2x2x2")
 
-    def stop(step, metrics):
-        if step == 1:
-            raise KeyboardInterrupt
-
-    try:
-        run("4x2", mesh=MESHES["4x2"], on_step=stop)
-    except KeyboardInterrupt:
-        pass
-    tree_close(run("4x2", mesh=MESHES["2x2x2"]), want, "semalign 4x2 then 2x2x2")
+    _resume_on_another_mesh(run, want, "semalign")
     print("semalign ok")
 
 
@@ -621,6 +605,19 @@ def prepare_multiprocess(out: Path) -> None:
     """The teacher and student checkpoints the multi-process check loads."""
     save_random(out / "teacher", teacher_cfg(), 5)
     save_random(out / "student", student_cfg(), 6)
+
+
+def _resume_on_another_mesh(run, want, label: str) -> None:
+    """Stop a run on the 4x2 mesh after its first step, resume it on 2x2x2: the result must equal ``want``."""
+    def stop(step, metrics):
+        if step == 1:
+            raise KeyboardInterrupt
+
+    try:
+        run("4x2", mesh=MESHES["4x2"], on_step=stop)
+    except KeyboardInterrupt:
+        pass
+    tree_close(run("4x2", mesh=MESHES["2x2x2"]), want, f"{label} 4x2 then 2x2x2")
 
 
 def main(argv: list[str]) -> None:
