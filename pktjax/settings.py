@@ -313,8 +313,11 @@ def _fuse_steps_ok(value: Any) -> bool:
 class LatenSettings:
     """The ``laten:`` section: seeds, which aligner steps to fuse, and the aligner's settings."""
 
-    seeds: tuple[int, ...] = setting(help="one aligner run per seed ([] skips LaTen)", factory=lambda: (42,))
-    steps: int | None = inherit(AlignerTrainConfig, "steps")
+    # seeds, steps and fuse_steps choose which runs and checkpoints are made, not what any of them holds (the
+    # schedule spans the whole extract split): a run may be resumed with more or fewer of them
+    seeds: tuple[int, ...] = setting(help="one aligner run per seed ([] skips LaTen)", factory=lambda: (42,),
+                                     result=False)
+    steps: int | None = inherit(AlignerTrainConfig, "steps", result=False)
     rate: float = inherit(AlignerTrainConfig, "rate")
     lr: float | tuple[float, ...] = inherit(AlignerTrainConfig, "lr",
                                             help="peak learning rate, or a list (an aligner run per rate and seed)")
@@ -322,7 +325,7 @@ class LatenSettings:
     examples_per_step: int = inherit(AlignerTrainConfig, "examples_per_step")
     micro_batch: int = inherit(AlignerTrainConfig, "micro_batch")
     fuse_steps: str | tuple[int, ...] = setting("all", "aligner steps fused and evaluated: all, last or a list "
-                                                       "of steps (0 is the first)")
+                                                       "of steps (0 is the first)", result=False)
     layers: int | None = inherit(AlignerTrainConfig, "layers")
 
     def validate(self, where: str = "") -> None:

@@ -334,6 +334,10 @@ def test_result_neutral_settings_do_not_change_the_fingerprint(tmp_path):
     base = read_config(path)
     assert read_config(path, overrides=["eval.batch_size=2"]).fingerprint() == base.fingerprint()
     assert read_config(path, overrides=["eval.limit=2"]).fingerprint() != base.fingerprint()
+    # which seeds and checkpoints a run makes does not change any one of them: a run may grow or shrink them
+    for change in ("laten.seeds=[42,7]", "laten.fuse_steps=[0]", "laten.steps=1"):
+        assert read_config(path, overrides=[change]).fingerprint() == base.fingerprint(), change
+    assert read_config(path, overrides=["laten.rate=0.2"]).fingerprint() != base.fingerprint()
     # a run recorded with the fingerprint of the whole config as written is still resumed
     assert base.legacy_fingerprint() != base.fingerprint()
 
