@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pktjax.attribution import (_block_gain, _per_example, attribution, attribution_batch,  # noqa: E402
                                 matmul_flops)
 from pktjax.config import ModelConfig  # noqa: E402
-from pktjax.model import forward  # noqa: E402
+from pktjax.model import forward_trace  # noqa: E402
 
 # (hidden, ffn, layers, heads) with head_dim 128, as in Llama-2
 SIZES = {
@@ -126,7 +126,7 @@ def bench(name: str, cfg: ModelConfig, args: argparse.Namespace) -> None:
     print(f"{name}: d={cfg.d} f={cfg.f} L={cfg.num_layers} H={cfg.num_heads} hd={cfg.head_dim} V={VOCAB} "
           f"T={args.seq_len} neurons={n_neurons:,} chunk={args.chunk} dtype={args.dtype}", flush=True)
     flops = matmul_flops(cfg)
-    fwd = jax.jit(lambda p, x: forward(p, cfg, x, capture=True)[1])
+    fwd = jax.jit(lambda p, x: forward_trace(p, cfg, x)[1])
     floor = jax.jit(vocab_floor, static_argnums=1)
     runs = {
         "attribution": lambda: attribution(params, cfg, ids, target, mode=args.mode, attention=args.attention,

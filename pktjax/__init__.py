@@ -19,7 +19,8 @@ __version__ = "0.1.0"  # as in pyproject.toml
 _LAZY = {
     "Model": "pktjax.checkpoint", "load_model": "pktjax.checkpoint", "save_model": "pktjax.checkpoint",
     "ModelConfig": "pktjax.config",
-    "Trace": "pktjax.model", "forward": "pktjax.model",
+    "Adapter": "pktjax.model", "Trace": "pktjax.model", "forward": "pktjax.model", "forward_modules": "pktjax.model",
+    "forward_trace": "pktjax.model", "hidden_states": "pktjax.model",
     "load_tokenizer": "pktjax.tokenizer",
     "attribution": "pktjax.attribution", "attribution_batch": "pktjax.attribution",
     "attribution_target": "pktjax.attribution", "locate": "pktjax.attribution", "locate_each": "pktjax.attribution",

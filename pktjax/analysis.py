@@ -41,7 +41,7 @@ from flax import struct
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, check_example, pad_left, tokenize_laten
 from pktjax.errors import ConfigError, PairError
-from pktjax.model import LINEAR_NAMES, forward
+from pktjax.model import LINEAR_NAMES, forward_modules
 from pktjax.tokenizer import load_tokenizer
 
 DEFAULT_MODULES = ("up_proj", "down_proj", "v_proj", "o_proj")
@@ -304,7 +304,7 @@ def probe_batches(tokens: Sequence[np.ndarray], batch_size: int, pad_id: int,
 def module_outputs(params: dict[str, Any], cfg: ModelConfig, ids: jax.Array, mask: jax.Array,
                    modules: tuple[str, ...]) -> dict[str, jax.Array]:
     """``ids, mask [B, T]`` -> ``{module: [L, B*T, out]}``, the module outputs at every position."""
-    _, outs = forward(params, cfg, ids, mask, modules=modules)
+    _, outs = forward_modules(params, cfg, ids, mask, modules=modules)
     return {k: v.reshape(v.shape[0], -1, v.shape[-1]) for k, v in outs.items()}
 
 

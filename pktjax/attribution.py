@@ -33,7 +33,7 @@ from pktjax.attribution_cache import Entry, model_fingerprint, read_entry, write
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, check_example, iter_chunks, pad_left, prompt_and_response
 from pktjax.errors import ConfigError, DataError
-from pktjax.model import Params, Trace, forward, rms_norm
+from pktjax.model import Params, Trace, forward_trace, rms_norm
 from pktjax.select import Attribution
 from pktjax.settings import ATTENTION, MODES
 
@@ -172,7 +172,7 @@ class _Captured(NamedTuple):
 
 def _capture(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
              target_id: jax.Array, use_rms: jax.Array, all_keys: jax.Array) -> _Captured:
-    _, trace = forward(params, cfg, input_ids, attention_mask, capture=True)
+    _, trace = forward_trace(params, cfg, input_ids, attention_mask)
     w_u, norm = _unembedding(params, cfg), _norm(params, cfg, use_rms, _ref_scale(trace.output[0]))
     h, a, r, f = (getattr(trace, k)[:, 0].astype(jnp.float32) for k in ("h", "a", "r", "ffn_out"))
     logp_h, logp_r = jnp.split(jax.nn.log_softmax(_logits(w_u, norm.apply(jnp.concatenate([h, r]))), axis=1), 2)
@@ -239,7 +239,7 @@ class _Batch(NamedTuple):
 def _capture_batch(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array,
                    targets: jax.Array, all_keys: jax.Array, rms: bool) -> _Batch:
     """One forward of ``input_ids [E, T]`` and the ``2 L E`` projections of the bases and layer scores."""
-    _, trace = forward(params, cfg, input_ids, attention_mask, capture=True)
+    _, trace = forward_trace(params, cfg, input_ids, attention_mask)
     w_u = _unembedding(params, cfg)
     scale = _ref_scale(trace.output)[:, 0]  # [E]
     norm = _norm(params, cfg, rms, jnp.tile(scale, cfg.num_layers)[:, None])  # rows ordered [L, E]

@@ -28,7 +28,7 @@ from pktjax import sandbox
 from pktjax.checkpoint import Model, load_model
 from pktjax.errors import PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
-from pktjax.model import forward, unembed
+from pktjax.model import hidden_states, unembed
 from pktjax.provenance import provenance
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
@@ -263,7 +263,7 @@ def _pass_at_k(mod, examples, prompts, n, temperature, seed, ks, model, tok, gen
 @partial(jax.jit, static_argnames=("cfg",))
 def _next_token_logits(params, cfg, ids: jax.Array, mask: jax.Array) -> jax.Array:
     """Logits ``[B, V]`` for the token after left-padded ``ids, mask [B, T]`` (no ``[B, T, V]`` tensor)."""
-    hidden = forward(params, cfg, ids, mask, return_hidden=True)
+    hidden = hidden_states(params, cfg, ids, mask)
     return unembed(params, cfg, hidden[:, -1])
 
 

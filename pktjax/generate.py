@@ -27,7 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pktjax.config import ModelConfig
-from pktjax.model import _NEG, _run_layers, attention_mask_bias, embed, forward, init_cache, rope_cos_sin, unembed
+from pktjax.model import (_NEG, _run_layers, attention_mask_bias, embed, hidden_states, init_cache, rope_cos_sin,
+                          unembed)
 
 Params = dict
 
@@ -192,7 +193,7 @@ def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until
 @partial(jax.jit, static_argnames=("cfg",))
 def _full_logits_at(params: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.Array, col: jax.Array) -> jax.Array:
     """Logits ``[B, V]`` at column ``col`` of a full (uncached) forward over ``ids, mask [B, S]``."""
-    hidden = forward(params, cfg, ids, mask, return_hidden=True)
+    hidden = hidden_states(params, cfg, ids, mask)
     return unembed(params, cfg, jax.lax.dynamic_index_in_dim(hidden, col, axis=1, keepdims=False))
 
 

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from pktjax.config import ModelConfig
 from pktjax.extract import (ROW_MODULES, check_modules, check_selection, extract, from_knowledge, knowledge_shape,
                             module_index, weight_index)
-from pktjax.model import Params
+from pktjax.model import Adapter, Params
 from pktjax.select import Selection
 
 
@@ -41,11 +41,12 @@ def inject(student_params: Params, cfg: ModelConfig, selection: Selection, delta
     return {**student_params, "layers": layers}
 
 
-def delta_adapter(cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.Array]) -> dict:
-    """The injection of :func:`inject` as an adapter for ``forward(..., lora=)``: ``{"layers": {m: {"rows" |
-    "cols": [L, N], "delta": [L, N, d_S] | [L, d_S, N]}}}``, the ``K`` selected layers holding ``deltas`` (same
-    shapes and selection as :func:`inject`) and the others a zero delta. ``forward(params, cfg, ids, lora=
-    delta_adapter(...))`` equals ``forward(inject(params, ...), cfg, ids)`` up to rounding."""
+def delta_adapter(cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.Array]) -> Adapter:
+    """The injection of :func:`inject` as an :class:`~pktjax.model.Adapter` for ``forward(..., adapter=)``:
+    weights ``{"layers": {m: {"rows" | "cols": [L, N], "delta": [L, N, d_S] | [L, d_S, N]}}}``, the ``K`` selected
+    layers holding ``deltas`` (same shapes and selection as :func:`inject`) and the others a zero delta.
+    ``forward(params, cfg, ids, adapter=delta_adapter(...))`` equals ``forward(inject(params, ...), cfg, ids)`` up
+    to rounding."""
     _check(cfg, selection, deltas)
     layers = {}
     for m, delta in deltas.items():
@@ -53,7 +54,7 @@ def delta_adapter(cfg: ModelConfig, selection: Selection, deltas: dict[str, jax.
         full = jnp.zeros((cfg.num_layers, *delta.shape[1:]), delta.dtype).at[chosen].set(delta)
         index = jnp.zeros((cfg.num_layers, neurons.shape[1]), neurons.dtype).at[chosen].set(neurons)
         layers[m] = {("rows" if m in ROW_MODULES else "cols"): index, "delta": full}
-    return {"layers": layers}
+    return Adapter({"layers": layers})
 
 
 @jax.jit

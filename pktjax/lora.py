@@ -36,7 +36,7 @@ import numpy as np
 from pktjax.checkpoint import Model, atomic_folder, hf_layer_name, layer_shapes
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError
-from pktjax.model import LINEAR_NAMES, LoraSpec, forward
+from pktjax.model import LINEAR_NAMES, Adapter, LoraSpec, forward
 from pktjax.safetensors_io import SafetensorsFile, write_safetensors
 
 LoRA = dict[str, Any]
@@ -293,7 +293,7 @@ def apply(base_params: Params, cfg: ModelConfig, lora: LoRA, input_ids: jax.Arra
           rng: jax.Array | None = None) -> jax.Array:
     """Logits ``[B, T, V]`` of the base model with the LoRA added inside the forward (no merged copy)."""
     spec = LoraSpec(scale=scale, dropout=dropout, rng=rng)
-    return forward(base_params, cfg, input_ids, attention_mask, lora=lora, lora_spec=spec)
+    return forward(base_params, cfg, input_ids, attention_mask, adapter=Adapter(lora, spec))
 
 
 def merge(params: Params, lora: LoRA, scale: float) -> Params:

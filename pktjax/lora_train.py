@@ -44,7 +44,7 @@ from pktjax.data import Batch, Tokenized, bucket_length, iter_chunks, pad_left
 from pktjax.errors import ConfigError
 from pktjax.lora import LoRA, rank_of
 from pktjax.losses import token_cross_entropy
-from pktjax.model import LoraSpec, forward
+from pktjax.model import Adapter, LoraSpec, forward
 from pktjax.settings import LoraTrainConfig
 
 Params = dict[str, Any]
@@ -92,7 +92,7 @@ def lora_objective(lora: LoRA, base: Params, cfg: ModelConfig, batch: tuple[jax.
     whose loss is a sum over tokens (so the token mean of a batch does not depend on its micro-batches);
     ``batch`` ends with ``extra [B, T, k]`` when the items carry one."""
     ids, mask, labels = batch[:3]
-    total, n = token_cross_entropy(forward(base, cfg, ids, mask, lora=lora, lora_spec=spec), labels)
+    total, n = token_cross_entropy(forward(base, cfg, ids, mask, adapter=Adapter(lora, spec)), labels)
     return total.sum(), n.sum()
 
 

@@ -67,6 +67,16 @@ class LoraSpec:
     rng: jax.Array | None = None
 
 
+@struct.dataclass
+class Adapter:
+    """Weights added to the linear layers at run time, without merging them: LoRA factors or a sparse delta
+    (the layouts in this module's docstring, ``weights = {"layers": {name: ...}, "embed"?, "lm_head"?}``), and for
+    LoRA factors how they apply (``spec``: scale and dropout; ``None`` is scale 1, no dropout)."""
+
+    weights: dict
+    spec: LoraSpec | None = None
+
+
 def _dot(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
     precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
     return jnp.einsum(eq, a, b, precision=precision)
@@ -291,18 +301,10 @@ def _last_position(cfg, h, a, r, f, coeff, ctx, probs, v) -> dict[str, jax.Array
     }
 
 
-def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
-            *, capture: bool = False, lora: dict | None = None, lora_spec: LoraSpec | None = None,
-            return_hidden: bool = False, modules: tuple[str, ...] = (), shifts: jax.Array | None = None):
-    """Logits ``[B, T, V]`` (float32) for ``input_ids [B, T]``; left padding through ``attention_mask [B, T]``.
-
-    ``capture=True`` returns ``(logits, Trace)`` (last-position internals for attribution). ``modules`` (e.g.
-    ``("up_proj", "down_proj", "v_proj", "o_proj")``) returns ``(logits, {name: [L, B, T, out]})``, the outputs of
-    those modules at every position (``"output"``: each layer's residual output). ``shifts [L, B, T, d]`` is added
-    to each layer's output (zeros, to differentiate with respect to the layer outputs). ``return_hidden`` returns
-    the last layer's output ``[B, T, d]`` before the final norm instead of logits. Jit it with ``cfg`` static
-    (``jax.jit(forward, static_argnums=1)``) or call it inside a jitted function.
-    """
+def _forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None,
+             adapter: Adapter | None, *, capture: bool = False, modules: tuple[str, ...] = (),
+             shifts: jax.Array | None = None):
+    """The last layer's output ``[B, T, d]`` and what :func:`_run_layers` captured."""
     chex.assert_rank(input_ids, 2)
     if attention_mask is None:
         attention_mask = jnp.ones_like(input_ids)
@@ -310,17 +312,57 @@ def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_ma
     positions = positions_from_mask(attention_mask)
     cos, sin = rope_cos_sin(cfg, positions)
     bias = attention_mask_bias(cfg, jnp.arange(input_ids.shape[1]), attention_mask)
-    x = embed(params, input_ids, lora, lora_spec)
-    x, captured, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=lora_spec,
+    lora, spec = _unpack(adapter)
+    x = embed(params, input_ids, lora, spec)
+    x, captured, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=spec,
                                  modules=tuple(modules), shifts=shifts)
-    if return_hidden:
-        return x
-    logits = unembed(params, cfg, x, lora, lora_spec)
-    if modules:
-        return logits, captured["modules"]
-    if not capture:
-        return logits
-    return logits, Trace(output=x[:, -1], **captured)
+    return x, captured
+
+
+def _unpack(adapter: Adapter | None) -> tuple[dict | None, LoraSpec | None]:
+    return (adapter.weights, adapter.spec) if adapter is not None else (None, None)
+
+
+def _unembed(params: Params, cfg: ModelConfig, x: jax.Array, adapter: Adapter | None) -> jax.Array:
+    return unembed(params, cfg, x, *_unpack(adapter))
+
+
+# The entry points below share one pass (:func:`_forward`) and each returns one type. Jit them with ``cfg``
+# static (``jax.jit(forward, static_argnums=1)``) or call them inside a jitted function. ``input_ids,
+# attention_mask [B, T]``: left padding is masked out; ``adapter``: unmerged LoRA or sparse-delta weights.
+
+def forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None, *,
+            adapter: Adapter | None = None) -> jax.Array:
+    """Logits ``[B, T, V]`` (float32)."""
+    x, _ = _forward(params, cfg, input_ids, attention_mask, adapter)
+    return _unembed(params, cfg, x, adapter)
+
+
+def hidden_states(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                  *, adapter: Adapter | None = None) -> jax.Array:
+    """The last layer's output ``[B, T, d]`` before the final norm (project a few positions with
+    :func:`unembed` rather than the whole ``[B, T, V]``)."""
+    return _forward(params, cfg, input_ids, attention_mask, adapter)[0]
+
+
+def forward_trace(params: Params, cfg: ModelConfig, input_ids: jax.Array,
+                  attention_mask: jax.Array | None = None) -> tuple[jax.Array, Trace]:
+    """``(logits [B, T, V], Trace)``: the last position's internals that LaTen's attribution reads."""
+    x, captured = _forward(params, cfg, input_ids, attention_mask, None, capture=True)
+    return unembed(params, cfg, x), Trace(output=x[:, -1], **captured)
+
+
+def forward_modules(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_mask: jax.Array | None = None,
+                    *, modules: tuple[str, ...], adapter: Adapter | None = None,
+                    shifts: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """``(logits [B, T, V], {name: [L, B, T, out]})``: the outputs of ``modules`` (names of
+    :data:`MODULE_OUTPUTS`, e.g. ``("up_proj", "down_proj")``; ``"output"`` is each layer's residual output) at
+    every position. ``shifts [L, B, T, d]`` is added to each layer's output (zeros, to differentiate with respect
+    to the layer outputs)."""
+    if not modules:
+        raise ValueError(f"forward_modules: name at least one module of {MODULE_OUTPUTS}.")
+    x, captured = _forward(params, cfg, input_ids, attention_mask, adapter, modules=modules, shifts=shifts)
+    return _unembed(params, cfg, x, adapter), captured["modules"]
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
@@ -330,8 +372,7 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def forward_cached(params: Params, cfg: ModelConfig, input_ids: jax.Array, positions: jax.Array,
-                   key_mask: jax.Array, cache: dict[str, jax.Array], lora: dict | None = None,
-                   lora_spec: LoraSpec | None = None):
+                   key_mask: jax.Array, cache: dict[str, jax.Array], adapter: Adapter | None = None):
     """One prefill or decode step with a KV cache.
 
     ``input_ids, positions [B, T]`` are written at cache slots ``index .. index+T``; ``key_mask [B, max_len]``
@@ -340,7 +381,8 @@ def forward_cached(params: Params, cfg: ModelConfig, input_ids: jax.Array, posit
     t = input_ids.shape[1]
     cos, sin = rope_cos_sin(cfg, positions)
     bias = attention_mask_bias(cfg, cache["index"] + jnp.arange(t), key_mask)
-    x = embed(params, input_ids, lora, lora_spec)
-    x, _, kv = _run_layers(params, cfg, x, cos, sin, bias, capture=False, cache=cache, lora=lora, spec=lora_spec)
-    logits = unembed(params, cfg, x, lora, lora_spec)
+    lora, spec = _unpack(adapter)
+    x = embed(params, input_ids, lora, spec)
+    x, _, kv = _run_layers(params, cfg, x, cos, sin, bias, capture=False, cache=cache, lora=lora, spec=spec)
+    logits = unembed(params, cfg, x, lora, spec)
     return logits, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + t}

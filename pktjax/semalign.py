@@ -47,7 +47,7 @@ import numpy as np
 from pktjax.config import ModelConfig
 from pktjax.data import IGNORE, Batch, Tokenized, iter_chunks, pad_left, bucket_length
 from pktjax.errors import ConfigError, PairError
-from pktjax.model import LINEAR_NAMES, LoraSpec, forward
+from pktjax.model import LINEAR_NAMES, Adapter, LoraSpec, forward_modules
 from pktjax.settings import COMPARES, FRAMES, SEMALIGN_MODES as MODES, SEMALIGN_TARGETS as DEFAULT_TARGETS
 from pktjax.settings import semalign_lr as default_lr  # the paper's rate: 3e-5 for HumanEval, else 3e-4
 
@@ -73,7 +73,7 @@ def _attribution_batch(params: Params, cfg: ModelConfig, ids: jax.Array, mask: j
     from pktjax.losses import mean_token_ce
 
     def loss(shifts):
-        logits, outs = forward(params, cfg, ids, mask, modules=("output",), shifts=shifts)
+        logits, outs = forward_modules(params, cfg, ids, mask, modules=("output",), shifts=shifts)
         return mean_token_ce(logits, labels).sum(), outs["output"]
 
     shifts = jnp.zeros((cfg.num_layers, *ids.shape, cfg.hidden_size), jnp.float32)
@@ -377,7 +377,8 @@ class Objective:
                  spec: LoraSpec) -> tuple[jax.Array, jax.Array]:
         ids, mask, labels, target = batch
         params, lora = with_trainable(base, trainable, self.layer, self.mode)
-        logits, outs = forward(params, cfg, ids, mask, lora=lora, lora_spec=spec, modules=COMPARE[self.compare])
+        logits, outs = forward_modules(params, cfg, ids, mask, modules=COMPARE[self.compare],
+                                       adapter=Adapter(lora, spec))
         return loss_sums(compared_output(outs, self.compare)[self.layer], target, logits, labels)
 
 
@@ -385,7 +386,7 @@ class Objective:
 def _teacher_target(params: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.Array, compare: str,
                     ia: jax.Array, ib: jax.Array, lam: jax.Array, m: jax.Array) -> jax.Array:
     """``M h̃ / ‖h̃‖ [B, T, d_S]``, ``h̃ = (1 − lam) h^(ia) + lam h^(ib)`` of the teacher's compared outputs."""
-    _, outs = forward(params, cfg, ids, mask, modules=COMPARE[compare])
+    _, outs = forward_modules(params, cfg, ids, mask, modules=COMPARE[compare])
     h = compared_output(outs, compare).astype(jnp.float32)
     return apply_map((1.0 - lam) * h[ia] + lam * h[ib], m)
 

@@ -187,7 +187,8 @@ def aligner_loss(aligner: AlignerParams, student_params, cfg: ModelConfig, selec
     if injection == "weights":
         logits = forward(inject(student_params, cfg, selection, deltas), cfg, batch["ids"], batch["mask"])
     else:
-        logits = forward(student_params, cfg, batch["ids"], batch["mask"], lora=delta_adapter(cfg, selection, deltas))
+        logits = forward(student_params, cfg, batch["ids"], batch["mask"],
+                         adapter=delta_adapter(cfg, selection, deltas))
     ce = mean_token_ce(logits, batch["labels"])
     mse = mean_square(deltas)
     return jnp.sum(batch["weight"] * (ce + mse_weight * mse)), (jnp.sum(batch["weight"] * ce), mse)

@@ -164,7 +164,7 @@ def test_delta_adapter_forward_equals_inject(tiny_dir, family):
         return pktjax.forward(pktjax.inject(model.params, cfg, sel, d), cfg, ids, mask)
 
     def via_adapter(d):
-        return pktjax.forward(model.params, cfg, ids, mask, lora=delta_adapter(cfg, sel, d))
+        return pktjax.forward(model.params, cfg, ids, mask, adapter=delta_adapter(cfg, sel, d))
 
     want, got = via_inject(deltas), via_adapter(deltas)
     assert float(jnp.abs(want - pktjax.forward(model.params, cfg, ids, mask)).max()) > 1e-2  # the deltas matter
@@ -174,7 +174,7 @@ def test_delta_adapter_forward_equals_inject(tiny_dir, family):
     for m in modules:
         scale = float(np.abs(np.asarray(g_want[m])).max())
         np.testing.assert_allclose(np.asarray(g_got[m]), np.asarray(g_want[m]), rtol=0, atol=1e-5 * scale, err_msg=m)
-    adapter = delta_adapter(cfg, sel, deltas)["layers"]
+    adapter = delta_adapter(cfg, sel, deltas).weights["layers"]
     assert adapter["up_proj"]["rows"].shape == (3, 5) and adapter["down_proj"]["delta"].shape == (3, cfg.hidden_size, 5)
     np.testing.assert_array_equal(np.asarray(adapter["up_proj"]["delta"][:2]), 0.0)  # layers 0, 1: no delta
 

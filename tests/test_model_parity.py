@@ -45,7 +45,7 @@ def test_capture_matches_plain_forward(tiny_dir):
     model = pktjax.load_model(tiny_dir("qwen2"))
     ids, mask = _batch(1)
     plain = pktjax.forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(mask))
-    logits, trace = pktjax.forward(model.params, model.config, jnp.asarray(ids), jnp.asarray(mask), capture=True)
+    logits, trace = pktjax.forward_trace(model.params, model.config, jnp.asarray(ids), jnp.asarray(mask))
     np.testing.assert_array_equal(np.asarray(plain), np.asarray(logits))
     cfg = model.config
     assert trace.coeff.shape == (cfg.num_layers, 2, cfg.intermediate_size)
@@ -55,3 +55,24 @@ def test_capture_matches_plain_forward(tiny_dir):
     np.testing.assert_allclose(np.asarray(trace.h[1]), np.asarray(trace.r[0] + trace.ffn_out[0]), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(np.asarray(trace.output), np.asarray(trace.r[-1] + trace.ffn_out[-1]), rtol=1e-5,
                                atol=1e-6)
+
+
+def test_entry_points_share_one_pass(tiny_dir):
+    """Each entry point returns one type; all of them see the same pass as :func:`pktjax.forward`."""
+    model = pktjax.load_model(tiny_dir("llama2"))
+    cfg, ids, mask = model.config, *map(jnp.asarray, _batch(2))
+    plain = np.asarray(pktjax.forward(model.params, cfg, ids, mask))
+    hidden = pktjax.hidden_states(model.params, cfg, ids, mask)
+    assert hidden.shape == (2, ids.shape[1], cfg.hidden_size)
+    np.testing.assert_array_equal(np.asarray(pktjax.model.unembed(model.params, cfg, hidden)), plain)
+    logits, outs = pktjax.forward_modules(model.params, cfg, ids, mask, modules=("up_proj", "output"))
+    np.testing.assert_array_equal(np.asarray(logits), plain)
+    assert outs["up_proj"].shape == (cfg.num_layers, 2, ids.shape[1], cfg.intermediate_size)
+    np.testing.assert_array_equal(np.asarray(outs["output"][-1]), np.asarray(hidden))  # the last layer's output
+    with pytest.raises(ValueError, match="at least one module"):
+        pktjax.forward_modules(model.params, cfg, ids, mask, modules=())
+    # an adapter whose factors are zero leaves the logits as they are
+    zero = {"layers": {"q_proj": {"a": jnp.zeros((cfg.num_layers, 2, cfg.hidden_size)),
+                                  "b": jnp.zeros((cfg.num_layers, cfg.q_dim, 2))}}}
+    same = pktjax.forward(model.params, cfg, ids, mask, adapter=pktjax.Adapter(zero, pktjax.model.LoraSpec(2.0)))
+    np.testing.assert_array_equal(np.asarray(same), plain)

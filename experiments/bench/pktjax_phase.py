@@ -166,12 +166,12 @@ def lora_optimizer():
 def _lora_accumulate(acc, lora, base, batch, rng, *, cfg, scale: float, dropout: float):
     """Add one micro-batch's summed response-token cross-entropy, token count and gradient to ``acc``."""
     from pktjax.losses import token_cross_entropy
-    from pktjax.model import LoraSpec, forward
+    from pktjax.model import Adapter, LoraSpec, forward
 
     def sums(lora):
         ids, mask, labels = batch
         spec = LoraSpec(scale=scale, dropout=dropout, rng=rng)
-        total, n = token_cross_entropy(forward(base, cfg, ids, mask, lora=lora, lora_spec=spec), labels)
+        total, n = token_cross_entropy(forward(base, cfg, ids, mask, adapter=Adapter(lora, spec)), labels)
         return total.sum(), n.sum()
 
     (loss, n), grads = jax.value_and_grad(sums, has_aux=True)(lora)
