@@ -16,6 +16,7 @@ Three conventions of llama.cpp's converter are undone here:
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import re
@@ -326,8 +327,6 @@ def dequantized_cache_enabled() -> bool:
 def gguf_cache_key(path: Path) -> str:
     """A key for a GGUF file's contents without reading all of it: size, mtime and the sha256 of its first and
     last MiB (a re-downloaded or edited file gets a new key)."""
-    import hashlib
-
     st = path.stat()
     h = hashlib.sha256(f"{_CACHE_FORMAT}:{st.st_size}:{st.st_mtime_ns}:".encode())
     with open(path, "rb") as fh:

@@ -44,9 +44,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from pktjax import lora as L
 from pktjax.config import ModelConfig
 from pktjax.data import IGNORE, Batch, Tokenized, iter_chunks, pad_left, bucket_length
 from pktjax.errors import ConfigError, PairError
+from pktjax.losses import mean_token_ce
 from pktjax.model import LINEAR_NAMES, Adapter, LoraSpec, forward_modules
 from pktjax.settings import COMPARES, FRAMES, SEMALIGN_MODES as MODES, SEMALIGN_TARGETS as DEFAULT_TARGETS
 from pktjax.settings import semalign_lr as default_lr  # the paper's rate: 3e-5 for HumanEval, else 3e-4
@@ -70,8 +72,6 @@ def _attribution_batch(params: Params, cfg: ModelConfig, ids: jax.Array, mask: j
                        labels: jax.Array) -> jax.Array:
     """``Σ |h ⊙ ∂L/∂h|`` per layer ``[L]`` for ``ids, mask, labels [B, T]``; ``L`` = the sum of each row's mean
     response-token CE, so row ``b``'s activations get row ``b``'s own gradient."""
-    from pktjax.losses import mean_token_ce
-
     def loss(shifts):
         logits, outs = forward_modules(params, cfg, ids, mask, modules=("output",), shifts=shifts)
         return mean_token_ce(logits, labels).sum(), outs["output"]
@@ -338,8 +338,6 @@ def init_trainable(params: Params, cfg: ModelConfig, layer: int, sc: SemAlignCon
     """The trained part of student layer ``layer`` (0-based), float32: ``{"layers": {t: {"a": [r, in],
     "b": [out, r]}}}`` (PEFT's standard init, the slice of :func:`pktjax.lora.init`'s) or ``{"layers": {t: [out,
     in]}}`` (the layer's own weights)."""
-    from pktjax import lora as L
-
     if sc.mode == "weights":
         return {"layers": {t: params["layers"][t][layer].astype(jnp.float32) for t in sc.targets}}
     _, full = L.init(params, cfg, rank, alpha, sc.targets, "default", key=jax.random.key(seed))
@@ -414,9 +412,7 @@ def teacher_targets(params: Params, cfg: ModelConfig, items: Sequence[Tokenized]
 def merged_params(params: Params, trainable: Params, layer: int, sc: SemAlignConfig, scale: float) -> Params:
     """The student's parameters with the trained layer in place (a LoRA merged with ``scale``; the tied head
     stays tied since only layer matrices change)."""
-    from pktjax.lora import merge
-
     if sc.mode == "lora":
         n = jax.tree.leaves(params["layers"])[0].shape[0]
-        return merge(params, layer_lora(trainable, n, layer), scale)
+        return L.merge(params, layer_lora(trainable, n, layer), scale)
     return with_trainable(params, trainable, layer, "weights")[0]

@@ -17,9 +17,11 @@ to fewer axes, down to replication.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
+import struct
 from typing import Any, Callable, Mapping, Sequence
 
 import jax
@@ -348,9 +350,6 @@ class SliceReader:
 
 def _safetensors_maps(source: Any) -> dict[str, np.ndarray]:
     """``{name: read-only np.memmap}`` for every tensor of a safetensors folder source (else ``{}``)."""
-    import json
-    import struct
-
     folder = getattr(source, "path", None)
     if folder is None or not os.path.isdir(folder):
         return {}

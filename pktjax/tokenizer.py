@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import os
 from pathlib import Path
 
 from pktjax.atomic import atomic_folder
 from pktjax.errors import CheckpointError
-from pktjax.registry import home
+from pktjax.registry import home, model_path
 
 
 def load_tokenizer(path: str | os.PathLike):
     """The ``transformers`` tokenizer of a checkpoint folder or ``.gguf`` file (offline, local files only)."""
     from transformers import AutoTokenizer
-
-    from pktjax.registry import model_path
 
     path = model_path(path)
     if path.is_file() and path.suffix == ".gguf":
@@ -46,8 +45,6 @@ def _gguf_tokenizer(path: Path):
     try:
         tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
     except Exception as e:  # transformers' GGUF path fails in many library-specific ways
-        import importlib.util
-
         hint = ("Install pktjax[gguf]: transformers builds GGUF tokenizers through modules that import torch. "
                 if importlib.util.find_spec("torch") is None else "")
         raise CheckpointError(f"{path}: cannot build a tokenizer from this GGUF file's metadata "

@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -33,6 +34,8 @@ from pktjax.lora import TARGETS, check_targets, export_peft, import_peft, merge_
 from pktjax.lora_train import train
 from pktjax.pair import check_tokenizers
 from pktjax.seeking import extract_for_examples, task_file
+from pktjax.semalign import critical_layer, layer_attribution, pair_layers
+from pktjax.sensitivity import seed_batches
 from pktjax.settings import AnalysisSettings, as_dict
 from pktjax.tokenizer import load_tokenizer
 
@@ -133,11 +136,6 @@ def semalign_plan(teacher, seeds: Examples, tokenizer, student_cfg, sc, folder: 
     """The attribution (cached in ``folder/plan.json``; ``teacher``: a loaded :class:`Model`) and the pairing
     (derived each time, so ``sc.layer`` always applies). Returns ``{"scores", "critical", "samples",
     "pairing": {...}}``."""
-    import dataclasses
-
-    from pktjax.semalign import critical_layer, layer_attribution, pair_layers
-    from pktjax.sensitivity import seed_batches
-
     path = folder / "plan.json"
     if path.is_file():
         plan = json.loads(path.read_text())
