@@ -28,7 +28,7 @@ import numpy as np
 
 from pktjax.config import ModelConfig
 from pktjax.model import (_NEG, _run_layers, attention_mask_bias, embed, hidden_states, init_cache, rope_cos_sin,
-                          unembed)
+                          unembed, unstack_layers)
 
 Params = dict
 
@@ -163,7 +163,7 @@ def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until
             max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *, top_k: int,
             sample: bool) -> dict:
     """Decode one token per running slot per step while ``n < until``, some slot runs and (``refill``: prompts
-    are waiting) no slot has stopped."""
+    are waiting) no slot has stopped. ``params`` has stacked or per-layer layers (one program either way)."""
     slots = state["done"].shape[0]
     rows = jnp.arange(slots)
 
@@ -229,7 +229,7 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
              key: jax.Array | None = None, *, tokenizer=None, top_k: int = 0, pad_id: int | None = None,
              use_cache: bool = True, chunk: int = 16, slots: int | None = None,
              on_done: Callable[[list[int], Generation], None] | None = None,
-             stats: dict | None = None) -> Generation:
+             stats: dict | None = None, unstack: bool = True) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of up to ``max_new_tokens`` tokens per prompt.
 
     ``input_ids, attention_mask [B, T]``: left-padded prompts (mask 0 on padding). A row stops at its first token
@@ -243,6 +243,9 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     their indices and a :class:`Generation` of those rows (e.g. to save completions as they come). ``stats``: a
     dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` and
     ``occupancy`` (running slot-steps / all slot-steps); it waits for the device after each program to time it.
+    ``unstack``: decode from per-layer copies of the layer weights (:func:`pktjax.model.unstack_layers`, held for
+    the call: as much memory again as the layer stacks) instead of slicing them out of the stacks at every step,
+    which copies every weight once per step on CPU; ``False`` saves the memory at the cost of a slower step.
     Returns a :class:`Generation` (``tokens [B, max_new_tokens]``, ``lengths``, ``finish``, ``texts``).
     """
     ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
@@ -278,8 +281,9 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
         if on_done is not None:
             on_done(rows, part)
 
-    _run_slots(params, cfg, ids, mask, key, n_new, max_new_tokens, slots or round_batch(b), stop, tokenizer, chunk,
-               top_k, not greedy, consts, harvest, stats)
+    step_params = unstack_layers(params) if unstack else params
+    _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new_tokens, slots or round_batch(b), stop,
+               tokenizer, chunk, top_k, not greedy, consts, harvest, stats)
     return _gather(parts, b, max_new_tokens, tokenizer is not None)
 
 
@@ -329,11 +333,13 @@ def _eos_array(eos: tuple[int, ...]) -> jax.Array:
     return jnp.asarray(list(eos) + [-1] * (size - len(eos)), jnp.int32)
 
 
-def _run_slots(params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, tokenizer, chunk, top_k, sample, consts,
-               harvest, stats: dict | None = None) -> None:
+def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, tokenizer, chunk, top_k,
+               sample, consts, harvest, stats: dict | None = None) -> None:
     """Continuous batching over ``n_slots`` decode slots: admit waiting prompts into free slots, decode until a
     slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand finished rows to
-    ``harvest(rows, tokens [n, N])``, repeat until every prompt is done."""
+    ``harvest(rows, tokens [n, N])``, repeat until every prompt is done. Prefills read ``params`` (stacked
+    layers: a long prompt's products dwarf the slicing, and one compiled layer compiles fast), the decode loop
+    ``step_params`` (the same weights, per layer when unstacked)."""
     b = ids.shape[0]
     lengths = mask.sum(axis=1)
     cache_len = round_length(int(lengths.max())) + n_new
@@ -355,7 +361,7 @@ def _run_slots(params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, token
             clock.close(state)
             return
         until = int(state["n"]) + (chunk if stop else n_new)
-        state = _decode(params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j, **consts,
+        state = _decode(step_params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j, **consts,
                         **compiled)
         clock.lap("decode_s", state)
         done, out, step = np.array(state["done"]), np.asarray(state["out"]), np.asarray(state["step"])

@@ -235,14 +235,22 @@ MODULE_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, *, capture: bool,
                 cache: dict | None = None, lora: dict | None = None, spec: LoraSpec | None = None,
                 modules: tuple[str, ...] = (), shifts: jax.Array | None = None):
-    """``lax.scan`` over the stacked layers; returns ``(x, per-layer capture or None, new kv cache or None)``.
+    """The layers in order; returns ``(x, per-layer capture or None, new kv cache or None)``.
+
+    Stacked layer weights (``params["layers"]`` a dict of ``[L, ...]``) run as a ``lax.scan``: one compiled layer,
+    but each step slices its layer's weights out of the stacks, a copy of every weight per call on CPU. Per-layer
+    weights (a list of ``L`` dicts, :func:`unstack_layers`) run as a Python loop: ``L`` compiled layers reading
+    their own buffers, no copy (slower to compile; what a decode step wants).
 
     ``modules`` names module outputs to collect at every position (``capture`` holds them under ``"modules"``).
     ``shifts [L, B, T, d]`` is added to each layer's output (zeros: the gradient with respect to them is the
     gradient with respect to the layer outputs).
     """
     layer_lora = None if lora is None else lora.get("layers")
-    xs: dict[str, Any] = {"p": params["layers"], "i": jnp.arange(cfg.num_layers)}
+    per_layer = isinstance(params["layers"], (list, tuple))
+    xs: dict[str, Any] = {"i": jnp.arange(cfg.num_layers)}
+    if not per_layer:
+        xs["p"] = params["layers"]
     if layer_lora:
         xs["lora"] = layer_lora
     if shifts is not None:
@@ -250,7 +258,7 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
 
     def step(carry, inp):
         h, kv_all = carry  # kv_all: the whole cache stack, carried so that each step writes only new positions
-        lp, lspec = inp["p"], _fold_layer(spec, inp["i"])
+        lp, lspec = (params["layers"][inp["i"]] if per_layer else inp["p"]), _fold_layer(spec, inp["i"])
         ll = {"layers": inp["lora"]} if "lora" in inp else None
         kv = (*kv_all, cache["index"], inp["i"]) if cache is not None else None
         normed = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
@@ -266,7 +274,14 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
         return ((out + inp["shift"] if "shift" in inp else out), new_kv), ys
 
     kv0 = (cache["k"], cache["v"]) if cache is not None else None
-    (x, kv), ys = jax.lax.scan(step, (x, kv0), xs)
+    if per_layer:
+        carry, outs = (x, kv0), []
+        for i in range(cfg.num_layers):
+            carry, y = step(carry, {**jax.tree.map(lambda a: a[i], xs), "i": i})  # static layer index
+            outs.append(y)
+        (x, kv), ys = carry, jax.tree.map(lambda *a: jnp.stack(a), *outs)
+    else:
+        (x, kv), ys = jax.lax.scan(step, (x, kv0), xs)
     captured = ys.get("trace") if not modules else {**ys.get("trace", {}), "modules": ys["modules"]}
     return x, captured, ({"k": kv[0], "v": kv[1]} if cache is not None else None)
 
@@ -363,6 +378,16 @@ def forward_modules(params: Params, cfg: ModelConfig, input_ids: jax.Array, atte
         raise ValueError(f"forward_modules: name at least one module of {MODULE_OUTPUTS}.")
     x, captured = _forward(params, cfg, input_ids, attention_mask, adapter, modules=modules, shifts=shifts)
     return _unembed(params, cfg, x, adapter), captured["modules"]
+
+
+def unstack_layers(params: Params) -> Params:
+    """``params`` with the layer stacks split into a list of ``L`` per-layer dicts (``[out, in]`` each): a copy of
+    the layer weights that :func:`forward` and the decode loop read without slicing (see :func:`_run_layers`)."""
+    layers = params["layers"]
+    if isinstance(layers, (list, tuple)):
+        return params
+    n = jax.tree.leaves(layers)[0].shape[0]
+    return {**params, "layers": [jax.tree.map(lambda a: a[i], layers) for i in range(n)]}
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
