@@ -1,0 +1,187 @@
+"""One decode step, old against new, in one process: the scan over the stacked layer weights against the loop over
+per-layer weight copies (:func:`pktjax.model.unstack_layers`), on the same decode state, timed alternately.
+
+The state is ``--slots`` running slots over a KV cache of ``--cache`` positions, ``--filled`` of them written
+(random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process CPU seconds), then
+the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of XLA's pool count)
+are reported with their medians and the old / new ratio, beside the step's floors timed in the same run: one pass
+over every weight, and the step's matrix products alone at batch ``--slots``. ``--profile`` adds the time per kind
+of compiled operation (JAX's profiler; e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out of its stack).
+
+    .venv/bin/python experiments/bench_decode_step.py --gguf ~/.cache/pktjax/qwen2.5-coder-0.5b-instruct-q4.gguf \
+        --slots 16 --cache 832 --filled 300 [--profile] [--json out.json]
+    .venv/bin/python experiments/bench_decode_step.py --size mid     # a random 8-layer model, no download
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import json
+import os
+import platform
+import re
+import resource
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+
+def _cpu() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def _clock(fn) -> tuple[float, float, object]:
+    """``(wall s, process CPU s, result)`` of ``fn()``, waiting for the device."""
+    t, c = time.perf_counter(), _cpu()
+    out = jax.block_until_ready(fn())
+    return time.perf_counter() - t, _cpu() - c, out
+
+
+def _model(args):
+    from pktjax.checkpoint import load_model
+    from pktjax.tiny import save_random_model, tiny_config
+
+    if args.gguf is not None:
+        return load_model(args.gguf.expanduser())
+    kw = dict(hidden=512, layers=8, inter=1408, heads=8, vocab=32000) if args.size == "mid" else \
+        dict(hidden=32, layers=2, inter=48, heads=4, vocab=260)
+    folder = Path(tempfile.mkdtemp(prefix="bench-step-")) / "model"
+    save_random_model(folder, tiny_config(**kw), seed=0)
+    return load_model(folder)
+
+
+def _floors(params, cfg, slots: int, reps: int) -> dict:
+    """Best-of-``reps`` wall and CPU seconds of one pass over every weight (a sum) and of the step's matrix
+    products alone (every linear layer and the vocabulary projection at batch ``slots``)."""
+    lin = {k: v for k, v in params["layers"].items() if v.ndim == 3}
+    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    x, xf = jnp.ones((slots, cfg.hidden_size)), jnp.ones((slots, cfg.intermediate_size))
+
+    def matmuls(lin, head, x, xf):
+        total = jnp.sum(jnp.einsum("bi,vi->bv", x, head))
+        for w in lin.values():
+            total += jnp.sum(jnp.einsum("bi,loi->lbo", xf if w.shape[-1] == cfg.intermediate_size else x, w))
+        return total
+
+    stream = jax.jit(lambda p: sum(jnp.sum(a) for a in jax.tree.leaves(p)))
+    mm = jax.jit(matmuls)
+    out = {}
+    for name, fn in (("stream", lambda: stream(params)), ("matmul", lambda: mm(lin, head, x, xf))):
+        _clock(fn)
+        runs = [_clock(fn)[:2] for _ in range(reps)]
+        out[f"{name}_wall_s"], out[f"{name}_cpu_s"] = min(w for w, _ in runs), min(c for _, c in runs)
+    return out
+
+
+def _state(cfg, slots: int, cache_len: int, filled: int, n_new: int) -> dict:
+    """A decode state with every slot running at cache position ``filled`` over random keys and values."""
+    from pktjax.generate import _empty_slots
+
+    st = _empty_slots(cfg, slots, cache_len, n_new, jnp.float32, 0)
+    k = 0.5 * jax.random.normal(jax.random.key(0), st["cache"]["k"].shape)
+    full = lambda v: jnp.full((slots,), v, jnp.int32)  # noqa: E731
+    return {**st, "cache": {"k": k, "v": k + 1.0, "index": full(filled)},
+            "key_mask": jnp.zeros((slots, cache_len), jnp.int32).at[:, :filled].set(1),
+            "done": jnp.zeros((slots,), bool), "pos": full(filled), "step": full(1),
+            "tok": 100 + jnp.arange(slots, dtype=jnp.int32)}
+
+
+def _op_groups(step, state, trace_dir: str, steps: int = 2) -> tuple[dict, object]:
+    """Milliseconds per step of each kind of compiled operation (numbered copies merged), from JAX's profiler."""
+    from jax.profiler import ProfileData
+
+    jax.profiler.start_trace(trace_dir)
+    for _ in range(steps):
+        state = jax.block_until_ready(step(state))
+    jax.profiler.stop_trace()
+    data = ProfileData.from_file(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+    groups: collections.Counter = collections.Counter()
+    for plane in data.planes:
+        for line in plane.lines:
+            if line.name == "python":
+                continue
+            for ev in line.events:
+                if not ev.name.startswith(("ThunkExecutor", "end: ", "SlinkyThreadPool", "ThreadpoolListener")):
+                    groups[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns / 1e6 / steps
+    return {k: round(v, 1) for k, v in groups.most_common(8)}, state
+
+
+def run(args) -> dict:
+    from pktjax.generate import _decode, _eos_array
+    from pktjax.model import unstack_layers
+
+    load_s, _, model = _clock(lambda: _model(args))
+    cfg, stacked = model.config, model.params
+    res = {"model": str(args.gguf or args.size), "slots": args.slots, "cache": args.cache, "filled": args.filled,
+           "load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+           "jax_device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+    floors = _floors(stacked, cfg, args.slots, args.reps)
+    res.update({k: round(v, 4) for k, v in floors.items()})
+    print(json.dumps(res), flush=True)
+    variants = {"old_stacked": stacked, "new_per_layer": unstack_layers(stacked)}
+    consts = dict(eos=_eos_array(()), pad_id=jnp.int32(0), temperature=jnp.float32(1e-6), top_k=0, sample=False)
+    key = jax.random.key(0)
+
+    def stepper(params):
+        return lambda st: _decode(params, cfg, st, key, st["n"] + 1, jnp.bool_(False), jnp.int32(512), **consts)
+
+    states, steps, times, first = {}, {}, {name: [] for name in variants}, {}
+    for name, params in variants.items():
+        steps[name] = stepper(params)
+        st = jax.block_until_ready(_state(cfg, args.slots, args.cache, args.filled, 512))
+        first[name] = _clock(lambda: steps[name](st))
+        states[name] = first[name][2]
+    for _ in range(args.reps):  # alternate, so both see the same machine load
+        for name in variants:
+            wall, cpu, states[name] = _clock(lambda: steps[name](states[name]))
+            times[name].append((wall, cpu))
+    for name in variants:
+        res[f"{name}_step_wall_s"] = [round(w, 3) for w, _ in times[name]]
+        res[f"{name}_step_cpu_s"] = [round(c, 3) for _, c in times[name]]
+    med = {f"{n}_{k}": statistics.median(x[i] for x in times[n]) for n in variants for i, k in enumerate(("w", "c"))}
+    for name in variants:  # the first call compiled, then stepped once
+        res[f"{name}_compile_wall_s"] = round(first[name][0] - med[f"{name}_w"], 2)
+        res[f"{name}_compile_cpu_s"] = round(first[name][1] - med[f"{name}_c"], 2)
+    res["ratio_old_over_new_wall"] = round(med["old_stacked_w"] / med["new_per_layer_w"], 2)
+    res["ratio_old_over_new_cpu"] = round(med["old_stacked_c"] / med["new_per_layer_c"], 2)
+    for name in variants:
+        for floor in ("stream", "matmul"):
+            res[f"{name}_over_{floor}_floor_cpu"] = round(med[f"{name}_c"] / max(floors[f"{floor}_cpu_s"], 1e-9), 2)
+    res["same_tokens"] = bool(np.array_equal(states["old_stacked"]["out"], states["new_per_layer"]["out"]))
+    if args.profile:
+        for name in variants:
+            res[f"{name}_ms_per_op_kind"], states[name] = _op_groups(steps[name], states[name],
+                                                                     tempfile.mkdtemp(prefix=f"prof-{name}-"))
+    return res
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gguf", type=Path, help="a real model (GGUF, dequantized to float32)")
+    ap.add_argument("--size", choices=("tiny", "mid"), default="mid", help="without --gguf: a random model")
+    ap.add_argument("--slots", type=int, default=16)
+    ap.add_argument("--cache", type=int, default=832, help="cache positions (prompt bucket + new-token bucket)")
+    ap.add_argument("--filled", type=int, default=300, help="positions already written")
+    ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--json", type=Path)
+    args = ap.parse_args()
+    res = run(args)
+    print(json.dumps(res, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(res, indent=1))
+
+
+if __name__ == "__main__":
+    main()
