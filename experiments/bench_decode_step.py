@@ -2,8 +2,8 @@
 per-layer weight copies (:func:`pktjax.model.unstack_layers`), on the same decode state, timed alternately.
 
 The state is ``--slots`` running slots over a KV cache of ``--cache`` positions, ``--filled`` of them written
-(random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process CPU seconds), then
-the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of XLA's pool count)
+(random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process
+CPU seconds), then the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of XLA's pool count)
 are reported with their medians and the old / new ratio, beside the step's floors timed in the same run: one pass
 over every weight, and the step's matrix products alone at batch ``--slots``. ``--profile`` adds the time per kind
 of compiled operation (JAX's profiler; e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out of its stack).
@@ -89,9 +89,9 @@ def _state(cfg, slots: int, cache_len: int, filled: int, n_new: int) -> dict:
     from pktjax.generate import _empty_slots
 
     st = _empty_slots(cfg, slots, cache_len, n_new, jnp.float32, 0)
-    k = 0.5 * jax.random.normal(jax.random.key(0), st["cache"]["k"].shape)
-    full = lambda v: jnp.full((slots,), v, jnp.int32)  # noqa: E731
-    return {**st, "cache": {"k": k, "v": k + 1.0, "index": full(filled)},
+    k, v = (0.5 * jax.random.normal(jax.random.key(i), st["cache"][n].shape) for i, n in enumerate("kv"))
+    full = lambda n: jnp.full((slots,), n, jnp.int32)  # noqa: E731
+    return {**st, "cache": {"k": k, "v": v, "index": full(filled)},
             "key_mask": jnp.zeros((slots, cache_len), jnp.int32).at[:, :filled].set(1),
             "done": jnp.zeros((slots,), bool), "pos": full(filled), "step": full(1),
             "tok": 100 + jnp.arange(slots, dtype=jnp.int32)}

@@ -92,11 +92,11 @@ def _choose(logits: jax.Array, temperature: jax.Array, key: jax.Array, steps: ja
 
 # ----------------------------------------------------------------------------------------------- decode slots
 #
-# Continuous batching: ``S`` decode slots share one KV cache ``k, v [L, S, T, KV, hd]``. A prompt is prefilled
-# (left-padded to its length bucket ``P``) into cache positions ``0 .. P-1`` of a free slot; each decode step
-# writes every running slot at its own position ``index [S]``. A slot whose row stops (EOS, length, or a stop
-# string found by the host) is handed the next waiting prompt instead of idling until the longest row ends.
-# Shapes are fixed per call (``S``, ``T``, ``N`` = new-token buffer) and prefill groups are bucketed, so the
+# Continuous batching: ``S`` decode slots share one KV cache ``k [L, S, KV, T, hd]``, ``v [L, S, KV, hd, T]``. A
+# prompt is prefilled (left-padded to its length bucket ``P``) into cache positions ``0 .. P-1`` of a free slot;
+# each decode step writes every running slot at its own position ``index [S]``. A slot whose row stops (EOS, length,
+# or a stop string found by the host) is handed the next waiting prompt instead of idling until the longest row
+# ends. Shapes are fixed per call (``S``, ``T``, ``N`` = new-token buffer) and prefill groups are bucketed, so the
 # programs compile once per bucket.
 
 
@@ -126,8 +126,8 @@ def _admit(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, ids: j
     cache_len, n_new = state["key_mask"].shape[1], state["out"].shape[1]
     drop = dict(mode="drop")
     cache = state["cache"]
-    cache = {"k": cache["k"].at[:, slots, :p].set(kv["k"].astype(cache["k"].dtype), **drop),
-             "v": cache["v"].at[:, slots, :p].set(kv["v"].astype(cache["v"].dtype), **drop),
+    cache = {"k": cache["k"].at[:, slots, :, :p].set(kv["k"].astype(cache["k"].dtype), **drop),
+             "v": cache["v"].at[:, slots, :, :, :p].set(kv["v"].astype(cache["v"].dtype), **drop),
              "index": cache["index"].at[slots].set(p, **drop)}
     out_rows = jnp.full((n, n_new), pad_id, jnp.int32).at[:, 0].set(first)
     put = lambda name, value: state[name].at[slots].set(value, **drop)  # noqa: E731

@@ -177,9 +177,11 @@ def _layer_lora(lora: dict | None, name: str) -> dict | None:
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
               cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
               lora: dict | None = None, spec: LoraSpec | None = None):
-    """Self-attention of one layer. ``x [B, T, d]``; ``cache = (k, v [L, B, S, KV, hd], index, layer)``: the whole
-    KV cache, written at slots ``index`` (``[]`` or per row ``[B]``) of layer ``layer``. Returns ``(out [B, T, d],
-    ctx [B, T, H, hd], probs [B, H, T, S], v [B, S, KV, hd], new_cache (k, v) or None)``."""
+    """Self-attention of one layer. ``x [B, T, d]``; ``cache = (k [L, B, KV, S, hd], v [L, B, KV, hd, S], index,
+    layer)``: the whole KV cache, written at slots ``index`` (``[]`` or per row ``[B]``) of layer ``layer``.
+    Returns ``(out [B, T, d], ctx [B, T, H, hd], probs [B, H, T, S], v [B, KV, hd, S], new_cache (k, v) or
+    None)``. Keys and values are laid out as the two products read them (the summed axis last), so that a
+    layer's cache enters them without a transposed copy."""
     b, t, _ = x.shape
     hd, n_kv, group = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
 
@@ -192,27 +194,34 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     new_cache = None
     if cache is not None:  # the whole stack: only the new positions are written, in place
         k_all, v_all, index, layer = cache
-        k_all, v_all = _write_cache(k_all, k, index, layer), _write_cache(v_all, v, index, layer)
+        k_all, v_all = _write_cache(k_all, k, index, layer, 2), _write_cache(v_all, v, index, layer, 3)
         k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
         v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
         new_cache = (k_all, v_all)
+    else:
+        k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
     qg = q.reshape(b, t, n_kv, group, hd)
-    scores = _dot("btkgd,bskd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
+    scores = _dot("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
     scores = scores + bias[:, :, None]
     probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    ctx = _dot("bkgts,bskd->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
+    ctx = _dot("bkgts,bkds->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
     out = linear(ctx.reshape(b, t, cfg.q_dim), lp["o_proj"], lora=_layer_lora(lora, "o_proj"), spec=spec, salt=4)
     return out, ctx, probs.reshape(b, cfg.num_heads, t, -1), v, new_cache
 
 
-def _write_cache(buf: jax.Array, new: jax.Array, index: jax.Array, layer: jax.Array) -> jax.Array:
-    """Write ``new [B, T, KV, hd]`` into layer ``layer`` of ``buf [L, B, S, KV, hd]`` from slot ``index``: the
-    same slot for every row (``index []``), or each row from its own slot (``index [B]``, continuous batching)."""
+def _write_cache(buf: jax.Array, new: jax.Array, index: jax.Array, layer: jax.Array, axis: int) -> jax.Array:
+    """Write ``new [B, T, KV, hd]`` into layer ``layer`` of ``buf`` (keys ``[L, B, KV, S, hd]``: ``axis = 2``,
+    values ``[L, B, KV, hd, S]``: ``axis = 3``, the slot axis of a layer) from slot ``index``: the same slot for
+    every row (``index []``), or each row from its own slot (``index [B]``, continuous batching)."""
     new = new.astype(buf.dtype)
     if index.ndim == 0:
-        return jax.lax.dynamic_update_slice(buf, new[None], (layer, 0, index, 0, 0))
+        start = [layer, 0, 0, 0, 0]
+        start[1 + axis] = index
+        return jax.lax.dynamic_update_slice(buf, jnp.moveaxis(new, 1, axis)[None], start)
     b, t = new.shape[:2]
-    return buf.at[layer, jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)[None, :]].set(new)
+    rows, slots = jnp.arange(b)[:, None], index[:, None] + jnp.arange(t)[None, :]
+    at = (layer, rows, slice(None), slots) if axis == 2 else (layer, rows, slice(None), slice(None), slots)
+    return buf.at[at].set(new)  # indexed axes lead: the update is [B, T, KV, hd] either way
 
 
 def mlp(lp: Params, x: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None):
@@ -308,7 +317,7 @@ def _last_position(cfg, h, a, r, f, coeff, ctx, probs, v) -> dict[str, jax.Array
     b = h.shape[0]
     group = cfg.num_heads // cfg.num_kv_heads
     alpha_last = probs[:, :, -1, -1]  # [B, H] weight of the last query on the last key
-    v_last = jnp.repeat(v[:, -1], group, axis=1)  # [B, H, hd]: head k reads kv-head k // group
+    v_last = jnp.repeat(v[..., -1], group, axis=1)  # [B, H, hd]: head k reads kv-head k // group
     return {
         "h": h[:, -1], "a": a[:, -1], "r": r[:, -1], "ffn_out": f[:, -1], "coeff": coeff[:, -1],
         "head_last_key": (alpha_last[..., None] * v_last).reshape(b, cfg.q_dim),
@@ -391,9 +400,11 @@ def unstack_layers(params: Params) -> Params:
 
 
 def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict[str, jax.Array]:
-    """An empty KV cache: ``k, v [L, B, max_len, KV, hd]`` and ``index`` (next free slot)."""
-    shape = (cfg.num_layers, batch, max_len, cfg.num_kv_heads, cfg.head_dim)
-    return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype), "index": jnp.zeros((), jnp.int32)}
+    """An empty KV cache: ``k [L, B, KV, max_len, hd]``, ``v [L, B, KV, hd, max_len]`` and ``index`` (next free
+    slot); see :func:`attention` for the layout."""
+    lead = (cfg.num_layers, batch, cfg.num_kv_heads)
+    return {"k": jnp.zeros((*lead, max_len, cfg.head_dim), dtype),
+            "v": jnp.zeros((*lead, cfg.head_dim, max_len), dtype), "index": jnp.zeros((), jnp.int32)}
 
 
 def forward_cached(params: Params, cfg: ModelConfig, input_ids: jax.Array, positions: jax.Array,
