@@ -2,11 +2,12 @@
 per-layer weight copies (:func:`pktjax.model.unstack_layers`), on the same decode state, timed alternately.
 
 The state is ``--slots`` running slots over a KV cache of ``--cache`` positions, ``--filled`` of them written
-(random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process
-CPU seconds), then the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of XLA's pool count)
-are reported with their medians and the old / new ratio, beside the step's floors timed in the same run: one pass
-over every weight, and the step's matrix products alone at batch ``--slots``. ``--profile`` adds the time per kind
-of compiled operation (JAX's profiler; e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out of its stack).
+(random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process CPU
+seconds), then the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of
+XLA's pool count) are reported with their medians and the old / new ratio, beside the step's floors timed in the
+same run: one pass over every weight, and the step's matrix products alone at batch ``--slots``. ``--profile`` adds
+the time per kind of compiled operation (JAX's profiler; e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out
+of its stack).
 
     .venv/bin/python experiments/bench_decode_step.py --gguf ~/.cache/pktjax/qwen2.5-coder-0.5b-instruct-q4.gguf \
         --slots 16 --cache 832 --filled 300 [--profile] [--json out.json]

@@ -361,8 +361,8 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
             clock.close(state)
             return
         until = int(state["n"]) + (chunk if stop else n_new)
-        state = _decode(step_params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j, **consts,
-                        **compiled)
+        state = _decode(step_params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j,
+                        **consts, **compiled)
         clock.lap("decode_s", state)
         done, out, step = np.array(state["done"]), np.asarray(state["out"]), np.asarray(state["step"])
         if stop:
