@@ -1,5 +1,6 @@
 """One decode step, old against new, in one process: the scan over the stacked layer weights against the loop over
-per-layer weight copies (:func:`pktjax.model.unstack_layers`), on the same decode state, timed alternately.
+per-layer weight copies (:func:`pktjax.model.unstack_layers`), on the same decode state (the current cache layout
+for both), timed alternately.
 
 The state is ``--slots`` running slots over a KV cache of ``--cache`` positions, ``--filled`` of them written
 (random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process CPU
