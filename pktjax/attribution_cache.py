@@ -10,16 +10,23 @@ target, mode, attention)::
     ffn [L, f], attn [L, H*hd]     neuron scores; rows not scored are -inf
     ffn_rows, attn_rows [L]        which rows hold scores
 
+    sha256                         of every other field (:func:`_digest`)
+
 Any ``K`` (as long as the example's top ``K`` layers are among the scored rows) and any rate is cut from an entry.
-Entries are written to a temporary name and renamed, so a reader never sees half of one.
+Entries are written by :func:`pktjax.runfolder.atomic_write` (a fsynced temporary, then a rename), so a reader
+never sees half of one; an entry that does not match its ``sha256`` (or cannot be read) is damaged: it is removed,
+said on stderr, and the example scored again.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
+import sys
+import zipfile
 from pathlib import Path
 
 import jax
@@ -29,6 +36,7 @@ import numpy as np
 from pktjax.config import ModelConfig
 from pktjax.errors import ConfigError
 from pktjax.model import Params
+from pktjax.runfolder import atomic_write
 from pktjax.select import Attribution
 
 _UINT = {4: jnp.uint32, 2: jnp.uint16, 1: jnp.uint8}
@@ -68,6 +76,16 @@ class Entry:
         return bool(self.ffn_rows[ffn_layers].all() and self.attn_rows[attn_layers].all())
 
 
+def _digest(fields: dict[str, np.ndarray]) -> str:
+    """The sha256 of an entry's fields (names, dtypes, shapes and bytes, in name order)."""
+    h = hashlib.sha256()
+    for name in sorted(fields):
+        x = np.ascontiguousarray(fields[name])
+        h.update(f"{name}|{x.dtype.str}|{x.shape}|".encode())
+        h.update(x.tobytes())
+    return h.hexdigest()
+
+
 def entry_path(folder: str | os.PathLike, ids: np.ndarray, target: int, mode: str, attention: str) -> Path:
     """Where the scores of one example and option live in a cache folder."""
     h = hashlib.sha256(f"{mode}|{attention}|{int(target)}|".encode() + np.asarray(ids, np.int32).tobytes())
@@ -81,8 +99,17 @@ def read_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, tar
     path = entry_path(folder, ids, target, mode, attention)
     if not path.is_file():
         return None
-    with np.load(path) as z:
-        data = {k: z[k] for k in z.files}
+    try:
+        with np.load(path) as z:
+            data = {k: z[k] for k in z.files}
+        damaged = "sha256" not in data or str(data.pop("sha256")) != _digest(data)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        data, damaged = None, f"unreadable: {e}"
+    if damaged:
+        why = damaged if isinstance(damaged, str) else "does not match its sha256"
+        print(f"pktjax: {path} is damaged ({why}); scoring the example again.", file=sys.stderr)
+        path.unlink(missing_ok=True)
+        return None
     if str(data["fingerprint"]) != fingerprint:
         raise ConfigError(f"{path} holds attribution scores of another model (fingerprint {data['fingerprint']}, "
                           f"this model's is {fingerprint}): the weights changed since they were written. Delete "
@@ -97,15 +124,13 @@ def read_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, tar
 
 def write_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, target: int, mode: str,
                 attention: str, entry: Entry) -> Path:
-    """Store one example's scores (temporary file, then rename); returns the entry's path."""
-    path = entry_path(folder, ids, target, mode, attention)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp")
+    """Store one example's scores with their sha256 (:func:`pktjax.runfolder.atomic_write`); returns the
+    entry's path."""
     a = entry.attr
-    with open(tmp, "wb") as fh:
-        np.savez(fh, fingerprint=fingerprint, mode=mode, attention=attention, ids=np.asarray(ids, np.int32),
-                 target=int(target), layer_attn=np.asarray(a.layer_attn), layer_ffn=np.asarray(a.layer_ffn),
-                 ffn=np.asarray(a.ffn), attn=np.asarray(a.attn), ffn_rows=entry.ffn_rows,
-                 attn_rows=entry.attn_rows)
-    os.replace(tmp, path)
-    return path
+    fields = {k: np.asarray(v) for k, v in dict(
+        fingerprint=fingerprint, mode=mode, attention=attention, ids=np.asarray(ids, np.int32), target=int(target),
+        layer_attn=a.layer_attn, layer_ffn=a.layer_ffn, ffn=a.ffn, attn=a.attn, ffn_rows=entry.ffn_rows,
+        attn_rows=entry.attn_rows).items()}
+    buf = io.BytesIO()
+    np.savez(buf, sha256=_digest(fields), **fields)
+    return atomic_write(entry_path(folder, ids, target, mode, attention), buf.getvalue())

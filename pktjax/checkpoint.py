@@ -20,12 +20,12 @@ import ml_dtypes
 import numpy as np
 from flax import struct
 
-from pktjax.atomic import atomic_folder
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError
 from pktjax.gguf_io import cached_source, dequantized_cache_enabled, load_gguf
 from pktjax.layout import TOP_NAMES, hf_layer_name, layer_shapes, top_shapes
 from pktjax.registry import home, model_path
+from pktjax.runfolder import atomic_folder
 from pktjax.safetensors_io import SafetensorsSource, write_safetensors
 from pktjax.sharding import load_params
 from pktjax.tokenizer import load_tokenizer
@@ -158,14 +158,20 @@ def save_model(model: Model, path: str | os.PathLike, shard_bytes: int = 4 << 30
     """
     path = Path(path).expanduser()
     with atomic_folder(path, "output") as tmp:
-        cfg = model.config
-        dtype = jax.tree.leaves(model.params)[0].dtype
-        hf = cfg.to_hf_dict()
-        hf["torch_dtype"] = jnp.dtype(dtype).name
-        (tmp / "config.json").write_text(json.dumps(hf, indent=2))
-        _write_shards(tmp, iter_hf_tensors(model.params, cfg), shard_bytes)
+        write_model(model, tmp, shard_bytes)
         copy_tokenizer(model.source, tmp)
     return path
+
+
+def write_model(model: Model, folder: Path, shard_bytes: int = 4 << 30) -> None:
+    """``config.json`` and the safetensors shards of ``model`` into the existing ``folder`` (not atomic by itself:
+    :func:`save_model` and :func:`pktjax.tiny.save_random_model` write into an :func:`atomic_folder`)."""
+    cfg = model.config
+    dtype = jax.tree.leaves(model.params)[0].dtype
+    hf = cfg.to_hf_dict()
+    hf["torch_dtype"] = jnp.dtype(dtype).name
+    (folder / "config.json").write_text(json.dumps(hf, indent=2))
+    _write_shards(folder, iter_hf_tensors(model.params, cfg), shard_bytes)
 
 
 def _write_shards(folder: Path, tensors: Iterator[tuple[str, np.ndarray]], shard_bytes: int) -> None:

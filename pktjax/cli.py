@@ -15,6 +15,7 @@ import sys
 
 import pktjax.commands as commands
 from pktjax.errors import PktjaxError
+from pktjax.runfolder import is_disk_full
 
 
 class HelpFormatter(argparse.HelpFormatter):
@@ -82,6 +83,12 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args) or 0)
     except PktjaxError as e:
         print(f"pktjax: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        if not is_disk_full(e):
+            raise
+        print(f"pktjax: error: the disk is full ({type(e).__name__}: {str(e)[:300]}). Free some space, then rerun "
+              "the same command: the run resumes where it stopped.", file=sys.stderr)
         return 2
 
 

@@ -5,7 +5,6 @@ An example is ``{"messages": [{"role": "user"|"assistant"|"system", "content": .
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from typing import Any, Iterable, Sequence
 
 import numpy as np
 
+from pktjax import runfolder
 from pktjax.errors import DataError
 
 IGNORE = -100  # label of a token that carries no loss
@@ -52,23 +52,9 @@ def seeking_file(task: str, kind: str) -> Path:
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None) -> list[dict[str, Any]]:
-    """Read chat examples; a missing file, a bad line or an empty file is a :class:`DataError` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"{path}: no such data file.")
-    out = []
-    with open(path) as fh:
-        for n, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                ex = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{n}: not valid JSON ({e}).") from None
-            check_example(ex, f"{path}:{n}")
-            out.append(ex)
-            if limit is not None and len(out) >= limit:
-                break
+    """Read chat examples (:func:`pktjax.runfolder.read_jsonl`, every line checked by :func:`check_example`); a
+    missing file, a bad line (JSON, UTF-8, shape) or an empty file is a :class:`DataError` naming it."""
+    out = runfolder.read_jsonl(path, limit, check=check_example)
     if not out:
         raise DataError(f"{path}: the split is empty; it needs at least one example.")
     return out

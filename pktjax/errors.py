@@ -19,3 +19,11 @@ class DataError(PktjaxError, ValueError):
 
 class PairError(PktjaxError, ValueError):
     """A teacher and student cannot be paired (vocabulary, size or module mismatch)."""
+
+
+class DamagedFileError(PktjaxError, ValueError):
+    """A file of a run folder fails its recorded checksum, is cut short, or does not parse."""
+
+
+class LockedError(PktjaxError):
+    """Another live job holds the output folder."""

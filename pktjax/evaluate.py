@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -30,6 +31,7 @@ from pktjax.errors import PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
 from pktjax.model import hidden_states, unembed
 from pktjax.provenance import provenance
+from pktjax.runfolder import append_jsonl, fault_point, sha256_bytes, write_json, write_jsonl
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
 from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
@@ -147,29 +149,50 @@ def _order_by_length(tok, prompts: Sequence[str], add_special_tokens: bool) -> t
 
 
 class _Finished:
-    """Completions kept in a JSONL file (``{"prompt", "output"}`` per line) so that an interrupted evaluation goes
-    on where it stopped; without a file it keeps nothing."""
+    """Completions kept in a JSONL file (``{"prompt", "output", "sha256"}`` per line, the last the hash of the
+    other two) so that an interrupted evaluation goes on where it stopped; without a file it keeps nothing.
+    Lines are validated one by one: a line cut short, not UTF-8, not JSON, missing a key or not matching its hash
+    is dropped (named on stderr) and its prompt decoded again."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path).expanduser() if path is not None else None
         self.done: dict[str, str] = {}
         if self.path is not None and self.path.is_file():
-            for line in self.path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:  # a line cut short by the interruption
+            lines = self.path.read_bytes().split(b"\n")
+            good = []
+            for n, line in enumerate(lines, 1):
+                row = self._row(line)
+                if row is None:
+                    if line.strip():
+                        print(f"pktjax: {self.path}:{n}: damaged finished-completion record dropped; its prompt "
+                              "is decoded again.", file=sys.stderr)
                     continue
                 self.done[row["prompt"]] = row["output"]
+                good.append(row)
+            if len(good) != sum(bool(line.strip()) for line in lines):
+                write_jsonl(self.path, good)
+
+    @staticmethod
+    def _hash(prompt: str, output: str) -> str:
+        return sha256_bytes(json.dumps([prompt, output], ensure_ascii=False).encode())
+
+    @classmethod
+    def _row(cls, line: bytes) -> dict | None:
+        try:
+            row = json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            return None
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("output"), str)
+                and row.get("sha256") == cls._hash(row["prompt"], row["output"])):
+            return None
+        return row
 
     def add(self, prompts: Sequence[str], outputs: Sequence[str]) -> None:
         if self.path is None:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        with self.path.open("a") as f:
-            f.writelines(json.dumps({"prompt": p, "output": o}, ensure_ascii=False) + "\n"
-                         for p, o in zip(prompts, outputs))
-            f.flush()
-            os.fsync(f.fileno())
+        append_jsonl(self.path, [{"prompt": p, "output": o, "sha256": self._hash(p, o)}
+                                 for p, o in zip(prompts, outputs)])
+        fault_point("eval:after-batch")
 
 
 def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_special_tokens, progress,
@@ -396,10 +419,5 @@ def score_samples(path: str | os.PathLike, task: str, pass_k: Sequence[int] = (1
 
 
 def write_report(report: dict[str, Any], path: str | os.PathLike) -> Path:
-    """Write ``report`` as indented JSON (parent folders created)."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False))
-    os.replace(tmp, path)
-    return path
+    """Write ``report`` as indented JSON (parent folders created), atomically, with its checksum recorded."""
+    return write_json(Path(path).expanduser(), report, checksum=True, indent=2)

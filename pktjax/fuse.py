@@ -10,7 +10,6 @@ serve every aligner step.)
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from pathlib import Path
@@ -20,6 +19,7 @@ from pktjax.align import AlignerParams, align, aligner_dims
 from pktjax.checkpoint import Model, save_model
 from pktjax.errors import CheckpointError, ConfigError, PairError
 from pktjax.inject import delta_sizes, inject
+from pktjax.runfolder import write_json
 from pktjax.train_aligner import (Source, load_aligner, load_examples, locate_and_extract, peek_config,
                                   prepare_pair, read_run)
 
@@ -76,7 +76,5 @@ def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step:
               "modules": list(modules), "delta": delta_sizes(pair.student.params, pair.student.config, sel_s, deltas)}
     params = inject(pair.student.params, pair.student.config, sel_s, deltas)
     out = save_model(Model(params=params, config=pair.student.config, source=pair.student.source), out)
-    tmp = out / ".injection.json.tmp"
-    tmp.write_text(json.dumps(record, indent=1))
-    os.replace(tmp, out / INJECTION)
+    write_json(out / INJECTION, record, checksum=True)
     return out

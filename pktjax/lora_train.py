@@ -24,8 +24,8 @@ checkpoints and resumption.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
+import sys
 import time
 from functools import cache, partial
 from pathlib import Path
@@ -38,13 +38,15 @@ import numpy as np
 import optax
 from jax.sharding import Mesh
 
+from pktjax import runfolder
 from pktjax import sharding as S
 from pktjax.config import ModelConfig
 from pktjax.data import Batch, Tokenized, bucket_length, iter_chunks, pad_left
-from pktjax.errors import ConfigError
+from pktjax.errors import ConfigError, DamagedFileError, DataError
 from pktjax.lora import LoRA, rank_of
 from pktjax.losses import token_cross_entropy
 from pktjax.model import Adapter, LoraSpec, forward
+from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
 from pktjax.settings import LoraTrainConfig
 
 Params = dict[str, Any]
@@ -180,39 +182,16 @@ def evaluate(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokeniz
     return loss / max(tokens, 1)
 
 
-class _Checkpoints:
-    """Orbax checkpoints of ``{"lora", "opt_state", "step"}`` (``lora``: the trainable pytree) under
-    ``out_dir/checkpoints`` (every process saves and restores its shards)."""
-
-    def __init__(self, out_dir: Path, mesh: Mesh | None = None):
-        import orbax.checkpoint as ocp
-
-        self._ocp, self.mesh = ocp, mesh
-        options = ocp.CheckpointManagerOptions(create=True, enable_async_checkpointing=False)
-        self.manager = ocp.CheckpointManager((out_dir / "checkpoints").absolute(), options=options)
-
-    def save(self, state: dict) -> None:
-        self.manager.save(int(state["step"]), args=self._ocp.args.StandardSave(state), force=True)
-        self.manager.wait_until_finished()
-
-    def restore_latest(self, state: dict) -> dict:
-        step = self.manager.latest_step()
-        if step is None:
-            return state
-        abstract = jax.tree.map(self._ocp.utils.to_shape_dtype_struct, state)
-        restored = self.manager.restore(step, args=self._ocp.args.StandardRestore(abstract))
-        # placed like a fresh state (uncommitted, or by the rules on a mesh): a fresh run's compiled steps serve it
-        return S.place(restored, self.mesh)
-
-    def close(self) -> None:
-        self.manager.close()
+def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
+    """A restore target like ``x``: shape, dtype and sharding (orbax reads the arrays straight into it)."""
+    return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
 def _check_run_config(out_dir: Path, record: dict) -> None:
     """Write the run's config (process 0), or refuse to resume a folder that holds a run with another config."""
     path = out_dir / CONFIG_FILE
     if path.is_file():
-        old = json.loads(path.read_text())
+        old = read_json(path, "LoRA training config")
         if old != record:
             diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
             raise ConfigError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); resume it with "
@@ -220,15 +199,30 @@ def _check_run_config(out_dir: Path, record: dict) -> None:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     if S.is_main_process():
-        path.write_text(json.dumps(record, indent=2))
+        write_json(path, record, checksum=True, indent=2)
 
 
-def _trim_metrics(out_dir: Path, step: int) -> None:
-    """Drop metric lines past ``step`` (the steps a resumed run is about to redo)."""
+def _trim_metrics(out_dir: Path, step: int, ckpt: Checkpoints) -> list[dict]:
+    """The metric lines of steps ``1..step`` (those past it are about to be redone), written back; rebuilt from
+    checkpoint ``step``'s manifest when lines are missing, repeated or damaged."""
     path = out_dir / METRICS_FILE
-    if path.is_file() and S.is_main_process():
-        keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-        path.write_text("".join(line + "\n" for line in keep))
+    try:
+        rows = runfolder.read_jsonl(path, tail="trim") if path.is_file() else []
+        keep = [r for r in rows if r["step"] <= step]
+    except (DataError, KeyError, TypeError) as e:
+        rows, keep, why = None, None, str(e)
+    if keep is None or [r["step"] for r in keep] != list(range(1, step + 1)):
+        saved = (ckpt.meta(step) or {}).get("metrics") if step else []
+        if saved is None:
+            raise DamagedFileError(f"{path}: lines of steps up to {step} are missing or damaged and checkpoint "
+                                   f"{step} holds no copy; train again in a new output folder.")
+        if keep is not None:
+            why = f"steps {sorted(set(range(1, step + 1)) - {r['step'] for r in keep})} missing or repeated"
+        print(f"pktjax: {path}: {why}; rebuilt from checkpoint {step}.", file=sys.stderr)
+        rows, keep = None, saved
+    if S.is_main_process() and (rows is None or len(keep) != len(rows)):
+        write_jsonl(path, keep)
+    return keep
 
 
 def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], out_dir: str | Path,
@@ -261,6 +255,14 @@ def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenize
     tc.validate()
     mesh = S.as_mesh(mesh)
     out_dir = Path(out_dir).expanduser()
+    with lock(out_dir, "LoRA training" if desc == "lora" else f"{desc} training"):
+        return _fit_locked(trainable, base, cfg, items, out_dir, tc, pad_id, objective, record, on_step, progress,
+                           mesh, desc)
+
+
+def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: Path,
+                tc: TrainConfig, pad_id: int, objective: Callable, record: dict | None, on_step, progress: bool,
+                mesh: Mesh | None, desc: str) -> Any:
     _check_run_config(out_dir, {**dataclasses.asdict(tc), "examples": len(items), **(record or {})})
     per_epoch = math.ceil(len(items) / tc.batch_size)
     total = per_epoch * tc.epochs
@@ -268,11 +270,15 @@ def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenize
     if mesh is not None:
         base = S.shard(base, mesh)  # no copy when it was loaded onto the mesh by the rules already
     accumulate, update = _step_fns(mesh)
-    ckpt = _Checkpoints(out_dir, mesh)
+    ckpt = Checkpoints(out_dir / "checkpoints")
     # the state keeps the key "lora" for any trainable pytree: LoRA runs saved before stay resumable
-    state = ckpt.restore_latest(S.place(_fresh_state(trainable, tc=tc, total_steps=total), mesh))
+    fresh = S.place(_fresh_state(trainable, tc=tc, total_steps=total), mesh)
+    # the newest checkpoint that verifies (a damaged one falls back to the one before), placed like a fresh state
+    # (uncommitted, or by the rules on a mesh): a fresh run's compiled steps serve it
+    _, restored = ckpt.latest_good(jax.tree.map(_abstract, fresh))
+    state = fresh if restored is None else S.place(restored, mesh)
     start = int(state["step"])
-    _trim_metrics(out_dir, start)
+    history = _trim_metrics(out_dir, start, ckpt)
     bar = _progress(total, start, progress, desc)
     try:
         for step in range(start, total):
@@ -289,10 +295,12 @@ def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenize
             state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
             m, acc = jax.block_until_ready((m, acc))  # the step's time, not only its dispatch
             metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0)
+            history.append(metrics)
+            fault_point("lora:after-metrics")
             bar.update(1)
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
             if (step + 1) % per_epoch == 0 or step + 1 == total or (tc.save_every and (step + 1) % tc.save_every == 0):
-                ckpt.save(state)
+                ckpt.save(int(state["step"]), state, meta={"metrics": history})
             if on_step is not None:
                 on_step(step + 1, metrics)
     finally:
@@ -313,6 +321,5 @@ def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: floa
                "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
                "seconds": seconds}
     if S.is_main_process():
-        with open(out_dir / METRICS_FILE, "a") as fh:
-            fh.write(json.dumps(metrics) + "\n")
+        append_jsonl(out_dir / METRICS_FILE, [metrics])
     return metrics

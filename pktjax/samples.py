@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pktjax.errors import DataError
+from pktjax.runfolder import write_jsonl
 from pktjax.tasks.common import pass_at_k
 
 
@@ -31,14 +32,8 @@ def samples_path(report: str | os.PathLike, n: int | None = None) -> Path:
 
 
 def write_samples(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Path:
-    """Write ``rows`` as JSONL through a temp file, so a crash never leaves half a file."""
-    path = Path(path).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    with open(tmp, "w") as fh:
-        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    os.replace(tmp, path)
-    return path
+    """Write ``rows`` as JSONL atomically (:func:`pktjax.runfolder.write_jsonl`): a crash never leaves half a file."""
+    return write_jsonl(Path(path).expanduser(), list(rows))
 
 
 def read_samples(path: str | os.PathLike, mod, examples: Sequence[dict[str, Any]]) -> dict[str, list[str]]:

@@ -8,8 +8,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from pktjax.checkpoint import Model, layer_shapes, save_model, top_shapes
+from pktjax.checkpoint import Model, layer_shapes, top_shapes, write_model
 from pktjax.config import ModelConfig
+from pktjax.runfolder import atomic_folder, fault_point
 
 BYTE_VOCAB = 260  # 4 special tokens + 256 bytes
 
@@ -53,9 +54,14 @@ def random_params(cfg: ModelConfig, key: jax.Array, std: float = 0.2, dtype=jnp.
     return params
 
 
-def save_random_model(folder: str | os.PathLike, cfg: ModelConfig, seed: int = 0, std: float = 0.2) -> Path:
+def save_random_model(folder: str | os.PathLike, cfg: ModelConfig, seed: int = 0, std: float = 0.2,
+                      overwrite: bool = False) -> Path:
     """Write a random ``cfg`` model plus the byte tokenizer as a Hugging Face checkpoint folder. Wide models need
-    ``std`` near ``1 / sqrt(hidden)`` to keep activations finite."""
-    folder = save_model(Model(params=random_params(cfg, jax.random.key(seed), std), config=cfg), folder)
-    build_tokenizer().save_pretrained(folder)
+    ``std`` near ``1 / sqrt(hidden)`` to keep activations finite. Weights, config and tokenizer land in one
+    atomic folder: a kill leaves either the whole model or nothing (``overwrite`` replaces an existing one)."""
+    folder = Path(folder).expanduser()
+    with atomic_folder(folder, "model", overwrite=overwrite) as tmp:
+        write_model(Model(params=random_params(cfg, jax.random.key(seed), std), config=cfg), tmp)
+        fault_point("tiny:before-tokenizer")
+        build_tokenizer().save_pretrained(tmp)
     return folder

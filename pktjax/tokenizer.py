@@ -7,9 +7,9 @@ import importlib.util
 import os
 from pathlib import Path
 
-from pktjax.atomic import atomic_folder
 from pktjax.errors import CheckpointError
 from pktjax.registry import home, model_path
+from pktjax.runfolder import atomic_folder
 
 
 def load_tokenizer(path: str | os.PathLike):

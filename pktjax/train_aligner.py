@@ -21,9 +21,9 @@ Output folder::
 
     run.json        settings, model sizes, modules and the shuffled order (a resumed run must match it)
     aligner/<t>/    aligner parameters after step t (orbax), every step kept: pick one for fusing
-    state/<t>/      aligner + optimizer state after the last finished step (orbax), for resuming
-    log.jsonl       one line of metrics per step, with the size of what checkpoint t injects on step t's
-                    selection (``delta``: :func:`pktjax.inject.delta_sizes`)
+    state/<t>/      aligner + optimizer state after the last two finished steps (orbax), for resuming
+    log.jsonl       one line of metrics per step, written before the step's checkpoints, with the size of
+                    what checkpoint t injects on step t's selection (``delta``: :func:`pktjax.inject.delta_sizes`)
     attribution_cache/{teacher,student}/   every step's attribution scores (:mod:`pktjax.attribution_cache`)
 
 The examples of all remaining steps are located before the first one, in one batched pass per model
@@ -44,11 +44,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import logging
 import math
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -58,22 +58,23 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import orbax.checkpoint as ocp
 from jax.sharding import Mesh
 
+from pktjax import runfolder
 from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
 from pktjax.attribution import locate_each
 from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
-from pktjax.errors import ConfigError, DataError, PairError
+from pktjax.errors import ConfigError, DamagedFileError, DataError, PairError
 from pktjax.extract import extract
 from pktjax.inject import delta_adapter, delta_sizes, inject
 from pktjax.losses import mean_token_ce
 from pktjax.model import forward
 from pktjax.pair import check_laten_pair, check_tokenizers, layer_count
 from pktjax.progress import progress_bar
+from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
 from pktjax.select import Selection, select
 from pktjax.settings import AlignerTrainConfig
 from pktjax.tokenizer import load_tokenizer
@@ -287,24 +288,22 @@ def _all_finite(tree) -> jax.Array:
 # ------------------------------------------------------------------------------------------ checkpoints
 
 
-def _manager(folder: Path, keep: int | None, create: bool = True) -> ocp.CheckpointManager:
-    opts = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=False, create=create)
-    return ocp.CheckpointManager(folder.absolute(), options=opts)
-
-
 def aligner_steps(out_dir: str | os.PathLike) -> list[int]:
     """Steps whose aligner was saved in a training folder."""
     folder = Path(out_dir) / "aligner"
-    return sorted(_manager(folder, None, create=False).all_steps()) if folder.is_dir() else []
+    return Checkpoints(folder, create=False).steps() if folder.is_dir() else []
 
 
 def load_aligner(out_dir: str | os.PathLike, step: int) -> AlignerParams:
-    """The aligner saved after ``step`` in a training folder (:class:`ConfigError` naming the saved steps)."""
+    """The aligner saved after ``step`` in a training folder, verified against its checksums
+    (:class:`ConfigError` naming the saved steps; :class:`DamagedFileError` for a damaged step)."""
     steps = aligner_steps(out_dir)
     if step not in steps:
         raise ConfigError(f"{out_dir}: no aligner saved for step {step}; saved steps: {steps or 'none'}.")
-    mngr = _manager(Path(out_dir) / "aligner", None, create=False)
-    return mngr.restore(step, args=ocp.args.StandardRestore())
+    try:
+        return Checkpoints(Path(out_dir) / "aligner", create=False).restore(step)
+    except DamagedFileError as e:
+        raise DamagedFileError(f"{e} Retrain the aligner (a new output folder, or delete this one).") from None
 
 
 def read_run(out_dir: str | os.PathLike) -> dict[str, Any]:
@@ -312,53 +311,67 @@ def read_run(out_dir: str | os.PathLike) -> dict[str, Any]:
     path = Path(out_dir) / "run.json"
     if not path.is_file():
         raise ConfigError(f"{out_dir}: not an aligner training folder (no run.json).")
-    return json.loads(path.read_text())
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return read_json(path, "aligner run record")
 
 
 class _Store:
-    """The training folder: ``aligner/`` (every step), ``state/`` (latest step), ``log.jsonl``. Every process
-    saves and restores its shards (orbax); only process 0 writes the log."""
+    """The training folder: ``aligner/`` (every step, its log line in the step's manifest), ``state/`` (the last
+    two steps, so a damaged latest falls back to the one before), ``log.jsonl``. A step's log line is written
+    before its checkpoints. Every process saves and restores its shards (orbax); only process 0 writes the log."""
 
     def __init__(self, out_dir: Path, mesh: Mesh | None = None):
-        self.out, self.mesh = out_dir, mesh
-        self.aligner = _manager(out_dir / "aligner", None)
-        self.state = _manager(out_dir / "state", 1)
+        self.out, self.mesh, self.log = out_dir, mesh, out_dir / "log.jsonl"
+        self.aligner = Checkpoints(out_dir / "aligner")
+        self.state = Checkpoints(out_dir / "state", keep=2)
 
     def save(self, step: int, aligner: AlignerParams, opt_state, metrics: dict[str, Any]) -> None:
-        if step not in self.aligner.all_steps():
-            self.aligner.save(step, args=ocp.args.StandardSave(aligner))
-        self.state.save(step, args=ocp.args.StandardSave({"aligner": aligner, "opt_state": opt_state}))
         if S.is_main_process():
-            with open(self.out / "log.jsonl", "a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+            append_jsonl(self.log, [metrics])
+        fault_point("aligner:after-log")
+        self.aligner.save(step, aligner, meta={"log": metrics})
+        fault_point("aligner:after-aligner")
+        self.state.save(step, {"aligner": aligner, "opt_state": opt_state})
 
     def resume(self, template: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
-        """``(next step, restored state or None)``; drops aligner steps and log lines past the saved state.
-        ``template``: a fresh state, whose shardings the restored arrays take."""
-        last = self.state.latest_step()
-        for s in self.aligner.all_steps():
+        """``(next step, restored state or None)`` from the newest state that verifies (damaged ones are dropped,
+        said on stderr); drops aligner steps and log lines past it, rebuilds a damaged or incomplete log from the
+        aligner manifests and re-saves a damaged aligner of that step from the state. ``template``: a fresh
+        state, whose shardings the restored arrays take."""
+        last, state = self.state.latest_good(template)
+        for s in self.aligner.steps():
             if last is None or s > last:
                 self.aligner.delete(s)
         self._trim_log(-1 if last is None else last)
         if last is None:
             return 0, None
-        state = self.state.restore(last, args=ocp.args.StandardRestore(template))
         state = S.place(state, self.mesh)  # placed like a fresh state: no recompiles
-        if last not in self.aligner.all_steps():
-            self.aligner.save(last, args=ocp.args.StandardSave(state["aligner"]))
+        if last not in self.aligner.steps() or self.aligner.problem(last):
+            line = [r for r in runfolder.read_jsonl(self.log) if r["step"] == last] if self.log.is_file() else []
+            self.aligner.save(last, state["aligner"], meta={"log": line[0] if line else None})
         return last + 1, state
 
     def _trim_log(self, last: int) -> None:
-        path = self.out / "log.jsonl"
-        if path.is_file() and S.is_main_process():
-            lines = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= last]
-            _write_atomic(path, "".join(ln + "\n" for ln in lines))
+        """Keep the log lines of steps ``0..last``, one each; rebuilt from the aligner manifests when lines are
+        missing, repeated or damaged (:class:`DamagedFileError` when they cannot be rebuilt)."""
+        if not S.is_main_process():
+            return
+        try:
+            rows = runfolder.read_jsonl(self.log, tail="trim") if self.log.is_file() else []
+            keep = [r for r in rows if r["step"] <= last]
+        except (DataError, KeyError, TypeError) as e:
+            rows, keep, why = None, None, str(e)
+        if keep is not None and [r["step"] for r in keep] == list(range(last + 1)):
+            if len(keep) != len(rows):
+                write_jsonl(self.log, keep)
+            return
+        metas = [self.aligner.meta(t) if t in self.aligner.steps() else None for t in range(last + 1)]
+        if any(not (m and m.get("log")) for m in metas):
+            raise DamagedFileError(f"{self.log}: the log lacks steps of this run and the aligner checkpoints "
+                                   "cannot rebuild it; retrain in a new output folder.")
+        if keep is not None:
+            why = f"steps {sorted(set(range(last + 1)) - {r['step'] for r in keep})} missing or repeated"
+        print(f"pktjax: {self.log}: {why}; rebuilt from the aligner checkpoints.", file=sys.stderr)
+        write_jsonl(self.log, [m["log"] for m in metas])
 
     def close(self) -> None:
         self.aligner.close()
@@ -370,14 +383,18 @@ def _start_run(out_dir: Path, run: dict[str, Any]) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text())
+        try:
+            old = read_json(path, "aligner run record")
+        except DamagedFileError as e:
+            raise DamagedFileError(f"{e} If this folder holds a run with the same settings, delete run.json and "
+                                   "rerun; otherwise choose a new output folder.") from None
         diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
         if diff:
             raise ConfigError(f"{out_dir} holds a different aligner run (differs in {', '.join(diff)}); resume "
                               "with the same settings or choose a new output folder.")
         return
     if S.is_main_process():
-        _write_atomic(path, json.dumps(run, indent=1))
+        write_json(path, run, checksum=True)
 
 
 # ---------------------------------------------------------------------------------------------- training
@@ -481,8 +498,8 @@ def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar,
                cache: Path | None) -> dict[str, Any]:
     schedule = lr_schedule(run.config.lr, len(run.extract_examples))
     c = run.config  # every step's example located up front, in one batched pass per model
-    located = locate_pair(run.pair, [run.extract_examples[int(run.order[t])] for t in range(start, run.steps)],
-                          c.mode, c.attention, c.layers, cache)
+    todo = [run.extract_examples[int(run.order[t])] for t in range(start, run.steps)]
+    located = locate_pair(run.pair, todo, c.mode, c.attention, c.layers, cache) if todo else []  # none: finished
     for step in range(start, run.steps):
         drawn = random.Random(step).sample(range(len(run.align_tokens)), run.config.examples_per_step - 1)
         ex = int(run.order[step])
@@ -514,9 +531,17 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
     not kept when several processes share the run), so a resumed run or another run on the same examples
     reads them back instead of locating again.
     """
+    config.validate()  # before the folder is locked (created)
+    out_dir = Path(out_dir)
+    with lock(out_dir, "aligner training"):
+        return _train_locked(teacher, student, extract_examples, align_examples, out_dir, config, tokenizer,
+                             callback, progress, mesh, cache)
+
+
+def _train_locked(teacher, student, extract_examples, align_examples, out_dir: Path, config: TrainConfig,
+                  tokenizer, callback, progress: bool, mesh, cache) -> AlignerParams:
     run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer, mesh)
     t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
-    out_dir = Path(out_dir)
     _start_run(out_dir, _run_record(run.pair, config, run.order, len(run.extract_examples), len(run.align_tokens)))
     aligner = init_aligner(jax.random.PRNGKey(config.seed), run.pair.modules, t_cfg.hidden_size, s_cfg.hidden_size)
     state = S.place({"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}, run.mesh)

@@ -13,9 +13,10 @@
 from __future__ import annotations
 
 import dataclasses
-import json
+import io
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Sequence
@@ -33,6 +34,7 @@ from pktjax.errors import ConfigError, PairError
 from pktjax.lora import TARGETS, check_targets, export_peft, import_peft, merge_model
 from pktjax.lora_train import train
 from pktjax.pair import check_tokenizers
+from pktjax.runfolder import atomic_write, lock, read_result, verify, write_json
 from pktjax.seeking import extract_for_examples, task_file
 from pktjax.semalign import critical_layer, layer_attribution, pair_layers
 from pktjax.sensitivity import seed_batches
@@ -85,7 +87,7 @@ def extract_to(teacher: str | os.PathLike, student: str | os.PathLike, student_c
     info = {"teacher": str(teacher), "student": str(student), "task": seeds if isinstance(seeds, str) else "given",
             "samples": len(examples), "rank": rank, "teacher_layers": cut["layers"],
             "windows": {t: [list(w) for w in ws] for t, ws in cut["windows"].items()}}
-    (Path(folder) / "extraction.json").write_text(json.dumps(info, indent=2))
+    write_json(Path(folder) / "extraction.json", info, checksum=True, indent=2)
     return cut
 
 
@@ -93,7 +95,7 @@ def seeking_factors(teacher, student, student_cfg, seeds, folder: str | os.PathL
     """The Seeking LoRA factors cached in ``folder``: extracted there by :func:`extract_to` (same ``seeds`` and
     keywords) unless a finished extraction (``extraction.json``) is already there, then read back."""
     folder = Path(folder).expanduser()
-    if not (folder / "extraction.json").is_file():
+    if read_result(folder / "extraction.json", "extraction record") is None:
         shutil.rmtree(folder, ignore_errors=True)  # an extraction cut short leaves nothing reusable
         extract_to(teacher, student, student_cfg, seeds, folder, **kw)
     return import_peft(folder, student_cfg)[0]
@@ -113,13 +115,14 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
     items = [tokenize_seeking(tokenizer, ex, tc.cutoff_len) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = Path(out).expanduser()
-    trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress, mesh=mesh)
-    trained, lora0 = S.to_host((trained, lora0))  # gathered on every process
-    if not S.is_main_process():
-        return out / "adapter"
-    return lora.export_peft(trained, student.config, out / "adapter", alpha=tc.alpha, dropout=tc.dropout,
-                            initial=None if method == "default" else lora0, base_model=str(student.source),
-                            overwrite=True)
+    with lock(out, "LoRA training"):  # held through the export too
+        trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress, mesh=mesh)
+        trained, lora0 = S.to_host((trained, lora0))  # gathered on every process
+        if not S.is_main_process():
+            return out / "adapter"
+        return lora.export_peft(trained, student.config, out / "adapter", alpha=tc.alpha, dropout=tc.dropout,
+                                initial=None if method == "default" else lora0, base_model=str(student.source),
+                                overwrite=True)
 
 
 def merge_adapter(student, adapter: str | os.PathLike, dtype: str = "float32"):
@@ -137,27 +140,26 @@ def semalign_plan(teacher, seeds: Examples, tokenizer, student_cfg, sc, folder: 
     (derived each time, so ``sc.layer`` always applies). Returns ``{"scores", "critical", "samples",
     "pairing": {...}}``."""
     path = folder / "plan.json"
-    if path.is_file():
-        plan = json.loads(path.read_text())
-    else:
+    plan = read_result(path, "SemAlign plan")  # a damaged one is removed and computed again
+    if plan is None:
         scores = layer_attribution(teacher.params, teacher.config, seed_batches(tokenizer, seeds, cutoff_len))
         plan = {"scores": scores.tolist(), "critical": critical_layer(scores), "samples": len(seeds)}
-        folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(plan, indent=1))
-        os.replace(tmp, path)
+        write_json(path, plan, checksum=True)
     pairing = pair_layers(plan["critical"], teacher.config.num_layers, student_cfg.num_layers, sc.layer)
     return {**plan, "pairing": dataclasses.asdict(pairing)}
 
 
 def _cached_map(path: Path, compute) -> np.ndarray:
-    """SemAlign's alignment map, computed once per plan folder (minutes on a CPU at a 152k vocabulary)."""
-    if path.is_file():
+    """SemAlign's alignment map, computed once per plan folder (minutes on a CPU at a 152k vocabulary); kept with
+    its sha256, a damaged one is computed again."""
+    if verify(path):
         return np.load(path)
+    if path.is_file():
+        print(f"pktjax: {path} is damaged or has no checksum; computing it again.", file=sys.stderr)
     m = compute()
-    tmp = path.with_suffix(".tmp.npy")
-    np.save(tmp, m)
-    os.replace(tmp, path)
+    buf = io.BytesIO()
+    np.save(buf, m)
+    atomic_write(path, buf.getvalue(), checksum=True)
     return m
 
 
@@ -186,22 +188,32 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     examples, also the before / after CKA view of the trained layer (:func:`pktjax.analysis.alignment_cka`;
     ``probe_kw``: its batch_size, cutoff_len, max_tokens) as ``out/alignment_cka.png/.pdf``, its numbers in
     ``semalign.json``."""
+    from pktjax.checkpoint import read_model_config
+
+    tc.validate()  # bad settings are refused before the lock and the models
+    check_semalign_pair(read_model_config(teacher_path), read_model_config(student_path), sc)
+    out = Path(out).expanduser()
+    with lock(out, "SemAlign training"):  # held through the export too
+        return _train_semalign(teacher_path, student_path, seeds, examples, out, tc, sc, teacher_dtype, progress,
+                               mesh, probe, probe_kw, plan_folder)
+
+
+def _train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: Path, tc, sc,
+                    teacher_dtype: str, progress: bool, mesh, probe: Examples | None, probe_kw: dict[str, Any] | None,
+                    plan_folder: str | os.PathLike | None):
     import gc
 
     import jax.numpy as jnp
 
     from pktjax import semalign as SA
     from pktjax import sharding as S
-    from pktjax.checkpoint import Model, load_model, read_model_config, save_model
+    from pktjax.checkpoint import Model, load_model, save_model
     from pktjax.data import Tokenized, tokenize_seeking
     from pktjax.lora import export_peft
     from pktjax.lora_train import fit
     from pktjax.tokenizer import load_tokenizer
     from pktjax.train_aligner import check_tokenizers
 
-    out = Path(out).expanduser()
-    tc.validate()
-    check_semalign_pair(read_model_config(teacher_path), read_model_config(student_path), sc)
     tokenizer = load_tokenizer(student_path)
     check_tokenizers(load_tokenizer(teacher_path), tokenizer)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
@@ -253,7 +265,7 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
         info["alignment_cka"] = {"module": module, **{name: np.asarray(v).round(6).tolist()
                                                       for name, v in curves.items()}}
     if S.is_main_process():
-        (out / "semalign.json").write_text(json.dumps(info, indent=1))
+        write_json(out / "semalign.json", info, checksum=True)
     return model, info
 
 
@@ -295,9 +307,9 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
     if param:
         plots.plot_parametric(param, out / "parametric_similarity")
     meta = {**(meta or {}), "LoRA rank": rank, "seconds": round(time.time() - t0, 1), **notes}
-    (out / "report.md").write_text(analysis.markdown_report(param, rep, meta, triangle))
+    atomic_write(out / "report.md", analysis.markdown_report(param, rep, meta, triangle))
     result = _as_json(meta, param, rep, triangle)
-    (out / "analysis.json").write_text(json.dumps(result, indent=1))
+    write_json(out / "analysis.json", result, checksum=True)
     return result
 
 

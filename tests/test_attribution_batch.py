@@ -195,6 +195,27 @@ def test_cache_reads_back_instead_of_recomputing(trained_model, tmp_path, monkey
             _same_selection(full[i], want, kk, n_f, n_a)
 
 
+def test_damaged_cache_entry_is_scored_again(trained_model, tmp_path, monkeypatch, capsys):
+    model, tok = trained_model
+    params, cfg = model.params, model.config
+    calls = []
+    real = attribution_module.attribution_batch
+    monkeypatch.setattr(attribution_module, "attribution_batch",
+                        lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    first = locate_each(params, cfg, tok, EXAMPLES[:2], layers=1, cache=tmp_path)
+    ids, target = attribution_target(tok, EXAMPLES[1])
+    path = entry_path(tmp_path, ids, target, "reference", "last_key")
+    raw = bytearray(path.read_bytes())
+    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the stored arrays
+    path.write_bytes(bytes(raw))
+    again = locate_each(params, cfg, tok, EXAMPLES[:2], layers=1, cache=tmp_path)
+    assert calls == [2, 1]  # only the damaged entry is scored again
+    assert "is damaged" in capsys.readouterr().err
+    for name in FIELDS:  # scored alone now, in a batch of two before: equal up to float32 rounding
+        _assert_close(getattr(again[1], name), getattr(first[1], name), name)
+    assert read_entry(tmp_path, model_fingerprint(params, cfg), ids, target, "reference", "last_key") is not None
+
+
 def test_cache_keeps_options_apart_and_refuses_another_models_entry(trained_model, tiny_dir, tmp_path):
     model, tok = trained_model
     params, cfg = model.params, model.config

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -18,17 +17,6 @@ def bench_path(*parts: str) -> Path:
         raise DataError(f"{path}: benchmark file not found (see benchmarks/README.md in the shared data folder, "
                         "or pass hub=True to read the Hugging Face hub when online).")
     return path
-
-
-def read_jsonl(path: Path, limit: int | None = None) -> list[dict[str, Any]]:
-    rows = []
-    with open(path) as fh:
-        for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
-                if limit is not None and len(rows) >= limit:
-                    break
-    return rows
 
 
 def chat_prompt(turns: Sequence[tuple[str, str]], assistant_prefix: str = "") -> str:

@@ -12,7 +12,8 @@ import re
 from typing import Any
 
 from pktjax.data import data_root, read_jsonl as read_chat
-from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.runfolder import read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512

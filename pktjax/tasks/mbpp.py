@@ -11,7 +11,8 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.runfolder import read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset
 
 KIND = "generate"
 MAX_NEW_TOKENS = 512

@@ -13,7 +13,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset, read_jsonl
+from pktjax.runfolder import read_jsonl
+from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset
 
 KIND = "choice"
 LETTERS = ("A", "B", "C", "D")

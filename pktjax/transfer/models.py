@@ -46,9 +46,9 @@ def resolve_model(spec: str, folder: Path) -> Path:
     names an installed packaged model, an existing path is itself, and ``org/name[@revision]`` is a Hugging Face
     repo."""
     if spec.startswith("tiny:"):
-        if not (folder / "config.json").is_file():
-            cfg, seed, std = parse_tiny(spec)
-            save_random_model(folder, cfg, seed, std=std)
+        if not ((folder / "config.json").is_file() and (folder / "tokenizer.json").is_file()):
+            cfg, seed, std = parse_tiny(spec)  # built atomically; an incomplete older build is rebuilt
+            save_random_model(folder, cfg, seed, std=std, overwrite=True)
         return folder
     if spec.startswith("registry:"):
         return packaged_path(spec.split(":", 1)[1])

@@ -2,21 +2,18 @@
 
 from __future__ import annotations
 
-import json
 import os
 import statistics
 from pathlib import Path
 from typing import Any
 
+from pktjax.runfolder import atomic_write, read_json, read_jsonl, write_json
 from pktjax.tasks.common import mcnemar_exact
 from pktjax.transfer.config import TransferConfig
 
 
 def _write_json(path: Path, obj: Any) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, default=str))
-    os.replace(tmp, path)
+    write_json(path, obj, checksum=True)
 
 
 def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[str, float],
@@ -52,9 +49,7 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
                   *[f"![{p.parent.name}]({p.relative_to(cfg.out)})" for p in cka]]
     if analysis is not None:
         lines += ["", *_analysis_section(cfg.out, analysis)]
-    path = cfg.out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
+    return atomic_write(cfg.out / "report.md", "\n".join(lines) + "\n")
 
 
 def _relative(delta: dict[str, Any] | None, module: str) -> str:
@@ -132,7 +127,7 @@ def vs_student(base_report: str | os.PathLike, report: str | os.PathLike) -> dic
     """A trained model against the base student on the same examples: ``gained`` (solved here only), ``lost``
     (solved by the base student only), ``changed`` (outputs unlike the base student's), ``n`` and ``p``, the exact
     McNemar test of gained against lost. ``None`` when the two evaluations did not score the same example ids."""
-    base, new = ({r["id"]: r for r in json.loads(Path(f).read_text())["records"]} for f in (base_report, report))
+    base, new = ({r["id"]: r for r in read_json(f, "evaluation report")["records"]} for f in (base_report, report))
     if base.keys() != new.keys():
         return None
     gained = sum(bool(new[k]["correct"]) and not base[k]["correct"] for k in base)
@@ -172,7 +167,7 @@ def plot_aligner_curves(out: Path) -> Path | None:
     keys = ("loss", "ce", "mse", "Δ/W")  # Δ/W: the checkpoint's injected deltas over the weights (all modules)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for log in logs:
-        recs = [json.loads(line) for line in log.read_text().splitlines() if line.strip()]
+        recs = read_jsonl(log, tail="trim")
         for r in recs:
             if (r.get("delta") or {}).get("all", {}).get("relative"):
                 r["Δ/W"] = r["delta"]["all"]["relative"]

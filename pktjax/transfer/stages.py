@@ -24,12 +24,13 @@ from pktjax.lora import TARGETS
 from pktjax.pair import check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.provenance import provenance
+from pktjax.runfolder import LOCK_FILE, lock, read_json, read_result
 from pktjax.seeking import task_file
 from pktjax.sharding import is_main_process
 from pktjax.tasks import get_task
 from pktjax.tokenizer import load_tokenizer
 from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, prepare_pair,
-                                  step_order, train_aligner)
+                                  read_run, step_order, train_aligner)
 from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config, semalign_config
 from pktjax.transfer.models import check_job_pair, peek_config, resolve_model
 from pktjax.transfer.report import _write_json, write_report
@@ -45,11 +46,11 @@ def _claim_output(cfg: TransferConfig) -> None:
     """Refuse a folder that holds another run; record this run's config otherwise."""
     marker = cfg.out / "transfer.json"
     if marker.is_file():
-        if json.loads(marker.read_text()).get("fingerprint") not in (cfg.fingerprint(), cfg.legacy_fingerprint()):
+        if read_json(marker, "run marker").get("fingerprint") not in (cfg.fingerprint(), cfg.legacy_fingerprint()):
             raise ConfigError(f"{cfg.out}: holds a run of another config; choose a new output folder "
                               "(or rerun the same config to resume).")
         return
-    if cfg.out.exists() and any(cfg.out.iterdir()):
+    if cfg.out.exists() and any(p.name != LOCK_FILE for p in cfg.out.iterdir()):
         raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
     splits = [laten_split(cfg.task, s) for s in ("extract", "align", "train")]
     _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
@@ -58,7 +59,7 @@ def _claim_output(cfg: TransferConfig) -> None:
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
-    if out.is_file():
+    if read_result(out, "evaluation report", _check_report) is not None:
         return
     e = cfg.eval
     label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
@@ -95,14 +96,17 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
                      train_on_inputs=cfg.task == "mmlu", layers=lt.layers)
     pair = None
     t0 = time.time()
-    if not (folder / "trained.json").is_file():
+    if read_result(folder / "trained.json", "stage marker") is None:
         pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers)
         train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
                       folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache")
         _write_json(folder / "trained.json", {"seconds": time.time() - t0})
     steps = _fuse_steps(lt.fuse_steps, aligner_steps(folder / "aligner"))
-    todo = [s for s in steps if not (folder / f"step{s}" / "eval.json").is_file()]
+    # a step is done when its report and its fuse record both verify (a damaged one is removed and redone)
+    todo = [s for s in steps if read_result(folder / f"step{s}" / "eval.json", "evaluation report", _check_report)
+            is None or read_result(folder / f"step{s}" / INJECTION, "injection record") is None]
     if todo:
+        read_run(folder / "aligner")  # a damaged run record is refused by name, as pktjax.fuse.fuse does
         pair = pair or prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers)
         train = read_jsonl(laten_split(cfg.task, "train"))
         index = random.Random(seed).randrange(len(train))  # the example pktjax.fuse.fuse_example picks
@@ -123,7 +127,7 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
     for step in steps:
         report_path = folder / f"step{step}" / "eval.json"
         injection = report_path.with_name(INJECTION)
-        delta = json.loads(injection.read_text())["delta"] if injection.is_file() else None
+        delta = read_json(injection, "injection record")["delta"] if injection.is_file() else None
         method = "LaTen" if not sub else f"LaTen lr {lr:g}"
         rows.append({"method": method, "seed": seed, "step": step, "lr": lr, **_score(report_path),
                      "delta": delta})
@@ -149,7 +153,7 @@ def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
     """Locate every example of every LaTen seed up front, one batched pass per model (each loaded once, alone),
     into ``attribution_cache/{teacher,student}``; ``laten/located.json`` marks the stage finished."""
     marker = cfg.out / "laten" / "located.json"
-    if marker.is_file():
+    if read_result(marker, "stage marker") is not None:
         return
     examples = _laten_examples(cfg)
     k = layer_count(read_model_config(teacher), read_model_config(student), cfg.laten.layers)
@@ -184,7 +188,7 @@ def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, 
     adapter, evaluate. ``<name>/seed<s>/`` holds the adapter, checkpoints, metrics and ``eval.json`` (the marker)."""
     sec, folder = getattr(cfg, name), cfg.out / name / f"seed{seed}"
     report = folder / "eval.json"
-    if not report.is_file():
+    if read_result(report, "evaluation report", _check_report) is None:
         # the extraction holds the teacher and its gradients: it runs before the student is loaded
         teacher_lora = _seeking_factors(cfg, teacher, student, read_model_config(student)) \
             if name == "seeking" else None
@@ -207,7 +211,7 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
     before / after CKA view when the config has an ``analysis`` section, and ``eval.json`` (the marker)."""
     sec, folder = cfg.semalign, cfg.out / "semalign" / f"seed{seed}"
     report = folder / "eval.json"
-    if not report.is_file():
+    if read_result(report, "evaluation report", _check_report) is None:
         a = cfg.analysis
         probe = probe_examples(cfg.task, a.n_examples) if a else None
         probe_kw = {"batch_size": a.batch_size, "cutoff_len": a.cutoff_len, "max_tokens": a.max_tokens} if a else None
@@ -224,7 +228,7 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
 def _analysis(cfg: TransferConfig, teacher: Path, student: Path) -> Path:
     """The neural-incompatibility analysis into ``analysis/`` (``analysis.json`` marks it finished)."""
     a, folder = cfg.analysis, cfg.out / "analysis"
-    if (folder / "analysis.json").is_file():
+    if read_result(folder / "analysis.json", "analysis") is not None:
         return folder
     shutil.rmtree(folder, ignore_errors=True)  # an analysis cut short leaves nothing reusable
     examples = probe_examples(cfg.task, int(a.n_examples))
@@ -250,22 +254,29 @@ def _reuses_seeking(cfg: TransferConfig) -> bool:
         set(cfg.analysis.modules) & set(TARGETS) <= set(s.targets or TARGETS)
 
 
+def _check_report(rep: dict[str, Any]) -> None:
+    """An evaluation report has a score and one record per example (``KeyError``/``TypeError`` otherwise)."""
+    if not isinstance(rep["score"], (int, float)) or not isinstance(rep["records"], list):
+        raise TypeError("no score or records")
+
+
 def _score(report_path: Path) -> dict[str, Any]:
-    rep = json.loads(report_path.read_text())
+    rep = read_json(report_path, "evaluation report")
     return {"score": rep["score"], "ci": rep.get("ci95"), "n": rep.get("n"), "report": str(report_path)}
 
 
 def _check_data(cfg: TransferConfig) -> None:
-    """Read one example of every data file the config needs: a missing or empty one fails before the models."""
+    """Read every example of every data file the config needs: a missing, empty or malformed one (any line) fails
+    before the models."""
     for split in ("extract", "align", "train"):
-        read_jsonl(laten_split(cfg.task, split), limit=1)
+        read_jsonl(laten_split(cfg.task, split))
     for name in POSTPKT:
         if getattr(cfg, name) is not None:
-            read_jsonl(_train_data(cfg, getattr(cfg, name)), limit=1)
+            read_jsonl(_train_data(cfg, getattr(cfg, name)), limit=getattr(cfg, name).limit)
     if cfg.seeking is not None:
         _seeking_seeds(cfg)
     if cfg.semalign is not None:
-        read_jsonl(_train_data(cfg, cfg.semalign), limit=1)
+        read_jsonl(_train_data(cfg, cfg.semalign), limit=cfg.semalign.limit)
         _semalign_seeds(cfg)
 
 
@@ -309,7 +320,7 @@ def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callabl
     try:
         return fn(*args)
     finally:
-        spent = json.loads(path.read_text()) if path.is_file() else {}
+        spent = read_result(path, "timings") or {}
         spent[key] = spent.get(key, 0.0) + time.time() - t
         timings[key] = spent[key]
         if is_main_process():
@@ -325,7 +336,14 @@ def run_transfer(cfg: TransferConfig) -> Path:
     """Run every stage of ``cfg`` (resuming finished ones) and return the report path."""
     _check_data(cfg)
     known = _check_models(cfg)
-    _claim_output(cfg)
+    with lock(cfg.out, "transfer run"):
+        _claim_output(cfg)
+        return _run_stages(cfg, known)
+
+
+def _run_stages(cfg: TransferConfig, known: bool) -> Path:
+    """The stages of :func:`run_transfer`, under the output folder's lock; ``known``: whether the pair was checked
+    already (a hub model's config is known only once it is downloaded)."""
     timings: dict[str, float] = {}
     teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
     student = resolve_model(cfg.student, cfg.out / "models" / "student")
