@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 from functools import partial
 from pathlib import Path
@@ -27,11 +26,11 @@ import numpy as np
 
 from pktjax import sandbox
 from pktjax.checkpoint import Model, load_model
-from pktjax.errors import PktjaxError
+from pktjax.errors import DataError, PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
 from pktjax.model import hidden_states, unembed
 from pktjax.provenance import provenance
-from pktjax.runfolder import append_jsonl, fault_point, sha256_bytes, write_json, write_jsonl
+from pktjax.runfolder import append_jsonl, fault_point, read_jsonl, sha256_bytes, write_json
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
 from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
@@ -152,40 +151,25 @@ class _Finished:
     """Completions kept in a JSONL file (``{"prompt", "output", "sha256"}`` per line, the last the hash of the
     other two) so that an interrupted evaluation goes on where it stopped; without a file it keeps nothing.
     Lines are validated one by one: a line cut short, not UTF-8, not JSON, missing a key or not matching its hash
-    is dropped (named on stderr) and its prompt decoded again."""
+    is dropped (named on stderr, the file rewritten without it) and its prompt decoded again."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path).expanduser() if path is not None else None
         self.done: dict[str, str] = {}
         if self.path is not None and self.path.is_file():
-            lines = self.path.read_bytes().split(b"\n")
-            good = []
-            for n, line in enumerate(lines, 1):
-                row = self._row(line)
-                if row is None:
-                    if line.strip():
-                        print(f"pktjax: {self.path}:{n}: damaged finished-completion record dropped; its prompt "
-                              "is decoded again.", file=sys.stderr)
-                    continue
-                self.done[row["prompt"]] = row["output"]
-                good.append(row)
-            if len(good) != sum(bool(line.strip()) for line in lines):
-                write_jsonl(self.path, good)
+            rows = read_jsonl(self.path, check=self._check, on_bad="drop", what="finished-completion file")
+            self.done = {row["prompt"]: row["output"] for row in rows}
 
     @staticmethod
     def _hash(prompt: str, output: str) -> str:
         return sha256_bytes(json.dumps([prompt, output], ensure_ascii=False).encode())
 
     @classmethod
-    def _row(cls, line: bytes) -> dict | None:
-        try:
-            row = json.loads(line.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            return None
-        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("output"), str)
-                and row.get("sha256") == cls._hash(row["prompt"], row["output"])):
-            return None
-        return row
+    def _check(cls, row: Any, where: str) -> None:
+        if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("output"), str)):
+            raise DataError(f"{where}: a finished completion needs the strings 'prompt' and 'output'.")
+        if row.get("sha256") != cls._hash(row["prompt"], row["output"]):
+            raise DataError(f"{where}: the completion does not match its sha256 (edited or damaged).")
 
     def add(self, prompts: Sequence[str], outputs: Sequence[str]) -> None:
         if self.path is None:

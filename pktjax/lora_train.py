@@ -207,7 +207,7 @@ def _trim_metrics(out_dir: Path, step: int, ckpt: Checkpoints) -> list[dict]:
     checkpoint ``step``'s manifest when lines are missing, repeated or damaged."""
     path = out_dir / METRICS_FILE
     try:
-        rows = runfolder.read_jsonl(path, tail="trim") if path.is_file() else []
+        rows = runfolder.read_jsonl(path, on_bad="trim") if path.is_file() else []
         keep = [r for r in rows if r["step"] <= step]
     except (DataError, KeyError, TypeError) as e:
         rows, keep, why = None, None, str(e)

@@ -8,9 +8,10 @@ checkpoints that fall back to the previous good step when the latest is damaged.
   between the two leaves a checksum that does not match, and the file counts as damaged, never as good).
 - :func:`read_json` verifies that checksum and the JSON; :func:`read_result` turns a damaged result into
   "not computed yet" (removed, said on stderr) so that the stage runs again.
-- :func:`read_jsonl`: UTF-8 JSON lines; a half-cut last line (a kill during an append) is dropped with a warning
-  (and trimmed from the file with ``tail="trim"``); any other bad line is a :class:`DataError` naming file and
-  line. :func:`append_jsonl` appends whole lines and fsyncs them.
+- :func:`read_jsonl`: the one JSONL reader: UTF-8 JSON lines, each checked; a bad line is a :class:`DataError`
+  naming file and line, or (``on_bad="trim"``) a half-cut last line (a kill during an append) is dropped with a
+  note and trimmed from the file, or (``on_bad="drop"``) every bad line is dropped with a note and the file
+  rewritten. :func:`append_jsonl` appends whole lines and fsyncs them.
 - :func:`clean_temps` removes the temporary paths an earlier, killed run left behind.
 - :func:`lock`: an exclusive lock on the output folder for the run (``.pktjax.lock``, ``flock``: the kernel
   releases it when the holder dies); a second job is refused with the holder's pid and start time.
@@ -28,6 +29,7 @@ import contextlib
 import datetime
 import errno
 import fcntl
+import gzip
 import hashlib
 import json
 import os
@@ -251,39 +253,62 @@ def read_result(path: str | os.PathLike, what: str = "result", check: Callable[[
 
 
 def read_jsonl(path: str | os.PathLike, limit: int | None = None, *, check: Callable[[Any, str], None] | None = None,
-               tail: str = "error") -> list[Any]:
-    """JSON lines of ``path`` (blank lines skipped; at most ``limit`` rows). ``check(row, "file:line")`` may
-    raise for a row of the wrong shape. A last line without its newline that does not parse was cut short by a
-    kill: with ``tail="trim"`` it is dropped with a warning and cut from the file, with ``tail="error"`` (input
-    data) it is an error like any other. Every error is a :class:`DataError` naming file and line."""
+               on_bad: str = "error", what: str = "data file") -> list[Any]:
+    """JSON lines of ``path`` (a ``.gz`` file decompressed; blank lines skipped; at most ``limit`` rows), the one
+    JSONL reader of the package. ``check(row, "file:line")`` raises a :class:`DataError` for a row of the wrong
+    shape. A bad line (not UTF-8, not JSON, refused by ``check``) is handled by ``on_bad``:
+
+    - ``"error"`` (input data): a :class:`DataError` naming file and line;
+    - ``"trim"`` (a log that is appended to): a last line without its newline that does not decode was cut short
+      by a kill, and is dropped with a note and cut from the file; any other bad line is an error;
+    - ``"drop"`` (records that are computed again when missing): every bad line is dropped with a note naming
+      file and line, and the file rewritten without them.
+
+    A missing file is a :class:`DataError` ("no such ``what``")."""
+    if on_bad not in ("error", "trim", "drop"):
+        raise ValueError(f"on_bad={on_bad!r}: choose 'error', 'trim' or 'drop'.")
     path = Path(path)
     if not path.is_file():
-        raise DataError(f"{path}: no such data file.")
-    raw = path.read_bytes()
-    rows, start, n = [], 0, 0
+        raise DataError(f"{path}: no such {what}.")
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    rows, dropped, start, n = [], 0, 0, 0
     while start < len(raw) and (limit is None or len(rows) < limit):
         end = raw.find(b"\n", start)
         last = end < 0
         line = raw[start:] if last else raw[start:end]
         n += 1
+        where, row, problem = f"{path}:{n}", None, None
         try:
             text = line.decode("utf-8")
             row = json.loads(text) if text.strip() else None
         except UnicodeDecodeError as e:
-            raise DataError(f"{path}:{n}: not UTF-8 text ({e.reason} at byte {e.start} of the line).") from None
+            problem = f"not UTF-8 text ({e.reason} at byte {e.start} of the line)"
         except json.JSONDecodeError as e:
-            if last and tail == "trim":
-                print(f"pktjax: {path}:{n}: dropping a last line cut short ({len(line)} bytes).", file=sys.stderr)
-                _truncate(path, start)
-                break
-            raise DataError(f"{path}:{n}: not valid JSON ({e}).") from None
-        if row is not None:
-            if check is not None:
-                check(row, f"{path}:{n}")
+            problem = f"not valid JSON ({e})"
+        if problem and last and on_bad == "trim":
+            print(f"pktjax: {where}: dropping a last line cut short ({len(line)} bytes).", file=sys.stderr)
+            _truncate(path, start)
+            break
+        if row is not None and check is not None:
+            try:
+                check(row, where)
+            except DataError as e:
+                if on_bad != "drop":
+                    raise
+                problem = str(e).removeprefix(f"{where}: ").rstrip(".")
+        if problem and on_bad != "drop":
+            raise DataError(f"{where}: {problem}.")
+        if problem:
+            print(f"pktjax: {where}: damaged line dropped ({problem}); what it held is computed again.",
+                  file=sys.stderr)
+            dropped += 1
+        elif row is not None:
             rows.append(row)
         if last:
             break
         start = end + 1
+    if dropped and (limit is None or len(rows) < limit):  # the whole file was read: keep its good lines only
+        write_jsonl(path, rows)
     return rows
 
 
@@ -296,7 +321,7 @@ def _truncate(path: Path, size: int) -> None:
 
 def append_jsonl(path: str | os.PathLike, rows: list[Any]) -> None:
     """Append ``rows`` as JSON lines and fsync them (a kill leaves at most one half-cut last line, which
-    :func:`read_jsonl` with ``tail="trim"`` drops)."""
+    :func:`read_jsonl` with ``on_bad="trim"`` drops)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode()

@@ -9,13 +9,12 @@ several lines (``n`` samples for pass@k). :func:`pktjax.evaluate.evaluate` write
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Sequence
 
 from pktjax.errors import DataError
-from pktjax.runfolder import write_jsonl
+from pktjax.runfolder import read_jsonl, write_jsonl
 from pktjax.tasks.common import pass_at_k
 
 
@@ -38,27 +37,22 @@ def write_samples(path: str | os.PathLike, rows: Sequence[dict[str, Any]]) -> Pa
 
 def read_samples(path: str | os.PathLike, mod, examples: Sequence[dict[str, Any]]) -> dict[str, list[str]]:
     """``{example id: [code, ...]}`` of a samples file for task module ``mod``, in the file's order; every line
-    needs a ``task_id`` of the task and a ``solution`` or ``completion``."""
+    needs a ``task_id`` of the task and a ``solution`` or ``completion`` (a :class:`DataError` names the line)."""
     path = Path(path).expanduser()
-    if not path.is_file():
-        raise DataError(f"{path}: no such samples file.")
     by_sample_id = {mod.sample_id(ex): ex for ex in examples}
     by_sample_id.update({str(ex["task_id"]): ex for ex in examples})  # MBPP's plain integer ids too
-    out: dict[str, list[str]] = {}
-    for i, line in enumerate(path.read_text().splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{i}: not JSON ({e}).") from None
+
+    def check(row: Any, where: str) -> None:
         if not isinstance(row, dict) or "task_id" not in row or not ({"solution", "completion"} & set(row)):
-            raise DataError(f"{path}:{i}: a samples line needs 'task_id' and 'solution' or 'completion'.")
-        ex = by_sample_id.get(str(row["task_id"]))
-        if ex is None:
+            raise DataError(f"{where}: a samples line needs 'task_id' and 'solution' or 'completion'.")
+        if str(row["task_id"]) not in by_sample_id:
             some = ", ".join(list(by_sample_id)[:2])
-            raise DataError(f"{path}:{i}: task_id {row['task_id']!r} is not a problem of this task "
+            raise DataError(f"{where}: task_id {row['task_id']!r} is not a problem of this task "
                             f"(ids look like {some}); check --task.")
+
+    out: dict[str, list[str]] = {}
+    for row in read_jsonl(path, check=check, what="samples file"):
+        ex = by_sample_id[str(row["task_id"])]
         out.setdefault(ex["id"], []).append(mod.from_sample(ex, row))
     if not out:
         raise DataError(f"{path}: no samples in the file.")

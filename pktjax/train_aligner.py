@@ -356,7 +356,7 @@ class _Store:
         if not S.is_main_process():
             return
         try:
-            rows = runfolder.read_jsonl(self.log, tail="trim") if self.log.is_file() else []
+            rows = runfolder.read_jsonl(self.log, on_bad="trim") if self.log.is_file() else []
             keep = [r for r in rows if r["step"] <= last]
         except (DataError, KeyError, TypeError) as e:
             rows, keep, why = None, None, str(e)

@@ -166,13 +166,19 @@ def test_bad_batches_are_refused(tiny_dir):
 # ------------------------------------------------------------------------------------------ the cache
 
 
-def test_cache_reads_back_instead_of_recomputing(trained_model, tmp_path, monkeypatch):
-    model, tok = trained_model
-    params, cfg = model.params, model.config
+def _count_batches(monkeypatch) -> list[int]:
+    """The batch size of every ``attribution_batch`` call from now on (appended as they happen)."""
     calls = []
     real = attribution_module.attribution_batch
     monkeypatch.setattr(attribution_module, "attribution_batch",
                         lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    return calls
+
+
+def test_cache_reads_back_instead_of_recomputing(trained_model, tmp_path, monkeypatch):
+    model, tok = trained_model
+    params, cfg = model.params, model.config
+    calls = _count_batches(monkeypatch)
     k = 1
     first = locate_each(params, cfg, tok, EXAMPLES[:2], layers=k, cache=tmp_path)
     assert calls == [2]
@@ -198,10 +204,7 @@ def test_cache_reads_back_instead_of_recomputing(trained_model, tmp_path, monkey
 def test_damaged_cache_entry_is_scored_again(trained_model, tmp_path, monkeypatch, capsys):
     model, tok = trained_model
     params, cfg = model.params, model.config
-    calls = []
-    real = attribution_module.attribution_batch
-    monkeypatch.setattr(attribution_module, "attribution_batch",
-                        lambda *a, **k: calls.append(a[2].shape[0]) or real(*a, **k))
+    calls = _count_batches(monkeypatch)
     first = locate_each(params, cfg, tok, EXAMPLES[:2], layers=1, cache=tmp_path)
     ids, target = attribution_target(tok, EXAMPLES[1])
     path = entry_path(tmp_path, ids, target, "reference", "last_key")

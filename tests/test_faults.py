@@ -6,6 +6,7 @@ refusal (exit 2) naming the file; never a traceback, silently used damaged data 
 from __future__ import annotations
 
 import errno
+import gzip
 import json
 import os
 import shutil
@@ -110,17 +111,41 @@ def test_read_jsonl_half_cut_tail_and_bad_lines(tmp_path, capsys):
     path.write_bytes(b'{"step": 0}\n{"step": 1}\n{"step": 2, "lo')
     with pytest.raises(DataError, match="log.jsonl:3: not valid JSON"):
         R.read_jsonl(path)  # input data: a cut line is an error
-    assert R.read_jsonl(path, tail="trim") == [{"step": 0}, {"step": 1}]
+    assert R.read_jsonl(path, on_bad="trim") == [{"step": 0}, {"step": 1}]
     assert "log.jsonl:3: dropping a last line cut short" in capsys.readouterr().err
     assert path.read_bytes() == b'{"step": 0}\n{"step": 1}\n'  # trimmed from the file
     path.write_bytes(b'{"step": 0}\n{"step": 1\n{"step": 2}\n')
     with pytest.raises(DataError, match="log.jsonl:2: not valid JSON"):
-        R.read_jsonl(path, tail="trim")  # a bad line before the last is never dropped silently
+        R.read_jsonl(path, on_bad="trim")  # a bad line before the last is never dropped silently
     path.write_bytes(b'{"step": 0}\n{"text": "caf\xe9"}\n')
     with pytest.raises(DataError, match="log.jsonl:2: not UTF-8"):
         R.read_jsonl(path)
     path.write_bytes(b'{"a": 1}\n\n{"a": 2}')  # blank lines skipped, a whole last line without newline kept
     assert R.read_jsonl(path) == [{"a": 1}, {"a": 2}] and R.read_jsonl(path, limit=1) == [{"a": 1}]
+    path.write_bytes(b'{"a": 1}\n{"t": "caf\xc3')  # a kill inside a multi-byte character
+    assert R.read_jsonl(path, on_bad="trim") == [{"a": 1}] and path.read_bytes() == b'{"a": 1}\n'
+
+
+def test_read_jsonl_drops_bad_records_and_reads_gzip(tmp_path, capsys):
+    def check(row, where):
+        if "a" not in row:
+            raise DataError(f"{where}: no key 'a'.")
+
+    path = tmp_path / "rec.jsonl"
+    path.write_bytes(b'{"a": 1}\n{"a": \n{"b": 2}\n\xff\n{"a": 3}\n{"a": 4')
+    with pytest.raises(DataError, match="rec.jsonl:2: not valid JSON"):
+        R.read_jsonl(path, check=check)
+    with pytest.raises(DataError, match="rec.jsonl:2: not valid JSON"):
+        R.read_jsonl(path, check=check, on_bad="trim")  # not the last line: never dropped in trim mode
+    assert R.read_jsonl(path, check=check, on_bad="drop") == [{"a": 1}, {"a": 3}]
+    err = capsys.readouterr().err
+    assert all(f"rec.jsonl:{n}: damaged line dropped" in err for n in (2, 3, 4, 6)) and "no key 'a'" in err
+    assert path.read_bytes() == b'{"a": 1}\n{"a": 3}\n'  # rewritten with the good lines only
+    gz = tmp_path / "bench.jsonl.gz"
+    gz.write_bytes(gzip.compress(b'{"a": 1}\n\n{"a": 2}\n'))
+    assert R.read_jsonl(gz) == [{"a": 1}, {"a": 2}]
+    with pytest.raises(DataError, match="nowhere.jsonl: no such samples file"):
+        R.read_jsonl(tmp_path / "nowhere.jsonl", what="samples file")
 
 
 def test_chat_data_checked_on_every_line(tmp_path):

@@ -70,3 +70,31 @@ def test_train_pissa_bfloat16(tiny_dir, tmp_path):
     assert conf["target_modules"] == ["q_proj", "v_proj"] and conf["r"] == 4
     assert main(["lora", "train", "--student", str(tiny_dir("qwen2")), "--init", "pissa:x", "--task", str(data),
                  "--out", str(tmp_path / "bad")]) == 2  # a clear error, not a traceback
+
+
+def test_train_checks_flags_and_data_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
+    """Bad flags and bad data lines are refused with exit 2 before the student is loaded or --out is created."""
+    student = str(tiny_dir("qwen2"))
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in EXAMPLES))
+    bad = tmp_path / "bad.jsonl"  # a malformed sixth line: every line is checked, not only the first
+    bad.write_text("".join(json.dumps(ex) + "\n" for ex in EXAMPLES[:5]) + '{"messages": []}\n')
+    loaded = []
+    monkeypatch.setattr(pktjax.checkpoint, "load_model", lambda *a, **k: loaded.append(a))
+    out = tmp_path / "run"
+    cases = [(["--task", str(data), "--rank", "0"], "rank"),
+             (["--task", str(data), "--micro-batch", "0"], "micro_batch"),
+             (["--task", str(data), "--batch-size", "6", "--micro-batch", "4"], "multiple of micro_batch"),
+             (["--task", str(data), "--limit", "0"], "--limit 0"),
+             (["--task", str(data), "--seed-samples", "0"], "--seed-samples 0"),
+             (["--task", str(data), "--targets", "q_proj", "nope"], "nope"),
+             (["--task", str(data), "--init", "seeking"], "needs --teacher"),
+             (["--task", str(bad)], "bad.jsonl:6"),
+             (["--task", str(tmp_path / "missing.jsonl")], "missing.jsonl: no such data file"),
+             (["--task", str(data), "--student", str(tmp_path / "no-student")], "no-student")]
+    for flags, message in cases:
+        capsys.readouterr()
+        assert main(["lora", "train", "--student", student, "--out", str(out), "--no-progress", *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert "pktjax: error:" in err and message in err and "Traceback" not in err, (flags, err)
+        assert not out.exists() and loaded == [], flags

@@ -146,10 +146,14 @@ def test_bad_samples_and_settings_are_refused_before_work(tmp_path):
     problems = humaneval.load(limit=2)
     path = tmp_path / "bad.jsonl"
     path.write_text(json.dumps({"task_id": "HumanEval/99999", "completion": ""}) + "\n")
-    with pytest.raises(DataError, match="not a problem of this task"):
+    with pytest.raises(DataError, match="bad.jsonl:1: task_id 'HumanEval/99999' is not a problem of this task"):
         read_samples(path, humaneval, problems)
-    path.write_text(json.dumps({"task_id": "HumanEval/0"}) + "\n")
-    with pytest.raises(DataError, match="'solution' or 'completion'"):
+    path.write_text(json.dumps({"task_id": "HumanEval/0", "completion": ""}) + "\n\n" +
+                    json.dumps({"task_id": "HumanEval/0"}) + "\n")
+    with pytest.raises(DataError, match="bad.jsonl:3: a samples line needs 'task_id' and 'solution' or 'completion'"):
+        read_samples(path, humaneval, problems)
+    path.write_bytes(b'{"task_id": "HumanEval/0", "completion": ""}\n{"task_id": "Hum\n')
+    with pytest.raises(DataError, match="bad.jsonl:2: not valid JSON"):
         read_samples(path, humaneval, problems)
     with pytest.raises(DataError, match="no such samples file"):
         score_samples(tmp_path / "missing.jsonl", "humaneval")

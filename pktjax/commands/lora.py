@@ -47,41 +47,62 @@ def _parse_init(value: str) -> tuple[str, str | None]:
     return method, path or None
 
 
-def _teacher_lora(args, method: str, path: str | None, student, out: Path):
-    """The Seeking factors: read from ``path``, else extracted from ``--teacher`` into ``out/extracted`` (once)."""
-    from pktjax.errors import ConfigError
+def _teacher_lora(args, method: str, path: str | None, student_cfg, out: Path, rank: int):
+    """The Seeking factors: read from ``path``, else extracted from ``--teacher`` into ``out/extracted`` (once).
+    Needs only the student's config: it runs before the student is loaded (the extraction holds the teacher)."""
     from pktjax.lora import import_peft
     from pktjax.workflows import seeking_factors
 
     if method != "seeking":
         return None
     if path is not None:
-        return import_peft(path, student.config)[0]
-    if not args.teacher and not (out / "extracted" / "extraction.json").is_file():
+        return import_peft(path, student_cfg)[0]
+    return seeking_factors(args.teacher, args.student, student_cfg, args.task, out / "extracted", rank=rank,
+                           targets=args.targets, samples=args.seed_samples, cutoff_len=args.cutoff_len)
+
+
+def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: Path) -> LoraTrainConfig:
+    """Every flag checked before any work (nothing loaded, nothing written); the training settings (their rank
+    the given one or the default, which an extracted adapter's rank replaces when ``--rank`` is not given)."""
+    from pktjax.errors import ConfigError
+    from pktjax.lora import check_targets
+
+    tc = from_args(LoraTrainConfig, args)  # --rank 0, --micro-batch 0, ... are refused here
+    for flag, value in (("--limit", args.limit), ("--seed-samples", args.seed_samples)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} {value}: give a positive number (or leave {flag} out).")
+    if args.targets is not None:
+        check_targets(args.targets)
+    if method == "seeking" and path is None and not args.teacher and \
+            not (out / "extracted" / "extraction.json").is_file():
         raise ConfigError("--init seeking needs --teacher (or seeking:PATH with an extracted adapter).")
-    return seeking_factors(args.teacher, args.student, student.config, args.task, out / "extracted",
-                           rank=args.rank or LoraTrainConfig.rank, targets=args.targets, samples=args.seed_samples,
-                           cutoff_len=args.cutoff_len)
+    return tc
 
 
 def _train(args: argparse.Namespace) -> int:
+    import dataclasses
+
     from pktjax import lora as lora_mod
     from pktjax import sharding as S
-    from pktjax.checkpoint import load_model
+    from pktjax.checkpoint import load_model, read_model_config
     from pktjax.data import read_jsonl
     from pktjax.seeking import task_file
     from pktjax.tokenizer import load_tokenizer
     from pktjax.workflows import train_adapter
 
     method, path = _parse_init(args.init)
-    mesh = S.as_mesh(args.mesh)
     out = Path(args.out).expanduser()
+    tc = _check_flags(args, method, path, out)
+    mesh = S.as_mesh(args.mesh)
+    student_cfg = read_model_config(args.student)  # a missing or unreadable student is named before any work
+    if method == "seeking" and args.teacher and path is None:
+        read_model_config(args.teacher)
+    examples = read_jsonl(task_file(args.task, "train"), limit=args.limit)  # every line checked
+    teacher_lora = _teacher_lora(args, method, path, student_cfg, out, tc.rank)
+    if args.rank is None and teacher_lora:
+        tc = dataclasses.replace(tc, rank=lora_mod.rank_of(teacher_lora))
     student = load_model(args.student, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
-    teacher_lora = _teacher_lora(args, method, path, student, out)
-    rank = args.rank or (lora_mod.rank_of(teacher_lora) if teacher_lora else LoraTrainConfig.rank)
-    tc = from_args(LoraTrainConfig, args, rank=rank)
-    examples = read_jsonl(task_file(args.task, "train"), limit=args.limit)
     adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
                             teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh)
     S.main_print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")

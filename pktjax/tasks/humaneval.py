@@ -8,11 +8,10 @@ completion, the problem's ``check`` function and ``check(entry_point)``.
 
 from __future__ import annotations
 
-import gzip
-import json
 import re
 from typing import Any
 
+from pktjax.runfolder import read_jsonl
 from pktjax.tasks.common import Render, bench_path, chat_prompt, hub_dataset
 
 KIND = "generate"
@@ -27,8 +26,7 @@ def load(limit: int | None = None, hub: bool = False) -> list[dict[str, Any]]:
     if hub:
         rows = [dict(r) for r in hub_dataset("openai/openai_humaneval", None, "test")]
     else:
-        with gzip.open(bench_path("humaneval", "HumanEval.jsonl.gz"), "rt") as fh:
-            rows = [json.loads(line) for line in fh if line.strip()]
+        rows = read_jsonl(bench_path("humaneval", "HumanEval.jsonl.gz"), what="benchmark file")
     rows = rows[:limit] if limit is not None else rows
     for r in rows:
         r["id"] = r["task_id"]

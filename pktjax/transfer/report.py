@@ -167,7 +167,7 @@ def plot_aligner_curves(out: Path) -> Path | None:
     keys = ("loss", "ce", "mse", "Δ/W")  # Δ/W: the checkpoint's injected deltas over the weights (all modules)
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.2))
     for log in logs:
-        recs = read_jsonl(log, tail="trim")
+        recs = read_jsonl(log, on_bad="trim")
         for r in recs:
             if (r.get("delta") or {}).get("all", {}).get("relative"):
                 r["Δ/W"] = r["delta"]["all"]["relative"]
