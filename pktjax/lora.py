@@ -33,10 +33,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pktjax.checkpoint import Model, atomic_folder, hf_layer_name, layer_shapes
+from pktjax.checkpoint import Model, hf_layer_name, layer_shapes
 from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError
 from pktjax.model import LINEAR_NAMES, Adapter, LoraSpec, forward
+from pktjax.runfolder import atomic_folder
 from pktjax.safetensors_io import SafetensorsFile, write_safetensors
 
 LoRA = dict[str, Any]

@@ -208,12 +208,25 @@ def test_damaged_cache_entry_is_scored_again(trained_model, tmp_path, monkeypatc
     first = locate_each(params, cfg, tok, EXAMPLES[:2], layers=1, cache=tmp_path)
     ids, target = attribution_target(tok, EXAMPLES[1])
     path = entry_path(tmp_path, ids, target, "reference", "last_key")
-    raw = bytearray(path.read_bytes())
-    raw[len(raw) // 2] ^= 0xFF  # one flipped byte inside the stored arrays
-    path.write_bytes(bytes(raw))
+    with np.load(path) as z:
+        fields = {name: z[name] for name in z.files}
+    ffn = fields["ffn"].copy()
+    finite = np.flatnonzero(np.isfinite(ffn))
+    # an edited score in a valid archive: only the entry's sha256 tells
+    ffn.flat[finite[0]] = 2 * ffn.flat[finite[0]] + 1
+    with open(path, "wb") as fh:
+        np.savez(fh, **{**fields, "ffn": ffn})
     again = locate_each(params, cfg, tok, EXAMPLES[:2], layers=1, cache=tmp_path)
     assert calls == [2, 1]  # only the damaged entry is scored again
-    assert "is damaged" in capsys.readouterr().err
+    assert "does not match its sha256" in capsys.readouterr().err
+    raw = bytearray(path.read_bytes())
+    at = bytes(raw).find(np.ascontiguousarray(read_entry(tmp_path, model_fingerprint(params, cfg), ids, target,
+                                                         "reference", "last_key").attr.ffn).tobytes())
+    assert at > 0
+    raw[at + 3] ^= 0xFF  # one flipped byte inside the stored FFN scores
+    path.write_bytes(bytes(raw))
+    again = locate_each(params, cfg, tok, EXAMPLES[:2], layers=1, cache=tmp_path)
+    assert calls == [2, 1, 1] and "is damaged" in capsys.readouterr().err
     for name in FIELDS:  # scored alone now, in a batch of two before: equal up to float32 rounding
         _assert_close(getattr(again[1], name), getattr(first[1], name), name)
     assert read_entry(tmp_path, model_fingerprint(params, cfg), ids, target, "reference", "last_key") is not None
