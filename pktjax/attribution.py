@@ -20,6 +20,7 @@ vocabulary, ``T`` tokens.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 from typing import Any, Callable, NamedTuple, Sequence
@@ -37,6 +38,7 @@ from pktjax.model import Params, Trace, forward_trace, rms_norm
 from pktjax.select import Attribution
 from pktjax.settings import ATTENTION, MODES
 
+log = logging.getLogger("pktjax.attribution")
 TRAILING = '. ")\n,]'  # stripped from the end of the response before the target token is taken
 DEFAULT_CHUNK = 512
 
@@ -305,7 +307,13 @@ def _neuron_scores_batch(w_u: jax.Array, gamma: jax.Array, eps: float, base: jax
         layer, start = layers[i // blocks], jnp.minimum((i % blocks) * c, n - c)
         cols = jax.lax.dynamic_slice(w_out, (layer, 0, start), (1, d, c))[0].astype(jnp.float32)  # [d, c]
         m = jax.lax.dynamic_slice(coef, (layer, 0, start), (1, e, c))[0].astype(jnp.float32)  # [E, c]
-        m_block = _logits(w_u, (gamma[:, None] * cols).T)  # [c, V]
+        # The operand laid out as [c, d] before the product. Left to itself XLA folds the transpose into the
+        # product (contracting the left operand's first axis), which its CPU backend runs on a generic dot instead
+        # of the YNNPACK kernel that takes the plain [c, d] x [V, d]^T form (as the per-example route's operand,
+        # which comes out of a fusion in that layout): the batched route then cost 1.5x the per-example route at
+        # E = 1 (experiments/bench/RESULTS.md). The barrier keeps the transpose a copy of c d floats.
+        lhs = jax.lax.optimization_barrier((gamma[:, None] * cols).T)
+        m_block = _logits(w_u, lhs)  # [c, V]
         if u is None:
             return _block_gain(m_block, None, scale[:, None] * m, None, logp[layer], targets)
         x = base[layer]  # [E, d]
@@ -569,6 +577,10 @@ def locate_each(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[
 
     todo = [i for i, e in enumerate(found) if e is None or not e.covers(*needed(e.attr.layer_attn,
                                                                                e.attr.layer_ffn))]
+    if cache is not None:  # the extra fields let a caller (the command line) tally what the cache served
+        log.info("%s: %d of %d examples' attribution scores read from the cache, %d located",
+                 cache, len(items) - len(todo), len(items), len(todo),
+                 extra={"cache_folder": str(cache), "cache_read": len(items) - len(todo), "cache_total": len(items)})
     for g in _groups([items[i] for i in todo], _pad_id(tokenizer), bucket, batch):
         index = [todo[i] for i in g.index]
         ffn_rows, attn_rows = np.zeros((2, len(index), cfg.num_layers), bool)

@@ -92,6 +92,27 @@ def entry_path(folder: str | os.PathLike, ids: np.ndarray, target: int, mode: st
     return Path(folder) / f"{h.hexdigest()[:32]}.npz"
 
 
+def _check_fingerprint(path: Path, found: str, fingerprint: str) -> None:
+    if found != fingerprint:
+        raise ConfigError(f"{path} holds attribution scores of another model (fingerprint {found}, this model's is "
+                          f"{fingerprint}): the weights changed since they were written. Delete {path.parent} or "
+                          "give another cache folder.")
+
+
+def check_folder(folder: str | os.PathLike, fingerprint: str) -> None:
+    """Refuse (:class:`ConfigError`) a cache folder that holds another model's scores, judged by one of its
+    entries (a folder serves one model), so that a run can stop before it writes anything; no-op when empty."""
+    first = next(iter(sorted(Path(folder).glob("*.npz"))), None)
+    if first is None:
+        return
+    try:
+        with np.load(first) as z:
+            found = str(z["fingerprint"])
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        return  # a damaged entry is scored again when it is read (read_entry)
+    _check_fingerprint(first, found, fingerprint)
+
+
 def read_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, target: int, mode: str,
                attention: str) -> Entry | None:
     """The cached scores of one example, or ``None`` when there are none. An entry written by another model
@@ -110,10 +131,7 @@ def read_entry(folder: str | os.PathLike, fingerprint: str, ids: np.ndarray, tar
         print(f"pktjax: {path} is damaged ({why}); scoring the example again.", file=sys.stderr)
         path.unlink(missing_ok=True)
         return None
-    if str(data["fingerprint"]) != fingerprint:
-        raise ConfigError(f"{path} holds attribution scores of another model (fingerprint {data['fingerprint']}, "
-                          f"this model's is {fingerprint}): the weights changed since they were written. Delete "
-                          f"{Path(folder)} or give another cache folder.")
+    _check_fingerprint(path, str(data["fingerprint"]), fingerprint)
     same = (str(data["mode"]) == mode and str(data["attention"]) == attention and int(data["target"]) == target
             and np.array_equal(data["ids"], np.asarray(ids)))
     if not same:  # a hash collision: not this example's scores

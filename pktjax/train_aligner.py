@@ -64,6 +64,7 @@ from pktjax import runfolder
 from pktjax import sharding as S
 from pktjax.align import AlignerParams, align, init_aligner, mean_square
 from pktjax.attribution import locate_each
+from pktjax.attribution_cache import check_folder, model_fingerprint
 from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, iter_chunks, pad_left, read_jsonl, tokenize_laten
@@ -542,6 +543,10 @@ def _train_locked(teacher, student, extract_examples, align_examples, out_dir: P
                   tokenizer, callback, progress: bool, mesh, cache) -> AlignerParams:
     run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer, mesh)
     t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
+    cache = None if jax.process_count() > 1 else Path(cache or out_dir / "attribution_cache")
+    if cache is not None:  # another model's scores are refused before the run writes anything
+        for role, m in (("teacher", run.pair.teacher), ("student", run.pair.student)):
+            check_folder(cache / role, model_fingerprint(m.params, m.config))
     _start_run(out_dir, _run_record(run.pair, config, run.order, len(run.extract_examples), len(run.align_tokens)))
     aligner = init_aligner(jax.random.PRNGKey(config.seed), run.pair.modules, t_cfg.hidden_size, s_cfg.hidden_size)
     state = S.place({"aligner": aligner, "opt_state": OPTIMIZER.init(aligner)}, run.mesh)
@@ -550,7 +555,6 @@ def _train_locked(teacher, student, extract_examples, align_examples, out_dir: P
     try:
         start, restored = store.resume(state)
         bar.update(start)
-        cache = None if jax.process_count() > 1 else Path(cache or out_dir / "attribution_cache")
         state = _run_steps(run, restored or state, start, store, bar, callback, cache)
     finally:
         bar.close()

@@ -122,6 +122,20 @@ def test_batch_equals_per_example_route_on_a_trained_model(trained_model, mode):
     _check_against_per_example(model.params, model.config, 2, mode, "all_keys")
 
 
+@pytest.mark.parametrize("mode", ["reference", "rmsnorm"])
+def test_one_example_batch_equals_per_example_route(trained_model, mode):
+    """E = 1 (what :func:`pktjax.attribution` runs): the batched route compiles differently for a single row (its
+    per-example map has one step), so it is checked on its own, with left padding."""
+    model, _ = trained_model
+    params, cfg = model.params, model.config
+    seqs, ids, mask, targets = _batch(3)
+    got = attribution_batch(params, cfg, ids[1:2], targets[1:2], mask[1:2], mode=mode, chunk=7)
+    want = _per_example(params, cfg, seqs[1], int(targets[1]), mode, chunk=7)
+    for name in FIELDS:
+        _assert_close(getattr(got, name)[0], getattr(want, name), f"{mode} E=1 {name}")
+    _same_selection(jax.tree.map(lambda x: x[0], got), want, cfg.num_layers, 5, 3)
+
+
 def test_locate_each_gives_each_examples_scores_and_selection(trained_model, tiny_dir):
     model, tok = trained_model
     params, cfg = model.params, model.config
