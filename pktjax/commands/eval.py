@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pktjax.commands import list_argument, task_argument
+from pktjax.settings import DeviceSettings, add_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -30,10 +31,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per program (code tasks)")
     p.add_argument("--hub", action="store_true", help="read the benchmark from the Hugging Face hub (online)")
     p.add_argument("--out", default=None, help="write the JSON report here (code tasks: the samples file beside it)")
+    add_arguments(p, DeviceSettings, ("mesh", "dtype"))
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pktjax import sharding as S
+    from pktjax.checkpoint import load_model
     from pktjax.errors import ConfigError
     from pktjax.evaluate import evaluate, score_samples
     from pktjax.progress import progress_bar
@@ -46,16 +50,19 @@ def _eval(args: argparse.Namespace) -> int:
         report = score_samples(args.samples, args.task, pass_k=args.pass_k, timeout=args.timeout, hub=args.hub,
                                out=args.out)
     else:
+        mesh = S.as_mesh(args.mesh)
         total = len(get_task(args.task).load(args.limit, hub=args.hub)) * (2 if args.num_samples else 1)
+        model = load_model(args.model, dtype=args.dtype, mesh=mesh)
         with progress_bar(total, args.task, "ex") as bar:
-            report = evaluate(args.model, args.task, limit=args.limit, few_shot=args.few_shot,
-                              batch_size=args.batch_size, out=args.out, max_new_tokens=args.max_new_tokens,
-                              hub=args.hub, timeout=args.timeout, progress=bar.update, num_samples=args.num_samples,
+            report = evaluate(model, args.task, limit=args.limit, few_shot=args.few_shot,
+                              batch_size=args.batch_size, out=args.out if S.is_main_process() else None,
+                              max_new_tokens=args.max_new_tokens, hub=args.hub, timeout=args.timeout,
+                              progress=bar.update, num_samples=args.num_samples,
                               temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
                               prompt_format=args.prompt_format)
-    print(format_table(report))
+    S.main_print(format_table(report))
     if args.out:
-        print(f"report: {args.out}")
+        S.main_print(f"report: {args.out}")
     return 0
 
 

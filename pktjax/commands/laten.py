@@ -8,7 +8,7 @@ from __future__ import annotations
 import argparse
 
 from pktjax.commands import task_argument
-from pktjax.settings import AlignerTrainConfig, add_arguments, from_args
+from pktjax.settings import AlignerTrainConfig, DeviceSettings, add_arguments, from_args
 
 TASKS = ("gsm", "mmlu", "humaneval", "mbpp")
 
@@ -26,6 +26,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     task_argument(p, "data", required=True, choices=TASKS, help="task whose LaTen splits are used by default "
                   "(gsm8k is gsm)")
     p.add_argument("--out", required=True, help="output folder")
+    add_arguments(p, DeviceSettings, ("mesh",))
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -34,8 +35,6 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", help="align split JSONL (default: the task's)")
     add_arguments(p, AlignerTrainConfig, train_on_inputs={
         "default": None, "help": "loss on prompt tokens too (default: yes for mmlu, no otherwise)"})
-    p.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
-                   "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -47,9 +46,11 @@ def _fuse_parser(p: argparse.ArgumentParser) -> None:
                    help="which saved aligner to apply: step t is the aligner after t + 1 updates")
     p.add_argument("--train", help="train split JSONL to locate on (default: the task's)")
     # the fuse repeats the training run's choices unless told otherwise
-    add_arguments(p, AlignerTrainConfig, ("rate", "seed", "modules", "mode", "attention", "layers"),
+    add_arguments(p, AlignerTrainConfig, ("rate", "seed", "modules", "mode", "attention", "layers", "dtype"),
                   mode={"default": None}, attention={"default": None},
-                  layers={"help": "K, the layers transferred into (default: the training run's)"})
+                  layers={"help": "K, the layers transferred into (default: the training run's)"},
+                  dtype={"default": None, "help": "storage dtype of the teacher's and student's weights and of the "
+                                                  "saved student (default: the training run's)"})
     p.set_defaults(func=_fuse)
 
 
@@ -77,7 +78,7 @@ def _fuse(args: argparse.Namespace) -> int:
 
     out = fuse(args.teacher, args.student, args.aligner, args.step, _split(args, "train"), args.out,
                rate=args.rate, seed=args.seed, modules=args.modules, mode=args.mode, attention=args.attention,
-               layers=args.layers)
+               layers=args.layers, dtype=args.dtype, mesh=args.mesh)
     import json
 
     from pktjax.fuse import INJECTION

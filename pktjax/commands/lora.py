@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pktjax.settings import LoraTrainConfig, SeekingSettings, add_arguments, from_args
+from pktjax.settings import DeviceSettings, LoraTrainConfig, SeekingSettings, add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,15 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
     t.add_argument("--seed-samples", type=int, default=SeekingSettings.samples,
                    help="seed examples for --init seeking with --teacher (default: %(default)s)")
-    t.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
-                   "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
+    add_arguments(t, DeviceSettings, ("mesh",))
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
     m = lora.add_parser("merge", help="merge an adapter into the student and save a transformers checkpoint")
     m.add_argument("--student", required=True, help="the checkpoint the adapter applies to")
     m.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. the adapter/ of 'lora train')")
     m.add_argument("--out", required=True, help="new checkpoint folder")
-    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
+    add_arguments(m, DeviceSettings, ("dtype",), dtype={
+        "help": "storage dtype of the saved weights (the merge itself runs in float32)"})
     m.set_defaults(func=_merge)
 
 
@@ -61,7 +61,7 @@ def _teacher_lora(args, method: str, path: str | None, student, out: Path):
         raise ConfigError("--init seeking needs --teacher (or seeking:PATH with an extracted adapter).")
     return seeking_factors(args.teacher, args.student, student.config, args.task, out / "extracted",
                            rank=args.rank or LoraTrainConfig.rank, targets=args.targets, samples=args.seed_samples,
-                           cutoff_len=args.cutoff_len)
+                           cutoff_len=args.cutoff_len, dtype=args.dtype, mesh=args.mesh)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -76,7 +76,7 @@ def _train(args: argparse.Namespace) -> int:
     method, path = _parse_init(args.init)
     mesh = S.as_mesh(args.mesh)
     out = Path(args.out).expanduser()
-    student = load_model(args.student, mesh=mesh)
+    student = load_model(args.student, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     teacher_lora = _teacher_lora(args, method, path, student, out)
     rank = args.rank or (lora_mod.rank_of(teacher_lora) if teacher_lora else LoraTrainConfig.rank)
