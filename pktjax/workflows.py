@@ -82,7 +82,8 @@ def extract_to(teacher: str | os.PathLike, student: str | os.PathLike, student_c
     else:
         examples = list(seeds)[:samples]
     teacher_model = load_model(teacher, dtype=jnp.dtype(dtype), mesh=mesh)
-    lora, cut = extract_for_examples(teacher_model, student_cfg, tokenizer, examples, rank, targets=targets, cutoff_len=cutoff_len)
+    lora, cut = extract_for_examples(teacher_model, student_cfg, tokenizer, examples, rank, targets=targets,
+                                     cutoff_len=cutoff_len)
     folder = export_peft(lora, student_cfg, out, alpha=rank, base_model=str(student))
     info = {"teacher": str(teacher), "student": str(student), "task": seeds if isinstance(seeds, str) else "given",
             "samples": len(examples), "rank": rank, "teacher_layers": cut["layers"],

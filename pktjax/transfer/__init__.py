@@ -55,10 +55,10 @@ the first ``samples`` of the train split (``seed_data`` names another source). T
 stage's extraction when ranks and modules allow.
 
 The top-level ``mesh``, ``dtype`` and ``device_memory_gb`` are :class:`pktjax.settings.DeviceSettings`. With
-``mesh``, every stage but SemAlign's loads its models onto the mesh by the sharding rules (locate, the aligner and
-LoRA trainings, fuse, evaluation with sharded decoding, the analysis); a run resumes on any mesh (the fingerprint
-leaves the mesh out). Before anything is written or loaded, a LaTen job that ``pktjax plan`` says does not fit the device
-memory is refused with the plan's numbers and the micro-batch, mesh or dtype that would fit.
+``mesh``, every stage loads its models onto the mesh by the sharding rules (locate, the aligner, LoRA and SemAlign
+trainings, fuse, evaluation with sharded decoding, the analysis); a run resumes on any mesh (the fingerprint
+leaves the mesh out). Before anything is written or loaded, a LaTen job that ``pktjax plan`` says does not fit
+the device memory is refused with the plan's numbers and the micro-batch, mesh or dtype that would fit.
 
 Modules: :mod:`~pktjax.transfer.config` (the schema, its defaults and checks), :mod:`~pktjax.transfer.models`
 (model specs and the pair check), :mod:`~pktjax.transfer.stages` (the stages and :func:`run_transfer`),

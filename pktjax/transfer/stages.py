@@ -269,7 +269,7 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
                                      read_jsonl(_train_data(cfg, sec), limit=sec.limit), folder,
                                      sec.trainer(seed, cfg.task), semalign_config(sec),
                                      teacher_dtype=sec.teacher_dtype, probe=probe, probe_kw=probe_kw,
-                                     plan_folder=cfg.out / "semalign")
+                                     plan_folder=cfg.out / "semalign", mesh=_mesh(cfg))
         _evaluate(model.replace(source=info.get("adapter") or info.get("model")), cfg, report,
                   tokenizer=load_tokenizer(student))
     return {"method": "SemAlign", "seed": seed, "step": None, **_score(report)}
