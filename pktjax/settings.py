@@ -337,8 +337,9 @@ class EvalSettings:
     task: str | None = setting(None, "evaluation task (default: the job's task)", choices=TASKS)
     limit: int | None = setting(None, "evaluate the first N test examples (default: all)", ge=1)
     max_new_tokens: int | None = setting(None, "tokens generated at most (default: the task's)", ge=1)
-    batch_size: int = setting(8, "examples decoded together", ge=1, result=False)
-    few_shot: int = setting(0, "exemplars in each prompt", ge=0)
+    batch_size: int = setting(8, "decode slots of the continuous batching (generation tasks) or forward batch "
+                                 "(MMLU)", ge=1, result=False)
+    few_shot: int = setting(0, "exemplars in each prompt (MMLU: 0 or 5)", ge=0)
     prompt_format: str = setting("paper", "the paper's <|user|> chat format, or the model's own chat template "
                                           "(tokenizer or GGUF)", choices=PROMPT_FORMATS)
 

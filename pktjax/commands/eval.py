@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pktjax.commands import list_argument, task_argument
-from pktjax.settings import DeviceSettings, add_arguments
+from pktjax.settings import DeviceSettings, EvalSettings, add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,13 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", default=None, metavar="FILE",
                    help="score this human-eval / EvalPlus samples file (JSONL of task_id + completion or solution) "
                         "instead of a model (humaneval, mbpp)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
-    p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="decode slots of the continuous batching (generation tasks) or forward batch (MMLU)")
-    p.add_argument("--prompt-format", choices=("paper", "chat_template"), default="paper",
-                   help="the paper's <|user|> chat format, or the model's own chat template (tokenizer or GGUF)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
+    # the settings of a transfer config's `eval:` section, as flags
+    add_arguments(p, EvalSettings, ("limit", "few_shot", "batch_size", "prompt_format", "max_new_tokens"))
     p.add_argument("--num-samples", type=int, default=0, metavar="N",
                    help="also draw N completions per problem at --temperature and report pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for --num-samples")
@@ -46,20 +41,21 @@ def _eval(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.samples is None):
         raise ConfigError("pktjax eval: give --model (evaluate a checkpoint) or --samples FILE (score samples "
                           "made elsewhere), not both.")
+    e = from_args(EvalSettings, args)  # the ranges checked before any model or data is read
     if args.samples is not None:
         report = score_samples(args.samples, args.task, pass_k=args.pass_k, timeout=args.timeout, hub=args.hub,
                                out=args.out)
     else:
         mesh = S.as_mesh(args.mesh)
-        total = len(get_task(args.task).load(args.limit, hub=args.hub)) * (2 if args.num_samples else 1)
+        total = len(get_task(args.task).load(e.limit, hub=args.hub)) * (2 if args.num_samples else 1)
         model = load_model(args.model, dtype=args.dtype, mesh=mesh)
         with progress_bar(total, args.task, "ex") as bar:
-            report = evaluate(model, args.task, limit=args.limit, few_shot=args.few_shot,
-                              batch_size=args.batch_size, out=args.out if S.is_main_process() else None,
-                              max_new_tokens=args.max_new_tokens, hub=args.hub, timeout=args.timeout,
+            report = evaluate(model, args.task, limit=e.limit, few_shot=e.few_shot,
+                              batch_size=e.batch_size, out=args.out if S.is_main_process() else None,
+                              max_new_tokens=e.max_new_tokens, hub=args.hub, timeout=args.timeout,
                               progress=bar.update, num_samples=args.num_samples,
                               temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
-                              prompt_format=args.prompt_format)
+                              prompt_format=e.prompt_format)
     S.main_print(format_table(report))
     if args.out:
         S.main_print(f"report: {args.out}")
