@@ -184,7 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Sequ
         args = typing.get_args(tp)
         base = next((a for a in args if a is not type(None)), tp) if args and typing.get_origin(tp) not in (
             tuple, list) else tp
-        kw: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kw: dict[str, Any] = {"default": default, "help": f.metadata.get("help", "")}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) in (tuple, list):
@@ -195,7 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Sequ
                 kw["choices"] = f.metadata["choices"]
         kw.update(custom.get(name, {}))
         if kw["default"] is not None and "%(default)" not in kw["help"]:
-            kw["help"] = (kw["help"] + " " if kw["help"] else "") + "(default: %(default)s)"
+            # a list default as it is typed on the command line
+            shown = " ".join(map(str, kw["default"])) if isinstance(kw["default"], tuple) else "%(default)s"
+            kw["help"] = (kw["help"] + " " if kw["help"] else "") + f"(default: {shown})"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
 
 

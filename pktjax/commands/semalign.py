@@ -7,8 +7,7 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pktjax.settings import (DEFAULT_DTYPE, SEMALIGN_TARGETS, DeviceSettings, LoraTrainConfig, SemalignSettings,
-                                 add_arguments)
+    from pktjax.settings import DEFAULT_DTYPE, DeviceSettings, LoraTrainConfig, SemalignSettings, add_arguments
 
     p = sub.add_parser("semalign", help="SemAlign: align one student layer with the teacher's recomposed outputs")
     sem = p.add_subparsers(dest="semalign_command", required=True)
@@ -24,7 +23,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(t, SemalignSettings, ("mode", "compare", "frame", "layer", "targets", "epochs", "lr", "batch_size",
                                         "micro_batch", "rank", "alpha", "dropout", "cutoff_len", "limit", "seed_data",
                                         "teacher_dtype"),
-                  targets={"default": SEMALIGN_TARGETS},
                   seed_data={"help": "attribution examples (default: the task's Seeking samples, else the first "
                                      "--seed-samples training examples)"},
                   teacher_dtype={"default": DEFAULT_DTYPE, "help": "storage dtype of the teacher's weights"})
