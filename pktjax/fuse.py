@@ -20,6 +20,8 @@ from pktjax.checkpoint import Model, save_model
 from pktjax.errors import CheckpointError, ConfigError, PairError
 from pktjax.inject import delta_sizes, inject
 from pktjax.runfolder import write_json
+from pktjax.settings import DEFAULT_DTYPE
+from pktjax.sharding import as_mesh
 from pktjax.train_aligner import (Source, load_aligner, load_examples, locate_and_extract, peek_config,
                                   prepare_pair, read_run)
 
@@ -50,13 +52,15 @@ def fuse_example(examples: Sequence[dict[str, Any]], seed: int) -> dict[str, Any
 def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step: int,
          examples: Sequence[dict[str, Any]] | str | os.PathLike, out: str | os.PathLike, *, rate: float = 0.1,
          seed: int = 42, modules: Sequence[str] | None = None, mode: str | None = None,
-         attention: str | None = None, layers: int | None = None, tokenizer=None,
-         cache: str | os.PathLike | None = None) -> Path:
+         attention: str | None = None, layers: int | None = None, tokenizer=None, dtype: str | None = None,
+         mesh=None, cache: str | os.PathLike | None = None) -> Path:
     """Write the fused student to ``out`` and return its path.
 
     ``aligner_dir``: a :func:`pktjax.train_aligner` output folder; ``step``: which saved aligner to apply.
-    ``modules``, ``mode``, ``attention`` and ``layers`` (K) default to the training run's. Every check (output folder, data,
-    pair, aligner sizes) runs before the models are loaded. ``cache``: a folder of attribution scores
+    ``modules``, ``mode``, ``attention``, ``layers`` (K) and ``dtype`` (the weights' storage dtype, also that of the
+    saved student) default to the training run's. ``mesh`` (a :class:`jax.sharding.Mesh` or a spec such as
+    ``"fsdp=4,tensor=2"``): the models are loaded onto it by the sharding rules. Every check (output folder, data,
+    pair, aligner sizes, mesh) runs before the models are loaded. ``cache``: a folder of attribution scores
     (:func:`pktjax.train_aligner.locate_pair`) to read the example's scores from, or keep them in.
     """
     out = Path(out)
@@ -67,7 +71,9 @@ def fuse(teacher: Source, student: Source, aligner_dir: str | os.PathLike, step:
     modules = tuple(modules or run["modules"])
     _check_aligner(aligner, modules, teacher, student)
     layers = layers or run["config"].get("layers")
-    pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer, layers=layers)
+    dtype = dtype or run["config"].get("dtype", DEFAULT_DTYPE)
+    pair = prepare_pair(teacher, student, rate=rate, modules=modules, tokenizer=tokenizer, layers=layers,
+                        mesh=as_mesh(mesh), dtype=dtype)
     index = random.Random(seed).randrange(len(examples))  # the example fuse_example picks
     knowledge, _, sel_s = locate_and_extract(pair, examples[index], mode or run["config"]["mode"],
                                              attention or run["config"]["attention"], layers, cache)

@@ -1,5 +1,5 @@
 """The memory model of LaTen (locate + aligner training): per-device bytes for a teacher/student pair on a mesh
-(what ``pktjax plan`` prints).
+(what ``pktjax plan`` prints, and what ``pktjax transfer`` checks a job against before it loads a model).
 
 No weights are read: shapes come from the configs as ``jax.ShapeDtypeStruct`` trees and ``jax.eval_shape`` (the
 aligner, its AdamW state, the attribution outputs), and the bytes each device holds from the partition rules of
@@ -46,7 +46,7 @@ from pktjax.errors import ConfigError
 from pktjax.extract import check_modules
 from pktjax.pair import check_laten_pair
 from pktjax.select import neuron_counts
-from pktjax.settings import AlignerTrainConfig
+from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig
 from pktjax.train_aligner import OPTIMIZER
 
 USABLE = 0.9
@@ -60,7 +60,7 @@ class PlanInput:
     teacher: Any
     student: Any
     mesh: Mapping[str, int]
-    dtype: str = "bfloat16"
+    dtype: str = DEFAULT_DTYPE
     device_gib: float = 80.0
     rate: float = AlignerTrainConfig.rate
     p_examples: int = AlignerTrainConfig.examples_per_step
@@ -235,12 +235,25 @@ def _verdict(inp: PlanInput, result: dict[str, Any]) -> str:
             f"some of them idle (use a multiple of {rows})." if inp.micro_batch % rows else "")
     if result["fits"]:
         return f"FITS: {share}; micro-batches of up to {best} fit.{note}"
+    narrower = _narrower_dtype(inp)
+    dtype = f"; it also fits with --dtype {narrower}" if narrower else ""
     if best:
-        return f"DOES NOT FIT: {share}; it fits with --micro-batch {best}.{note}"
+        return f"DOES NOT FIT: {share}; it fits with --micro-batch {best}{dtype}.{note}"
     others = [m for m in alternatives(inp) if plan(dataclasses.replace(inp, mesh=m))["fits"]]
-    hint = ("; on the same devices it fits with --mesh " + " or --mesh ".join(mesh_str(m) for m in others)
-            if others else ", even with --micro-batch 1 or another mesh of these devices: use more devices")
+    if others:
+        hint = "; on the same devices it fits with --mesh " + " or --mesh ".join(mesh_str(m) for m in others) + dtype
+    elif narrower:
+        hint = f"; it fits with --dtype {narrower}"
+    else:
+        hint = ", even with --micro-batch 1, another mesh of these devices or bfloat16 weights: use more devices"
     return f"DOES NOT FIT: {share}{hint}.{note}"
+
+
+def _narrower_dtype(inp: PlanInput) -> str | None:
+    """``bfloat16`` when the plan holds float32 weights and fits with bfloat16 ones (same micro-batch and mesh)."""
+    if inp.dtype == "bfloat16" or not plan(dataclasses.replace(inp, dtype="bfloat16"))["fits"]:
+        return None
+    return "bfloat16"
 
 
 def alternatives(inp: PlanInput) -> list[dict[str, int]]:
@@ -261,9 +274,17 @@ def mesh_sizes(spec: str, devices: int | None) -> dict[str, int]:
     if devices is None:
         if "-1" in spec:
             raise ConfigError(f"mesh {spec!r} has a -1 axis: pass --devices N to plan for N devices.")
-        sizes = [part.partition("=")[2].strip() for part in spec.split(",")]
-        devices = math.prod(int(v) for v in sizes if v.isdigit()) or 1
+        devices = S.spec_devices(spec)
     return S.parse_mesh_spec(spec, devices)
+
+
+def transfer_input(cfg, teacher, student, mesh: Mapping[str, int], device_gib: float) -> PlanInput:
+    """The plan of a transfer config's LaTen job (:class:`pktjax.transfer.config.TransferConfig`): the models'
+    configs ``teacher``/``student``, the job's weights dtype and ``laten`` sizes, on a mesh of sizes ``mesh``."""
+    lt = cfg.laten
+    return PlanInput(teacher=teacher, student=student, mesh=dict(mesh), dtype=cfg.device.dtype,
+                     device_gib=device_gib, rate=lt.rate, p_examples=lt.examples_per_step,
+                     micro_batch=lt.micro_batch, cutoff_len=lt.cutoff_len)
 
 
 def check_input(inp: PlanInput) -> None:

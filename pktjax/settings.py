@@ -2,6 +2,8 @@
 
 - :class:`AlignerTrainConfig`: LaTen's aligner run (``pktjax laten train``, the ``laten:`` section);
 - :class:`LoraTrainConfig`: a LoRA run (``pktjax lora train``, the ``seeking:`` / ``lora:`` / ``pissa:`` sections);
+- :class:`DeviceSettings`: the devices and weights' dtype of every command that loads a model (``--mesh``,
+  ``--dtype``) and of a transfer job (its top-level ``mesh``, ``dtype``, ``device_memory_gb``);
 - :class:`EvalSettings`, :class:`LatenSettings`, :class:`LoraSettings`, :class:`SeekingSettings`,
   :class:`SemalignSettings`, :class:`AnalysisSettings`: the sections of a transfer config
   (:mod:`pktjax.transfer.config`).
@@ -29,6 +31,10 @@ from pktjax.tasks.common import PROMPT_FORMATS
 MODES = ("reference", "rmsnorm")  # attribution normalisation (SPEC §3.1)
 ATTENTION = ("last_key", "all_keys")  # attention-neuron values
 DTYPES = ("float32", "bfloat16")
+# The weights' storage dtype of every command that loads a model, of a transfer job and of what `pktjax plan`
+# counts. Computations that need float32 keep it whatever the weights are: norm statistics, attention softmax,
+# logits, attribution scores, the aligner and its optimizer, LoRA factors.
+DEFAULT_DTYPE = "float32"
 METRICS = ("cka", "cosine", "both")
 SEMALIGN_MODES = ("lora", "weights")  # SemAlign trains a LoRA on the paired layer, or its weights
 COMPARES = ("ffn", "update", "residual")  # SemAlign's compared layer output (pktjax.semalign.COMPARE)
@@ -178,7 +184,8 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Sequ
         args = typing.get_args(tp)
         base = next((a for a in args if a is not type(None)), tp) if args and typing.get_origin(tp) not in (
             tuple, list) else tp
-        kw: dict[str, Any] = {"default": f.default, "help": f.metadata.get("help", "")}
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        kw: dict[str, Any] = {"default": default, "help": f.metadata.get("help", "")}
         if base is bool:
             kw["action"] = argparse.BooleanOptionalAction
         elif typing.get_origin(base) in (tuple, list):
@@ -189,7 +196,9 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Sequ
                 kw["choices"] = f.metadata["choices"]
         kw.update(custom.get(name, {}))
         if kw["default"] is not None and "%(default)" not in kw["help"]:
-            kw["help"] = (kw["help"] + " " if kw["help"] else "") + "(default: %(default)s)"
+            # a list default as it is typed on the command line
+            shown = " ".join(map(str, kw["default"])) if isinstance(kw["default"], tuple) else "%(default)s"
+            kw["help"] = (kw["help"] + " " if kw["help"] else "") + f"(default: {shown})"
         parser.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
 
 
@@ -247,6 +256,8 @@ class AlignerTrainConfig:
     layers: int | None = setting(
         None, "K, the layers transferred into (default: every student layer); neurons are scored only in each "
               "model's top K layers, so a small K makes locating about K/L as costly", ge=1)
+    dtype: str = setting(DEFAULT_DTYPE, "storage dtype of the teacher's and student's weights (the aligner and "
+                                        "its optimizer stay float32)", choices=DTYPES)
 
     def validate(self, where: str = "") -> None:
         check_fields(self, where)
@@ -268,7 +279,7 @@ class LoraTrainConfig:
     max_grad_norm: float = setting(1.0, "gradient clipping at this global norm", gt=0)
     cutoff_len: int = setting(2048, "tokens per example at most", ge=1)
     bucket: int = setting(64, "sequence lengths round up to a multiple of this", ge=1)
-    dtype: str = setting("float32", "compute dtype of the frozen base weights (the adapter stays float32)",
+    dtype: str = setting(DEFAULT_DTYPE, "storage dtype of the frozen base weights (the adapter stays float32)",
                          choices=DTYPES)
     seed: int = setting(1, "seed of the LoRA init, dropout and example order")
     save_every: int = setting(0, "extra checkpoints every N optimizer steps (0: after each epoch and at the end)",
@@ -285,6 +296,40 @@ class LoraTrainConfig:
                               f"micro_batch={self.micro_batch}.")
 
 
+# ----------------------------------------------------------------------------------------------------- devices
+
+
+@dataclasses.dataclass(frozen=True)
+class DeviceSettings:
+    """Where a job runs and how its weights are stored: ``--mesh`` / ``--dtype`` of every command that loads a
+    model, and the top-level ``mesh``, ``dtype`` and ``device_memory_gb`` of a transfer config."""
+
+    # a mesh splits the same computation over devices: only the order of float32 sums changes (the sharded
+    # transfer test finds every score equal and the injected delta sizes within a relative 1e-3), so a run
+    # resumes on any mesh
+    mesh: str | None = setting(
+        None, "device mesh to shard over, e.g. 'fsdp=8', 'fsdp=4,tensor=2' or 'data=2,fsdp=2,tensor=2' (its sizes "
+              "multiply to the device count; -1: the devices left over; default: one device)", result=False)
+    # bfloat16 weights give other activations and scores than float32 ones: the dtype is part of a run's identity
+    dtype: str = setting(DEFAULT_DTYPE, "storage dtype of the models' weights; float32 computations (norms, "
+                                        "softmax, logits, attribution scores, aligner, LoRA factors) stay float32",
+                         choices=DTYPES)
+    # only what is checked before a job starts, not what it computes
+    device_memory_gb: float | None = setting(
+        None, "memory of one device in GiB that the fit check of `pktjax plan` assumes (default: what the device "
+              "reports; a CPU reports none, so no check)", gt=0, result=False)
+
+    def validate(self, where: str = "") -> None:
+        check_fields(self, where)
+        if self.mesh is not None:
+            from pktjax.sharding import parse_mesh_spec, spec_devices
+
+            try:  # the syntax; the sizes meet the device count when the job starts
+                parse_mesh_spec(self.mesh, spec_devices(self.mesh))
+            except ConfigError as e:
+                raise ConfigError(f"{where + '.' if where else ''}mesh: {e}") from None
+
+
 # ------------------------------------------------------------------------------- sections of a transfer config
 
 
@@ -295,8 +340,9 @@ class EvalSettings:
     task: str | None = setting(None, "evaluation task (default: the job's task)", choices=TASKS)
     limit: int | None = setting(None, "evaluate the first N test examples (default: all)", ge=1)
     max_new_tokens: int | None = setting(None, "tokens generated at most (default: the task's)", ge=1)
-    batch_size: int = setting(8, "examples decoded together", ge=1, result=False)
-    few_shot: int = setting(0, "exemplars in each prompt", ge=0)
+    batch_size: int = setting(8, "decode slots of the continuous batching (generation tasks) or forward batch "
+                                 "(MMLU)", ge=1, result=False)
+    few_shot: int = setting(0, "exemplars in each prompt (MMLU: 0 or 5)", ge=0)
     prompt_format: str = setting("paper", "the paper's <|user|> chat format, or the model's own chat template "
                                           "(tokenizer or GGUF)", choices=PROMPT_FORMATS)
 
@@ -357,7 +403,9 @@ class LoraSettings:
     batch_size: int = inherit(LoraTrainConfig, "batch_size")
     micro_batch: int = inherit(LoraTrainConfig, "micro_batch")
     cutoff_len: int = inherit(LoraTrainConfig, "cutoff_len")
-    dtype: str = inherit(LoraTrainConfig, "dtype")
+    # None until the transfer config fills in its top-level dtype (pktjax.transfer.config)
+    dtype: str | None = inherit(LoraTrainConfig, "dtype", default=None,
+                                help="storage dtype of the frozen base weights (default: the job's dtype)")
     targets: tuple[str, ...] | None = setting(None, "LoRA target modules (default: all nine)")
     data: str | None = setting(None, "training examples: a JSONL file or a Seeking task (default: the LaTen "
                                      "train split)")
@@ -365,7 +413,8 @@ class LoraSettings:
 
     def trainer(self, seed: int) -> LoraTrainConfig:
         """The LoRA trainer's settings of this section for one seed."""
-        return LoraTrainConfig(**{k: getattr(self, k) for k in _LORA_KEYS}, seed=seed)
+        return LoraTrainConfig(**{k: getattr(self, k) for k in _LORA_KEYS if k != "dtype"},
+                               dtype=self.dtype or DEFAULT_DTYPE, seed=seed)
 
     def validate(self, where: str = "") -> None:
         check_fields(self, where)
@@ -378,7 +427,8 @@ class SeekingSettings(LoraSettings):
 
     samples: int = setting(32, "seed examples of the extraction at most", ge=1)
     seed_data: str | None = setting(None, "source of the seed examples (default: the job's task)")
-    teacher_dtype: str = setting("float32", "dtype of the teacher during extraction", choices=DTYPES)
+    teacher_dtype: str | None = setting(None, "storage dtype of the teacher's weights during extraction (default: "
+                                              "the job's dtype)", choices=DTYPES)
 
 
 def semalign_lr(task: str | None) -> float:
@@ -407,7 +457,8 @@ class SemalignSettings(SeekingSettings):
     def trainer(self, seed: int, task: str | None = None) -> LoraTrainConfig:
         """The LoRA trainer's settings for one seed; ``lr`` null takes ``task``'s rate (:func:`semalign_lr`)."""
         lr = semalign_lr(task) if self.lr is None else self.lr
-        return LoraTrainConfig(**{k: getattr(self, k) for k in _LORA_KEYS if k != "lr"}, lr=lr, seed=seed)
+        return LoraTrainConfig(**{k: getattr(self, k) for k in _LORA_KEYS if k not in ("lr", "dtype")}, lr=lr,
+                               dtype=self.dtype or DEFAULT_DTYPE, seed=seed)
 
     def validate(self, where: str = "") -> None:
         super().validate(where)

@@ -89,6 +89,12 @@ def parse_mesh_spec(spec: str | None, n_devices: int) -> dict[str, int]:
     return _resolve_wildcard(spec, sizes, n_devices)
 
 
+def spec_devices(spec: str) -> int:
+    """The device count a mesh spec names by itself: the product of its sizes (a ``-1`` axis counts as 1)."""
+    sizes = [part.partition("=")[2].strip() for part in spec.split(",")]
+    return math.prod(int(v) for v in sizes if v.isdigit()) or 1
+
+
 def _resolve_wildcard(spec: str, sizes: dict[str, int], n_devices: int) -> dict[str, int]:
     free = [a for a, s in sizes.items() if s == -1]
     if len(free) > 1 or any(s == 0 or s < -1 for s in sizes.values()):

@@ -77,7 +77,7 @@ from pktjax.pair import check_laten_pair, check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
 from pktjax.select import Selection, select
-from pktjax.settings import AlignerTrainConfig
+from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig
 from pktjax.tokenizer import load_tokenizer
 
 log = logging.getLogger("pktjax.laten")
@@ -123,17 +123,19 @@ def _pair_tokenizer(teacher: Source, student: Source, tokenizer=None):
     return tokenizer
 
 
-def _load(src: Source, mesh: Mesh | None) -> Model:
-    """A :class:`Model` from a path (streamed into the mesh's shardings) or a loaded one (placed by the rules)."""
+def _load(src: Source, mesh: Mesh | None, dtype: str = DEFAULT_DTYPE) -> Model:
+    """A :class:`Model` from a path (``dtype`` weights streamed into the mesh's shardings) or a loaded one
+    (placed by the rules, its dtype kept)."""
     if not isinstance(src, Model):
-        return load_model(src, mesh=mesh)
+        return load_model(src, dtype=jnp.dtype(dtype), mesh=mesh)
     return src if mesh is None else src.replace(params=S.shard(src.params, mesh))
 
 
 def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequence[str] | None = None,
-                 tokenizer=None, mesh: Mesh | None = None, layers: int | None = None) -> Pair:
-    """Check a teacher/student pair from configs and tokenizers, then load the weights (the heavy part last;
-    with ``mesh``, each weight laid out by the sharding rules).
+                 tokenizer=None, mesh: Mesh | None = None, layers: int | None = None,
+                 dtype: str = DEFAULT_DTYPE) -> Pair:
+    """Check a teacher/student pair from configs and tokenizers, then load the weights in ``dtype`` (the heavy
+    part last; with ``mesh``, each weight laid out by the sharding rules).
 
     Errors: :class:`PairError` (vocabulary, tokenizer, teacher not larger), :class:`ConfigError` (rate outside
     (0, 1], ``v_proj`` with GQA, unknown module, ``layers`` beyond either model's depth).
@@ -141,7 +143,7 @@ def prepare_pair(teacher: Source, student: Source, *, rate: float, modules: Sequ
     cfg_t, cfg_s = peek_config(teacher), peek_config(student)
     modules, counts = check_laten_pair(cfg_t, cfg_s, rate=rate, modules=modules, layers=layers)
     tokenizer = _pair_tokenizer(teacher, student, tokenizer)
-    return Pair(_load(teacher, mesh), _load(student, mesh), tokenizer, modules, counts)
+    return Pair(_load(teacher, mesh, dtype), _load(student, mesh, dtype), tokenizer, modules, counts)
 
 
 def locate_pair(pair: Pair, examples: Sequence[dict[str, Any]], mode: str = "reference",
@@ -426,6 +428,8 @@ def _run_record(pair: Pair, config: TrainConfig, order: np.ndarray, n_extract: i
     (the schedule spans ``schedule_steps``, the whole extract split)."""
     t, s = pair.teacher.config, pair.student.config
     settings = {k: v for k, v in dataclasses.asdict(config).items() if k != "steps"}
+    if settings["dtype"] == DEFAULT_DTYPE:  # runs recorded before weights had a dtype setting were float32
+        del settings["dtype"]
     return {"config": {**settings, "modules": list(pair.modules)}, "schedule_steps": n_extract,
             "modules": list(pair.modules), "d_teacher": t.hidden_size, "d_student": s.hidden_size,
             "teacher_layers": t.num_layers, "student_layers": s.num_layers, "counts": list(pair.counts),
@@ -487,7 +491,7 @@ def _prepare(teacher: Source, student: Source, extract_examples, align_examples,
     align_ex = load_examples(align_examples, "align")
     steps = _check_data(config, len(extract_ex), len(align_ex))
     pair = prepare_pair(teacher, student, rate=config.rate, modules=config.modules, tokenizer=tokenizer, mesh=mesh,
-                        layers=config.layers)
+                        layers=config.layers, dtype=config.dtype)
     tok = functools.partial(tokenize_laten, pair.tokenizer, cutoff_len=config.cutoff_len,
                             train_on_inputs=config.train_on_inputs)
     order = step_order(len(extract_ex), config.seed)

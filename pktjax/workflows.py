@@ -38,7 +38,7 @@ from pktjax.runfolder import atomic_write, lock, read_result, verify, write_json
 from pktjax.seeking import extract_for_examples, task_file
 from pktjax.semalign import critical_layer, layer_attribution, pair_layers
 from pktjax.sensitivity import seed_batches
-from pktjax.settings import AnalysisSettings, as_dict
+from pktjax.settings import DEFAULT_DTYPE, AnalysisSettings, as_dict
 from pktjax.tokenizer import load_tokenizer
 
 Examples = list[dict[str, Any]]
@@ -69,20 +69,23 @@ def seed_examples(task: str, samples: int = 32, probe: int | None = None) -> Exa
 
 def extract_to(teacher: str | os.PathLike, student: str | os.PathLike, student_cfg, seeds: str | Sequence[dict],
                out: str | os.PathLike, *, rank: int, targets=None, samples: int = 32, cutoff_len: int = 2048,
-               dtype: str = "float32") -> dict:
+               dtype: str = DEFAULT_DTYPE, mesh=None) -> dict:
     """Seeking's extraction from checkpoint paths into the adapter folder ``out`` (+ ``extraction.json``).
 
     ``seeds``: a Seeking task name or JSONL path (its sample file is read), or the seed examples themselves;
-    at most ``samples`` are used. Returns the plan (``{"layers", "windows"}``)."""
+    at most ``samples`` are used. ``dtype``: the teacher weights' storage dtype; ``mesh`` (a Mesh or a spec): the
+    teacher is loaded onto it by the sharding rules. Returns the plan (``{"layers", "windows"}``)."""
     targets = check_targets(targets or TARGETS)
+    mesh = S.as_mesh(mesh)
     tokenizer = load_tokenizer(teacher)
     check_tokenizers(tokenizer, load_tokenizer(student))
     if isinstance(seeds, str):
         examples = read_jsonl(task_file(seeds, "sample"), limit=samples)
     else:
         examples = list(seeds)[:samples]
-    lora, cut = extract_for_examples(load_model(teacher, dtype=getattr(jnp, dtype)), student_cfg, tokenizer,
-                                     examples, rank, targets=targets, cutoff_len=cutoff_len)
+    teacher_model = load_model(teacher, dtype=jnp.dtype(dtype), mesh=mesh)
+    lora, cut = extract_for_examples(teacher_model, student_cfg, tokenizer, examples, rank, targets=targets,
+                                     cutoff_len=cutoff_len)
     folder = export_peft(lora, student_cfg, out, alpha=rank, base_model=str(student))
     info = {"teacher": str(teacher), "student": str(student), "task": seeds if isinstance(seeds, str) else "given",
             "samples": len(examples), "rank": rank, "teacher_layers": cut["layers"],
@@ -125,7 +128,7 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
                                 overwrite=True)
 
 
-def merge_adapter(student, adapter: str | os.PathLike, dtype: str = "float32"):
+def merge_adapter(student, adapter: str | os.PathLike, dtype: str = DEFAULT_DTYPE):
     """The :class:`Model` ``student`` with the PEFT adapter folder ``adapter`` merged in, weights cast to ``dtype``."""
     lora, scale = import_peft(adapter, student.config)
     merged = merge_model(student, lora, scale)

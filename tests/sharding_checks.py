@@ -620,8 +620,49 @@ def _resume_on_another_mesh(run, want, label: str) -> None:
     tree_close(run("4x2", mesh=MESHES["2x2x2"]), want, f"{label} 4x2 then 2x2x2")
 
 
+TRANSFER_MESHES = ("4x2", "2x2x2")
+
+
+def check_transfer(config: Path, out: Path) -> None:
+    """``pktjax transfer CONFIG --mesh M`` into ``out/<M>`` for the 4x2 and 2x2x2 meshes; the weights that the
+    batched locate, every evaluation and the aligner's training receive carry the rules' shardings of that mesh
+    (the test compares the scores with the one-device run). Then greedy decoding with the KV cache (GSM8K) of the
+    student sharded on 2x2x2 writes the completions of the unsharded student."""
+    from pktjax.cli import main
+    from pktjax.evaluate import evaluate
+    from pktjax.transfer import stages as st
+
+    seen: list = []
+    spy(st, "evaluate", seen, lambda a, out: ("evaluate", a[0].params))
+    spy(st, "locate_each", seen, lambda a, out: ("locate", a[0]))
+    spy(st, "prepare_pair", seen, lambda a, out: ("prepare_pair", out.teacher.params, out.student.params))
+    for name in TRANSFER_MESHES:
+        seen.clear()
+        assert main(["transfer", str(config), "--out", str(out / name), "--mesh", MESHES[name]]) == 0
+        mesh = S.make_mesh(MESHES[name])
+        stages = [s[0] for s in seen]
+        # the base models and the fused student (injected in memory into the student of the aligner's pair);
+        # teacher and student located once each
+        assert stages.count("evaluate") >= 3 and stages.count("locate") == 2 and "prepare_pair" in stages, stages
+        for stage, *trees in seen:
+            for params in trees:
+                assert dict(jax.tree.leaves(params)[0].sharding.mesh.shape) == dict(mesh.shape), stage
+                check_param_specs(params, mesh)
+    from pktjax.checkpoint import load_model
+
+    student = out / TRANSFER_MESHES[-1] / "models" / "student"
+    decoded = [[r["output"] for r in evaluate(load_model(student, mesh=m), "gsm8k", limit=4, batch_size=4,
+                                              max_new_tokens=12)["records"]]
+               for m in (None, S.make_mesh(MESHES[TRANSFER_MESHES[-1]]))]
+    assert decoded[0] == decoded[1] and any(decoded[0]), decoded
+    print("transfer ok")
+
+
 def main(argv: list[str]) -> None:
     name = argv[0]
+    if name == "transfer":
+        check_transfer(Path(argv[1]), Path(argv[2]))
+        return
     if name == "worker":
         multiprocess_worker(int(argv[1]), int(argv[2]), argv[3])
         return

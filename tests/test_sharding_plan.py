@@ -14,10 +14,11 @@ from pktjax.presets import load_config, preset_names
 GIB = 1 << 30
 
 
-def _inp(mesh="fsdp=1", gib=80.0, **kw):
+def _inp(mesh="fsdp=1", gib=80.0, dtype="bfloat16", **kw):
+    """The documented Llama-2 13B -> 7B plans (bfloat16 weights unless ``dtype`` says otherwise)."""
     sizes = P.mesh_sizes(mesh, None)
     return P.PlanInput(teacher=load_config("llama-2-13b"), student=load_config("llama-2-7b"), mesh=sizes,
-                       device_gib=gib, **kw)
+                       device_gib=gib, dtype=dtype, **kw)
 
 
 def test_presets_are_the_published_shapes():

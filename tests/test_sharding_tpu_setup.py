@@ -156,3 +156,34 @@ def test_shellcheck_clean():
         pytest.skip("shellcheck is not installed (apt-get install shellcheck)")
     proc = subprocess.run(["shellcheck", "-x", *scripts], capture_output=True, text=True, cwd=SETUP)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _readme_launch_lines() -> list[list[str]]:
+    """Every ``tpu_setup/launch.sh ...`` command of the README (continuation lines joined), split as the shell
+    would (comments dropped)."""
+    text = (SETUP / "README.md").read_text().replace("\\\n", " ")
+    return [shlex.split(line, comments=True) for line in text.splitlines()
+            if line.startswith("tpu_setup/launch.sh ")]
+
+
+def test_readme_launch_lines_run_valid_pktjax_commands_on_every_worker():
+    """The README's launch lines, dry-run: one ssh to all workers whose remote command is a pktjax command line
+    that the CLI's parser accepts; the main job and the aligner training run on a mesh."""
+    from pktjax.cli import build_parser
+
+    lines = _readme_launch_lines()
+    seen = set()
+    for words in lines:
+        proc = _run(words[0].removeprefix("tpu_setup/"), *TARGET, "--dry-run", *words[1:])
+        assert proc.returncode == 0, proc.stderr
+        (ssh,) = _commands(proc.stdout)
+        body = _remote(ssh).split("; ")[-1]
+        if body.startswith("nohup bash -c "):
+            body = shlex.split(body)[3]
+        argv = shlex.split(body.split(" 2>&1")[0])
+        assert argv[0] == "pktjax" and argv == words[words.index("--") + 1:], argv
+        args = build_parser().parse_args(argv[1:])
+        seen.add(argv[1])
+        if argv[1] in ("transfer", "laten"):
+            assert args.mesh and args.dtype == "bfloat16", argv
+    assert {"plan", "laten", "transfer"} <= seen

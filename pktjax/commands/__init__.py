@@ -21,3 +21,4 @@ def task_argument(p: argparse.ArgumentParser, kind: str, **kw) -> None:
         p.add_argument("--task", type=benchmark_name, choices=TASKS, **kw)
     else:
         p.add_argument("--task", type=data_name, **kw)
+

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from pktjax.commands import list_argument, task_argument
 from pktjax.errors import ConfigError
-from pktjax.settings import METRICS, AnalysisSettings, as_dict
+from pktjax.settings import METRICS, AnalysisSettings, DeviceSettings, add_arguments, as_dict
 
 D = as_dict(AnalysisSettings())  # the analysis defaults, defined once in pktjax.settings
 
@@ -39,13 +39,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--no-seeking", action="store_true", help="skip the Seeking init (it needs teacher gradients)")
     p.add_argument("--full-heatmap", action="store_true",
                    help="show and summarise every cell, not only teacher layer >= student layer")
+    add_arguments(p, DeviceSettings, ("mesh", "dtype"))
     p.set_defaults(func=_analyze)
 
 
 def _analyze(args: argparse.Namespace) -> int:
+    from pktjax import sharding as S
     from pktjax.checkpoint import load_model
     from pktjax.workflows import analyze_pair, probe_examples, seed_examples, shared_tokenizer
 
+    mesh = S.as_mesh(args.mesh)
     out = _out_dir(args.out)
     examples = probe_examples(args.task, args.n_examples)
     tokenizer = shared_tokenizer(args.teacher, args.student, examples)
@@ -53,7 +56,8 @@ def _analyze(args: argparse.Namespace) -> int:
     meta = {"teacher": args.teacher, "student": args.student, "probe": f"{args.task} ({len(examples)} examples)"}
     if args.no_seeking:
         meta["Seeking"] = "skipped (--no-seeking)"
-    analyze_pair(load_model(args.teacher), load_model(args.student), examples, out, tokenizer=tokenizer,
+    teacher, student = (load_model(m, dtype=args.dtype, mesh=mesh) for m in (args.teacher, args.student))
+    analyze_pair(teacher, student, examples, out, tokenizer=tokenizer,
                  metric=args.metric, rank=args.rank, modules=list(args.modules),
                  batch_size=args.batch_size, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
                  triangle=not args.full_heatmap, seeking_seeds=seeds, meta=meta)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 
 from pktjax.commands import list_argument, task_argument
+from pktjax.settings import DeviceSettings, EvalSettings, add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -15,13 +16,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--samples", default=None, metavar="FILE",
                    help="score this human-eval / EvalPlus samples file (JSONL of task_id + completion or solution) "
                         "instead of a model (humaneval, mbpp)")
-    p.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
-    p.add_argument("--few-shot", type=int, default=0, help="exemplars per prompt (MMLU: 0 or 5)")
-    p.add_argument("--batch-size", type=int, default=8,
-                   help="decode slots of the continuous batching (generation tasks) or forward batch (MMLU)")
-    p.add_argument("--prompt-format", choices=("paper", "chat_template"), default="paper",
-                   help="the paper's <|user|> chat format, or the model's own chat template (tokenizer or GGUF)")
-    p.add_argument("--max-new-tokens", type=int, default=None, help="generation budget (default per task)")
+    # the settings of a transfer config's `eval:` section, as flags
+    add_arguments(p, EvalSettings, ("limit", "few_shot", "batch_size", "prompt_format", "max_new_tokens"))
     p.add_argument("--num-samples", type=int, default=0, metavar="N",
                    help="also draw N completions per problem at --temperature and report pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for --num-samples")
@@ -30,10 +26,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--timeout", type=float, default=10.0, help="sandbox seconds per program (code tasks)")
     p.add_argument("--hub", action="store_true", help="read the benchmark from the Hugging Face hub (online)")
     p.add_argument("--out", default=None, help="write the JSON report here (code tasks: the samples file beside it)")
+    add_arguments(p, DeviceSettings, ("mesh", "dtype"))
     p.set_defaults(func=_eval)
 
 
 def _eval(args: argparse.Namespace) -> int:
+    from pktjax import sharding as S
+    from pktjax.checkpoint import load_model
     from pktjax.errors import ConfigError
     from pktjax.evaluate import evaluate, score_samples
     from pktjax.progress import progress_bar
@@ -42,20 +41,24 @@ def _eval(args: argparse.Namespace) -> int:
     if (args.model is None) == (args.samples is None):
         raise ConfigError("pktjax eval: give --model (evaluate a checkpoint) or --samples FILE (score samples "
                           "made elsewhere), not both.")
+    e = from_args(EvalSettings, args)  # the ranges checked before any model or data is read
     if args.samples is not None:
         report = score_samples(args.samples, args.task, pass_k=args.pass_k, timeout=args.timeout, hub=args.hub,
                                out=args.out)
     else:
-        total = len(get_task(args.task).load(args.limit, hub=args.hub)) * (2 if args.num_samples else 1)
+        mesh = S.as_mesh(args.mesh)
+        total = len(get_task(args.task).load(e.limit, hub=args.hub)) * (2 if args.num_samples else 1)
+        model = load_model(args.model, dtype=args.dtype, mesh=mesh)
         with progress_bar(total, args.task, "ex") as bar:
-            report = evaluate(args.model, args.task, limit=args.limit, few_shot=args.few_shot,
-                              batch_size=args.batch_size, out=args.out, max_new_tokens=args.max_new_tokens,
-                              hub=args.hub, timeout=args.timeout, progress=bar.update, num_samples=args.num_samples,
+            report = evaluate(model, args.task, limit=e.limit, few_shot=e.few_shot,
+                              batch_size=e.batch_size, out=args.out if S.is_main_process() else None,
+                              max_new_tokens=e.max_new_tokens, hub=args.hub, timeout=args.timeout,
+                              progress=bar.update, num_samples=args.num_samples,
                               temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
-                              prompt_format=args.prompt_format)
-    print(format_table(report))
+                              prompt_format=e.prompt_format)
+    S.main_print(format_table(report))
     if args.out:
-        print(f"report: {args.out}")
+        S.main_print(f"report: {args.out}")
     return 0
 
 

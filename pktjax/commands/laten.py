@@ -13,7 +13,7 @@ import logging
 from typing import Iterator
 
 from pktjax.commands import task_argument
-from pktjax.settings import AlignerTrainConfig, add_arguments, from_args
+from pktjax.settings import AlignerTrainConfig, DeviceSettings, add_arguments, from_args
 
 TASKS = ("gsm", "mmlu", "humaneval", "mbpp")
 
@@ -34,6 +34,7 @@ def _common(p: argparse.ArgumentParser, cache_default: str) -> None:
     p.add_argument("--cache", default=None, metavar="DIR",
                    help="folder of located attribution scores, shared by calls on the same models (its teacher/ and "
                         "student/ subfolders; scores of other weights are refused)" + cache_default)
+    add_arguments(p, DeviceSettings, ("mesh",))
 
 
 def _train_parser(p: argparse.ArgumentParser) -> None:
@@ -42,8 +43,6 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", help="align split JSONL (default: the task's)")
     add_arguments(p, AlignerTrainConfig, train_on_inputs={
         "default": None, "help": "loss on prompt tokens too (default: yes for mmlu, no otherwise)"})
-    p.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
-                   "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -55,9 +54,11 @@ def _fuse_parser(p: argparse.ArgumentParser) -> None:
                    help="which saved aligner to apply: step t is the aligner after t + 1 updates")
     p.add_argument("--train", help="train split JSONL to locate on (default: the task's)")
     # the fuse repeats the training run's choices unless told otherwise
-    add_arguments(p, AlignerTrainConfig, ("rate", "seed", "modules", "mode", "attention", "layers"),
+    add_arguments(p, AlignerTrainConfig, ("rate", "seed", "modules", "mode", "attention", "layers", "dtype"),
                   mode={"default": None}, attention={"default": None},
-                  layers={"help": "K, the layers transferred into (default: the training run's)"})
+                  layers={"help": "K, the layers transferred into (default: the training run's)"},
+                  dtype={"default": None, "help": "storage dtype of the teacher's and student's weights and of the "
+                                                  "saved student (default: the training run's)"})
     p.set_defaults(func=_fuse)
 
 
@@ -119,7 +120,7 @@ def _fuse(args: argparse.Namespace) -> int:
     with _cache_report():
         out = fuse(args.teacher, args.student, args.aligner, args.step, _split(args, "train"), args.out,
                    rate=args.rate, seed=args.seed, modules=args.modules, mode=args.mode, attention=args.attention,
-                   layers=args.layers, cache=args.cache)
+                   layers=args.layers, cache=args.cache, dtype=args.dtype, mesh=args.mesh)
     import json
 
     from pktjax.fuse import INJECTION

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pktjax.settings import LoraTrainConfig, SeekingSettings, add_arguments, from_args
+from pktjax.settings import DeviceSettings, LoraTrainConfig, SeekingSettings, add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -26,15 +26,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
     t.add_argument("--seed-samples", type=int, default=SeekingSettings.samples,
                    help="seed examples for --init seeking with --teacher (default: %(default)s)")
-    t.add_argument("--mesh", default=None, help="device mesh to shard over, e.g. 'fsdp=8' or "
-                   "'data=2,fsdp=2,tensor=2' (its sizes multiply to the device count; default: one device)")
+    add_arguments(t, DeviceSettings, ("mesh",))
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
     m = lora.add_parser("merge", help="merge an adapter into the student and save a transformers checkpoint")
     m.add_argument("--student", required=True, help="the checkpoint the adapter applies to")
     m.add_argument("--adapter", required=True, help="PEFT adapter folder (e.g. the adapter/ of 'lora train')")
     m.add_argument("--out", required=True, help="new checkpoint folder")
-    m.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32", help="dtype of the saved weights")
+    add_arguments(m, DeviceSettings, ("dtype",), dtype={
+        "help": "storage dtype of the saved weights (the merge itself runs in float32)"})
     m.set_defaults(func=_merge)
 
 
@@ -58,7 +58,8 @@ def _teacher_lora(args, method: str, path: str | None, student_cfg, out: Path, r
     if path is not None:
         return import_peft(path, student_cfg)[0]
     return seeking_factors(args.teacher, args.student, student_cfg, args.task, out / "extracted", rank=rank,
-                           targets=args.targets, samples=args.seed_samples, cutoff_len=args.cutoff_len)
+                           targets=args.targets, samples=args.seed_samples, cutoff_len=args.cutoff_len,
+                           dtype=args.dtype, mesh=args.mesh)
 
 
 def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: Path) -> LoraTrainConfig:
@@ -101,7 +102,7 @@ def _train(args: argparse.Namespace) -> int:
     teacher_lora = _teacher_lora(args, method, path, student_cfg, out, tc.rank)
     if args.rank is None and teacher_lora:
         tc = dataclasses.replace(tc, rank=lora_mod.rank_of(teacher_lora))
-    student = load_model(args.student, mesh=mesh)
+    student = load_model(args.student, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
                             teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh)

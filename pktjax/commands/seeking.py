@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 
 from pktjax.commands import list_argument, task_argument
-from pktjax.settings import DTYPES, SeekingSettings
+from pktjax.settings import DeviceSettings, SeekingSettings, add_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -23,7 +23,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="seed examples to read (the shipped files hold 32; default: %(default)s)")
     e.add_argument("--cutoff-len", type=int, default=SeekingSettings.cutoff_len,
                    help="tokens per seed example at most (default: %(default)s)")
-    e.add_argument("--dtype", choices=DTYPES, default=SeekingSettings.teacher_dtype, help="teacher weights' dtype")
+    add_arguments(e, DeviceSettings, ("mesh", "dtype"))
     e.set_defaults(func=_extract)
 
 
@@ -38,7 +38,8 @@ def _extract(args: argparse.Namespace) -> int:
     from pktjax.workflows import extract_to
 
     cut = extract_to(args.teacher, args.student, read_model_config(args.student), args.task, args.out, rank=args.rank,
-                     targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len, dtype=args.dtype)
+                     targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len, dtype=args.dtype,
+                     mesh=args.mesh)
     print(f"teacher layers {cut['layers']} -> student layers 0..{len(cut['layers']) - 1}")
     print(f"extracted rank-{args.rank} adapter in {args.out}; train on it with "
           f"'pktjax lora train --init seeking:{args.out} ...'")

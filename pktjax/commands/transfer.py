@@ -8,6 +8,8 @@ import signal
 import threading
 from typing import Iterator
 
+from pktjax.settings import DEFAULT_DTYPE, DeviceSettings, add_arguments
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("transfer", help="run a whole transfer experiment from one YAML/JSON config")
@@ -17,6 +19,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", help="output folder (default: the config's `out`); rerun to resume")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every default filled in) and exit")
+    # the config's top-level mesh and dtype, set from the command line (the same as mesh=... dtype=...)
+    add_arguments(p, DeviceSettings, ("mesh", "dtype"), mesh={
+        "help": "device mesh to shard over, e.g. 'fsdp=4,tensor=2' (default: the config's `mesh`, else one "
+                "device); a run resumes on any mesh"}, dtype={
+        "default": None, "help": f"storage dtype of the models' weights (default: the config's `dtype`, else "
+                                 f"{DEFAULT_DTYPE})"})
     p.set_defaults(func=_run)
 
 
@@ -39,9 +47,11 @@ def exit_on_sigterm() -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pktjax.sharding import is_main_process
     from pktjax.transfer import read_config, run_transfer
 
-    cfg = read_config(args.config, args.out, args.overrides)
+    flags = [f"{key}={getattr(args, key)}" for key in ("mesh", "dtype") if getattr(args, key) is not None]
+    cfg = read_config(args.config, args.out, [*args.overrides, *flags])
     if args.print_config:
         import yaml
 
@@ -49,6 +59,7 @@ def _run(args: argparse.Namespace) -> int:
         return 0
     with exit_on_sigterm():
         report = run_transfer(cfg)
-    print(report.read_text())
-    print(f"report: {report}")
+    if is_main_process():  # the process that wrote the report
+        print(report.read_text())
+        print(f"report: {report}")
     return 0

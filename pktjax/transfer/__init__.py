@@ -36,6 +36,9 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
     semalign: {seeds, ..., teacher_dtype, mode, compare, frame, layer}   # the seeking keys and SemAlign's own
     analysis: {metric, n_examples, rank, modules, batch_size, cutoff_len, max_tokens, seeking, full_heatmap}
     out: runs/NAME
+    mesh: null | fsdp=4,tensor=2 | data=2,fsdp=2,tensor=2    # null: one device; `pktjax transfer --mesh` sets it
+    dtype: float32 | bfloat16          # the weights' storage dtype (a section's null dtype / teacher_dtype: this)
+    device_memory_gb: null             # what the fit check assumes (null: what the device reports; CPU: no check)
 
 Each section's keys, defaults, allowed values and meaning are those of its class in :mod:`pktjax.settings`
 (:data:`~pktjax.transfer.config.SECTIONS`); ``pktjax transfer CONFIG --print-config`` prints a config with every
@@ -50,6 +53,12 @@ task's LaTen train split (``data``: a JSONL file or a Seeking task name instead;
 Seeking's seed examples are up to ``samples`` of a Seeking task's shipped samples (gsm, mmlu, super_ni, lima), else
 the first ``samples`` of the train split (``seed_data`` names another source). The analysis reuses the ``seeking``
 stage's extraction when ranks and modules allow.
+
+The top-level ``mesh``, ``dtype`` and ``device_memory_gb`` are :class:`pktjax.settings.DeviceSettings`. With
+``mesh``, every stage loads its models onto the mesh by the sharding rules (locate, the aligner, LoRA and SemAlign
+trainings, fuse, evaluation with sharded decoding, the analysis); a run resumes on any mesh (the fingerprint
+leaves the mesh out). Before anything is written or loaded, a LaTen job that ``pktjax plan`` says does not fit
+the device memory is refused with the plan's numbers and the micro-batch, mesh or dtype that would fit.
 
 Modules: :mod:`~pktjax.transfer.config` (the schema, its defaults and checks), :mod:`~pktjax.transfer.models`
 (model specs and the pair check), :mod:`~pktjax.transfer.stages` (the stages and :func:`run_transfer`),

@@ -14,8 +14,8 @@ import yaml
 from pktjax import settings as S
 from pktjax.errors import ConfigError
 from pktjax.lora import check_targets
-from pktjax.settings import (AnalysisSettings, EvalSettings, LatenSettings, LoraSettings, LoraTrainConfig,
-                             SeekingSettings, SemalignSettings)
+from pktjax.settings import (DEFAULT_DTYPE, AnalysisSettings, DeviceSettings, EvalSettings, LatenSettings,
+                             LoraSettings, LoraTrainConfig, SeekingSettings, SemalignSettings)
 from pktjax.tasks import data_name
 from pktjax.transfer.models import parse_tiny
 
@@ -28,12 +28,15 @@ EVAL_DEFAULTS, LATEN_DEFAULTS, LORA_DEFAULTS, SEEKING_DEFAULTS, SEMALIGN_DEFAULT
 TRAIN_KEYS = S._LORA_KEYS
 # section -> (method name in the scores table, LoRA initialisation)
 POSTPKT = {"seeking": ("Seeking", "seeking"), "lora": ("LoRA", "default"), "pissa": ("PiSSA", "pissa")}
-TOP_KEYS = ("teacher", "student", "task", "out", *SECTIONS)
+# the top-level keys mesh, dtype and device_memory_gb (pktjax.settings.DeviceSettings)
+DEVICE_KEYS = tuple(f.name for f in dataclasses.fields(DeviceSettings))
+TOP_KEYS = ("teacher", "student", "task", "out", *DEVICE_KEYS, *SECTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class TransferConfig:
-    """A checked transfer job: the models, the task, the output folder and one settings object per section
+    """A checked transfer job: the models, the task, the output folder, the devices and weights' dtype
+    (``device``: the top-level ``mesh``, ``dtype``, ``device_memory_gb``) and one settings object per section
     (``None``: the section is absent). ``raw``: the config as written, with the command line's overrides."""
 
     teacher: str
@@ -48,6 +51,7 @@ class TransferConfig:
     pissa: LoraSettings | None = None
     semalign: SemalignSettings | None = None
     analysis: AnalysisSettings | None = None
+    device: DeviceSettings = DeviceSettings()
 
     @property
     def eval_task(self) -> str:
@@ -55,8 +59,12 @@ class TransferConfig:
 
     def fingerprint(self) -> str:
         """The config's identity for resuming: settings that cannot change results (``result=False`` in
-        :mod:`pktjax.settings`, e.g. ``eval.batch_size``) are left out, so changing them does not block a resume."""
-        raw = dict(self.raw)
+        :mod:`pktjax.settings`, e.g. ``eval.batch_size``, the ``mesh``) are left out, so changing them does not block
+        a resume; ``dtype`` counts when it is not the default (runs recorded before it existed were float32)."""
+        raw = {k: v for k, v in self.raw.items()
+               if k not in DEVICE_KEYS or k in S.result_keys(DeviceSettings)}
+        if raw.get("dtype") == DEFAULT_DTYPE:
+            del raw["dtype"]
         for name, cls in SECTIONS.items():
             if isinstance(raw.get(name), dict):
                 keep = S.result_keys(cls)
@@ -69,7 +77,8 @@ class TransferConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with its defaults filled in (what ``--print-config`` shows)."""
-        out = {"teacher": self.teacher, "student": self.student, "task": self.task, "out": str(self.out)}
+        out = {"teacher": self.teacher, "student": self.student, "task": self.task, "out": str(self.out),
+               **S.as_dict(self.device)}
         for name in SECTIONS:
             sec = getattr(self, name)
             if sec is not None:
@@ -104,10 +113,15 @@ def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequ
                 raise ConfigError(f"{path}: {key}: {e}") from None
     if raw.get("out") is not None and not isinstance(raw["out"], str):
         raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path (a string).")
-    sections = {name: _section(path, raw, name) for name in SECTIONS if name in raw or name in ("eval", "laten")}
+    try:
+        device = S.build(DeviceSettings, {k: raw[k] for k in DEVICE_KEYS if k in raw})
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    sections = {name: _section(path, raw, name, device.dtype) for name in SECTIONS
+                if name in raw or name in ("eval", "laten")}
     out_dir = Path(out or raw.get("out") or Path("runs") / path.stem).expanduser()
     return TransferConfig(teacher=raw["teacher"], student=raw["student"], task=task, out=out_dir,
-                          raw=raw, **sections)
+                          raw=raw, device=device, **sections)
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:
@@ -157,14 +171,16 @@ def _check_keys(path: Path, where: str, given: dict, allowed) -> None:
                           f"allowed: {', '.join(allowed)}.")
 
 
-def _section(path: Path, raw: dict, name: str) -> Any:
-    """One section's settings object, checked (an empty section runs with the defaults)."""
+def _section(path: Path, raw: dict, name: str, dtype: str) -> Any:
+    """One section's settings object, checked (an empty section runs with the defaults; an unset ``dtype`` or
+    ``teacher_dtype`` is the job's ``dtype``)."""
     given = raw.get(name) or {}
     cls = SECTIONS[name]
     fields = [f.name for f in dataclasses.fields(cls)]
     if not isinstance(given, dict):
         raise ConfigError(f"{path}: `{name}` must be a mapping of settings ({', '.join(fields)}).")
     _check_keys(path, f"`{name}`", given, fields)
+    given = {**given, **{k: dtype for k in ("dtype", "teacher_dtype") if k in fields and given.get(k) is None}}
     try:
         sec = S.build(cls, given, name)
         if isinstance(sec, LoraSettings) and sec.targets is not None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import shutil
@@ -10,8 +11,9 @@ from pathlib import Path
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 
-from pktjax.checkpoint import load_model, read_model_config
+from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
 from pktjax.data import laten_split, read_jsonl
 from pktjax.errors import ConfigError
@@ -21,12 +23,13 @@ from pktjax.evaluate import evaluate
 from pktjax.fuse import INJECTION, fuse_example
 from pktjax.inject import delta_sizes, inject
 from pktjax.lora import TARGETS
+from pktjax.memory import plan, render, transfer_input
 from pktjax.pair import check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.provenance import provenance
 from pktjax.runfolder import LOCK_FILE, lock, read_json, read_result
 from pktjax.seeking import task_file
-from pktjax.sharding import is_main_process
+from pktjax.sharding import as_mesh, is_main_process
 from pktjax.tasks import get_task
 from pktjax.tokenizer import load_tokenizer
 from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, prepare_pair,
@@ -42,6 +45,49 @@ from pktjax.workflows import (analyze_pair, check_semalign_pair, merge_adapter, 
 LOCATE_BATCH = 32  # examples per batched locate pass: the paper's MBPP protocol (27 examples) in one
 
 
+@functools.cache
+def _mesh_of(spec: str | None):
+    """The device mesh of a spec (``None``: one device, no sharding); one Mesh object per spec, so that the
+    compiled steps of one stage serve the next."""
+    return as_mesh(spec)
+
+
+def _mesh(cfg: TransferConfig):
+    return _mesh_of(cfg.device.mesh)
+
+
+def _load(path: Path, cfg: TransferConfig) -> Model:
+    """A checkpoint in the config's dtype, on its mesh (each weight laid out by the sharding rules)."""
+    return load_model(path, dtype=jnp.dtype(cfg.device.dtype), mesh=_mesh(cfg))
+
+
+def _device_gib(cfg: TransferConfig) -> float | None:
+    """The memory of one device: the config's ``device_memory_gb``, else what the device reports (a CPU
+    reports nothing)."""
+    if cfg.device.device_memory_gb is not None:
+        return cfg.device.device_memory_gb
+    stats = jax.local_devices()[0].memory_stats() or {}
+    return stats["bytes_limit"] / (1 << 30) if stats.get("bytes_limit") else None
+
+
+def check_fits(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig) -> None:
+    """Refuse a LaTen job that the memory model of ``pktjax plan`` (:mod:`pktjax.memory`) says does not fit its
+    devices, with its table and the micro-batch, mesh or dtype that fits; a no-op without LaTen seeds or a known
+    device memory."""
+    gib = _device_gib(cfg)
+    if not cfg.laten.seeds or gib is None:
+        return
+    mesh = _mesh(cfg)
+    sizes = dict(mesh.shape) if mesh is not None else {"data": 1, "fsdp": 1, "tensor": 1}
+    inp = transfer_input(cfg, teacher, student, sizes, gib)
+    result = plan(inp)
+    if not result["fits"]:
+        raise ConfigError(f"this job does not fit its devices (per `pktjax plan`):\n\n"
+                          f"{render(inp, result, (cfg.teacher, cfg.student))}\n\nIn the config: --micro-batch is "
+                          "`laten: {micro_batch: N}`, --mesh is `mesh:` (or `pktjax transfer --mesh`), --dtype is "
+                          "`dtype:` (or `pktjax transfer --dtype`); `device_memory_gb:` sets the memory checked.")
+
+
 def _claim_output(cfg: TransferConfig) -> None:
     """Refuse a folder that holds another run; record this run's config otherwise."""
     marker = cfg.out / "transfer.json"
@@ -53,22 +99,25 @@ def _claim_output(cfg: TransferConfig) -> None:
     if cfg.out.exists() and any(p.name != LOCK_FILE for p in cfg.out.iterdir()):
         raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
     splits = [laten_split(cfg.task, s) for s in ("extract", "align", "train")]
-    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
-                         "provenance": provenance(cfg.raw, splits)})
+    if is_main_process():
+        _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
+                             "provenance": provenance(cfg.raw, splits)})
 
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
     if read_result(out, "evaluation report", _check_report) is not None:
         return
+    if not isinstance(model, Model):
+        model = _load(model, cfg)
     e = cfg.eval
     label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
     partial = out.with_suffix(".partial.jsonl")  # finished batches: an interrupted evaluation goes on from there
     total = len(get_task(cfg.eval_task).load(e.limit))
     with progress_bar(total, f"eval {label}", "ex", enabled=is_main_process()) as bar:
         evaluate(model, cfg.eval_task, limit=e.limit, few_shot=e.few_shot, batch_size=e.batch_size,
-                 max_new_tokens=e.max_new_tokens, out=out, tokenizer=tokenizer, progress=bar.update,
-                 prompt_format=e.prompt_format,
+                 max_new_tokens=e.max_new_tokens, out=out if is_main_process() else None, tokenizer=tokenizer,
+                 progress=bar.update, prompt_format=e.prompt_format,
                  resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
     partial.unlink(missing_ok=True)
 
@@ -93,21 +142,24 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
     lt, folder = cfg.laten, cfg.out / "laten" / f"{sub}seed{seed}"
     tc = TrainConfig(lr=lr, rate=lt.rate, steps=lt.steps, examples_per_step=lt.examples_per_step,
                      cutoff_len=lt.cutoff_len, micro_batch=lt.micro_batch, seed=seed,
-                     train_on_inputs=cfg.task == "mmlu", layers=lt.layers)
+                     train_on_inputs=cfg.task == "mmlu", layers=lt.layers, dtype=cfg.device.dtype)
     pair = None
     t0 = time.time()
     if read_result(folder / "trained.json", "stage marker") is None:
-        pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers)
+        pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers, mesh=_mesh(cfg), dtype=tc.dtype)
         train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
-                      folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache")
-        _write_json(folder / "trained.json", {"seconds": time.time() - t0})
+                      folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache",
+                      mesh=_mesh(cfg))
+        if is_main_process():
+            _write_json(folder / "trained.json", {"seconds": time.time() - t0})
     steps = _fuse_steps(lt.fuse_steps, aligner_steps(folder / "aligner"))
     # a step is done when its report and its fuse record both verify (a damaged one is removed and redone)
     todo = [s for s in steps if read_result(folder / f"step{s}" / "eval.json", "evaluation report", _check_report)
             is None or read_result(folder / f"step{s}" / INJECTION, "injection record") is None]
     if todo:
         read_run(folder / "aligner")  # a damaged run record is refused by name, as pktjax.fuse.fuse does
-        pair = pair or prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers)
+        pair = pair or prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers, mesh=_mesh(cfg),
+                                    dtype=tc.dtype)
         train = read_jsonl(laten_split(cfg.task, "train"))
         index = random.Random(seed).randrange(len(train))  # the example pktjax.fuse.fuse_example picks
         knowledge, _, sel_s = locate_and_extract(pair, train[index], tc.mode, tc.attention, lt.layers,
@@ -159,7 +211,7 @@ def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
     k = layer_count(read_model_config(teacher), read_model_config(student), cfg.laten.layers)
     tokenizer = load_tokenizer(student)
     for role, path in (("teacher", teacher), ("student", student)):
-        model = load_model(path)
+        model = _load(path, cfg)
         locate_each(model.params, model.config, tokenizer, examples, layers=k, batch=LOCATE_BATCH,
                     cache=cfg.out / "attribution_cache" / role)
         del model
@@ -180,7 +232,7 @@ def _seeking_factors(cfg: TransferConfig, teacher: Path, student: Path, student_
     s = cfg.seeking
     return seeking_factors(teacher, student, student_cfg, _seeking_seeds(cfg), cfg.out / "seeking" / "extracted",
                            rank=s.rank, targets=s.targets, samples=s.samples, cutoff_len=s.cutoff_len,
-                           dtype=s.teacher_dtype)
+                           dtype=s.teacher_dtype, mesh=_mesh(cfg))
 
 
 def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
@@ -192,11 +244,13 @@ def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, 
         # the extraction holds the teacher and its gradients: it runs before the student is loaded
         teacher_lora = _seeking_factors(cfg, teacher, student, read_model_config(student)) \
             if name == "seeking" else None
-        model, tokenizer = load_model(student), load_tokenizer(student)
+        tc = lora_config(sec, seed)
+        model, tokenizer = load_model(student, dtype=jnp.dtype(tc.dtype), mesh=_mesh(cfg)), load_tokenizer(student)
         examples = read_jsonl(_train_data(cfg, sec), limit=sec.limit)
-        adapter = train_adapter(model, tokenizer, examples, folder, lora_config(sec, seed), method=POSTPKT[name][1],
-                                targets=sec.targets, teacher_lora=teacher_lora)
-        merged = merge_adapter(model, adapter).replace(source=str(adapter))  # the eval report names the adapter
+        adapter = train_adapter(model, tokenizer, examples, folder, tc, method=POSTPKT[name][1],
+                                targets=sec.targets, teacher_lora=teacher_lora, mesh=_mesh(cfg))
+        # the eval report names the adapter
+        merged = merge_adapter(model, adapter, cfg.device.dtype).replace(source=str(adapter))
         _evaluate(merged, cfg, report, tokenizer=tokenizer)
     return {"method": POSTPKT[name][0], "seed": seed, "step": None, **_score(report)}
 
@@ -219,7 +273,7 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
                                      read_jsonl(_train_data(cfg, sec), limit=sec.limit), folder,
                                      sec.trainer(seed, cfg.task), semalign_config(sec),
                                      teacher_dtype=sec.teacher_dtype, probe=probe, probe_kw=probe_kw,
-                                     plan_folder=cfg.out / "semalign")
+                                     plan_folder=cfg.out / "semalign", mesh=_mesh(cfg))
         _evaluate(model.replace(source=info.get("adapter") or info.get("model")), cfg, report,
                   tokenizer=load_tokenizer(student))
     return {"method": "SemAlign", "seed": seed, "step": None, **_score(report)}
@@ -233,7 +287,7 @@ def _analysis(cfg: TransferConfig, teacher: Path, student: Path) -> Path:
     shutil.rmtree(folder, ignore_errors=True)  # an analysis cut short leaves nothing reusable
     examples = probe_examples(cfg.task, int(a.n_examples))
     tokenizer = shared_tokenizer(teacher, student, examples)
-    t_model, s_model = load_model(teacher), load_model(student)
+    t_model, s_model = _load(teacher, cfg), _load(student, cfg)
     reuse = a.seeking and _reuses_seeking(cfg)
     meta = {"teacher": cfg.teacher, "student": cfg.student,
             "probe": f"{cfg.task} train split ({len(examples)} examples)"}
@@ -303,6 +357,7 @@ def _check_models(cfg: TransferConfig) -> bool:
     if teacher is None or student is None:
         return False
     _check_pair(cfg, teacher, student)
+    check_fits(cfg, teacher, student)
     return True
 
 
@@ -333,7 +388,9 @@ def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
 
 
 def run_transfer(cfg: TransferConfig) -> Path:
-    """Run every stage of ``cfg`` (resuming finished ones) and return the report path."""
+    """Run every stage of ``cfg`` (resuming finished ones) and return the report path. The mesh, the data, the
+    pair and whether the job fits its devices are checked before anything is written or loaded."""
+    _mesh(cfg)
     _check_data(cfg)
     known = _check_models(cfg)
     with lock(cfg.out, "transfer run"):
@@ -348,7 +405,9 @@ def _run_stages(cfg: TransferConfig, known: bool) -> Path:
     teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
     student = resolve_model(cfg.student, cfg.out / "models" / "student")
     if not known:  # a hub model's config is known only now that it is downloaded
-        _check_pair(cfg, read_model_config(teacher), read_model_config(student))
+        configs = read_model_config(teacher), read_model_config(student)
+        _check_pair(cfg, *configs)
+        check_fits(cfg, *configs)
     if cfg.laten.seeds or cfg.seeking is not None or cfg.semalign is not None:
         check_tokenizers(load_tokenizer(teacher), load_tokenizer(student))
     rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
@@ -367,4 +426,6 @@ def _run_stages(cfg: TransferConfig, known: bool) -> Path:
         rows.append(_timed(cfg, timings, f"semalign seed {seed}", _semalign_seed, cfg, teacher, student, int(seed)))
     analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
     timings["total"] = sum(timings.values())
+    if not is_main_process():  # process 0 writes the report
+        return cfg.out / "report.md"
     return write_report(cfg, rows, timings, analysis)
