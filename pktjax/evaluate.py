@@ -18,7 +18,7 @@ import os
 import time
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -46,7 +46,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
              generator: Generator | None = None, timeout: float = 10.0, workers: int | None = None,
              add_special_tokens: bool = True, progress: Progress | None = None,
              resume: str | os.PathLike | None = None, num_samples: int = 0, temperature: float = 0.8,
-             pass_k: Sequence[int] = (1, 10), seed: int = 0, prompt_format: str = "paper") -> dict[str, Any]:
+             pass_k: Sequence[int] = (1, 10), seed: int = 0, prompt_format: str = "paper",
+             drafts: Mapping[str, str] | str | os.PathLike | None = None) -> dict[str, Any]:
     """Evaluate a model on ``task`` (``gsm8k``, ``mmlu``, ``humaneval``, ``mbpp``) and return the report.
 
     ``model_or_path``: a :class:`~pktjax.checkpoint.Model` or a checkpoint path (its tokenizer is read from the
@@ -65,6 +66,12 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     LaTen ``<|user|>`` format of :mod:`pktjax.tasks`) or ``"chat_template"`` (the same turns in the model's own
     chat template, from its tokenizer or GGUF metadata; the template brings its own special tokens, so
     ``add_special_tokens`` is then off).
+
+    ``drafts`` (generation tasks): guesses of the greedy completions, ``{prompt: text}`` or the path of an earlier
+    report on the same task (its records' outputs, e.g. the base student's when evaluating a student made from
+    it). Each prompt's guess is checked by the prefill and decoding goes on after the part the model confirms
+    (:func:`pktjax.generate.generate`'s ``drafts``): the completions are the model's own, only cheaper to make
+    when the guesses are close. The report's settings name the drafts and how many of their tokens were kept.
     """
     start = time.time()
     mod = get_task(task)
@@ -73,6 +80,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     if num_samples > 0 and temperature <= 0:
         raise PktjaxError(f"pass@k from {num_samples} samples needs a temperature > 0 (got {temperature}); the "
                           "greedy completion is already scored as pass@1.")
+    if drafts is not None and mod.KIND == "choice":
+        raise PktjaxError(f"{task} is scored from logits; drafts apply to generation tasks.")
     if prompt_format not in PROMPT_FORMATS:
         raise PktjaxError(f"prompt_format {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}.")
     examples = mod.load(limit, hub=hub)
@@ -88,6 +97,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     settings = {"task": task, "model": _model_name(model_or_path), "limit": limit, "few_shot": few_shot,
                 "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy",
                 "prompt_format": prompt_format}
+    if drafts is not None:
+        settings["drafts"] = "given" if isinstance(drafts, Mapping) else str(drafts)
     progress = progress or (lambda n: None)
     if mod.KIND == "choice":
         records = _run_choice(mod, examples, few_shot, model, tok, batch_size, add_special_tokens, hub, progress,
@@ -98,8 +109,9 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
         settings.update(max_new_tokens=max_new, stop=list(mod.STOP))
         exemplars = mod.shots(few_shot, hub)
         prompts = [mod.prompt(ex, exemplars, render) for ex in examples]
+        guesses = _read_drafts(drafts, task)
         outputs = _complete(prompts, max_new, mod.STOP, model, tok, generator, batch_size, add_special_tokens,
-                            progress, _Finished(resume))
+                            progress, _Finished(resume), guesses, settings)
         records = _score_generations(mod, examples, prompts, outputs, timeout, workers, settings)
         if has_samples(mod) and out is not None:
             settings["samples_file"] = str(write_samples(samples_path(out), [mod.to_sample(ex, o) for ex, o in
@@ -179,10 +191,26 @@ class _Finished:
         fault_point("eval:after-batch")
 
 
+def _read_drafts(drafts, task: str) -> dict[str, str] | None:
+    """``{prompt: guessed completion}`` from a mapping or from an earlier report on ``task``."""
+    if drafts is None or isinstance(drafts, Mapping):
+        return drafts
+    path = Path(drafts).expanduser()
+    try:
+        report = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise PktjaxError(f"drafts: cannot read the report {path} ({e}); give an evaluation report (JSON) of "
+                          f"the same task, or no drafts.") from e
+    if report.get("task") != task:
+        raise PktjaxError(f"drafts: {path} is a report on {report.get('task')!r}, not on {task!r}; its "
+                          "completions are no guesses for these prompts.")
+    return {r["prompt"]: r["output"] for r in report["records"] if r.get("prompt") is not None}
+
+
 def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_special_tokens, progress,
-              finished: _Finished) -> list[str]:
+              finished: _Finished, guesses: dict[str, str] | None = None, settings: dict | None = None) -> list[str]:
     """Greedy completions of ``prompts`` (in their order), batched by similar length; those in ``finished`` are
-    reused, the others recorded there batch by batch."""
+    reused, the others recorded there batch by batch. ``guesses``: drafts by prompt (model decoding only)."""
     outputs: list[str | None] = [finished.done.get(p) for p in prompts]
     todo = [i for i, o in enumerate(outputs) if o is None]
     if len(todo) < len(prompts):
@@ -194,17 +222,24 @@ def _complete(prompts, max_new, stop, model, tok, generator, batch_size, add_spe
         finished.add([prompts[i] for i in todo], outs)
         progress(len(todo))
     elif todo:
-        _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress, finished)
+        _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress, finished,
+                guesses, settings)
     return outputs
 
 
 def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_special_tokens, progress,
-            finished: _Finished) -> None:
+            finished: _Finished, guesses: dict[str, str] | None = None, settings: dict | None = None) -> None:
     """Greedy completions of ``prompts[todo]`` into ``outputs``: ``batch_size`` decode slots, prompts admitted
-    shortest first (similar lengths share a prefill), each completion recorded in ``finished`` as it ends."""
+    shortest first (similar lengths share a prefill), each completion recorded in ``finished`` as it ends.
+    ``guesses``: drafts by prompt; how many of their tokens the model kept goes into ``settings``."""
     order, _ = _order_by_length(tok, [prompts[i] for i in todo], add_special_tokens)
     limit = _prompt_room(model, max_new)
     idx = [todo[j] for j in order]
+    extra: dict[str, Any] = {}
+    if guesses is not None:
+        extra["drafts"] = [tok(guesses[prompts[i]], add_special_tokens=False)["input_ids"]
+                           if guesses.get(prompts[i]) else None for i in idx]
+        extra["stats"] = {}
 
     def done(rows: list[int], gen) -> None:
         for r, text in zip(rows, gen.texts):
@@ -213,7 +248,12 @@ def _decode(prompts, todo, outputs, max_new, stop, model, tok, batch_size, add_s
         progress(len(rows))
 
     generate_text(model.params, model.config, tok, [prompts[i] for i in idx], max_new, stop=stop,
-                  add_special_tokens=add_special_tokens, max_prompt_tokens=limit, slots=batch_size, on_done=done)
+                  add_special_tokens=add_special_tokens, max_prompt_tokens=limit, slots=batch_size, on_done=done,
+                  **extra)
+    if guesses is not None and settings is not None:
+        stats = extra["stats"]
+        settings["drafts_kept"] = {"prompts": sum(d is not None for d in extra["drafts"]),
+                                   "tokens": stats.get("draft_tokens", 0), "kept": stats.get("draft_agreed", 0)}
 
 
 def _prompt_room(model: Model, max_new: int) -> int:

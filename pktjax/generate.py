@@ -123,18 +123,27 @@ def _admit(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, ids: j
     logits, kv = _prefill_last_logits(params, cfg, ids, positions, mask, init_cache(cfg, n, p, params["embed"].dtype))
     first = _choose(logits[:, -1], temperature, key, jnp.zeros((n,), jnp.int32), rows, top_k, sample)
     done = jnp.any(first[:, None] == eos[None, :], axis=-1) | (max_new <= 1)
-    cache_len, n_new = state["key_mask"].shape[1], state["out"].shape[1]
+    out_rows = jnp.full((n, state["out"].shape[1]), pad_id, jnp.int32).at[:, 0].set(first)
+    return _fill_slots(state, slots, kv, jnp.full((n,), p), mask, out_rows, first, positions[:, -1] + 1,
+                       jnp.ones((n,), jnp.int32), rows, done)
+
+
+def _fill_slots(state: dict, slots: jax.Array, kv: dict, index: jax.Array, key_mask: jax.Array, out: jax.Array,
+                tok: jax.Array, pos: jax.Array, step: jax.Array, rows: jax.Array, done: jax.Array) -> dict:
+    """``state`` with prefilled rows in decode slots ``slots [n]`` (slot ``S``: a dummy, dropped): their cache
+    ``kv`` (``k, v`` of ``P`` positions), next write position ``index [n]``, ``key_mask [n, P]``, ``out [n, N]``,
+    the token fed next ``tok [n]`` at position ``pos [n]``, tokens written ``step [n]``, prompt ``rows [n]``."""
+    p = key_mask.shape[1]
     drop = dict(mode="drop")
     cache = state["cache"]
     cache = {"k": cache["k"].at[:, slots, :, :p].set(kv["k"].astype(cache["k"].dtype), **drop),
              "v": cache["v"].at[:, slots, :, :, :p].set(kv["v"].astype(cache["v"].dtype), **drop),
-             "index": cache["index"].at[slots].set(p, **drop)}
-    out_rows = jnp.full((n, n_new), pad_id, jnp.int32).at[:, 0].set(first)
+             "index": cache["index"].at[slots].set(index, **drop)}
     put = lambda name, value: state[name].at[slots].set(value, **drop)  # noqa: E731
-    return {**state, "cache": cache,
-            "key_mask": put("key_mask", jnp.pad(mask, ((0, 0), (0, cache_len - p)))),
-            "out": put("out", out_rows), "tok": put("tok", first), "pos": put("pos", positions[:, -1] + 1),
-            "step": put("step", jnp.ones((n,), jnp.int32)), "row": put("row", rows), "done": put("done", done)}
+    pad = state["key_mask"].shape[1] - p
+    return {**state, "cache": cache, "key_mask": put("key_mask", jnp.pad(key_mask, ((0, 0), (0, pad)))),
+            "out": put("out", out), "tok": put("tok", tok), "pos": put("pos", pos), "step": put("step", step),
+            "row": put("row", rows), "done": put("done", done)}
 
 
 def _prefill_last_logits(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array,
@@ -142,11 +151,85 @@ def _prefill_last_logits(params: Params, cfg: ModelConfig, ids: jax.Array, posit
     """:func:`pktjax.model.forward_cached` for a whole prompt, but with the vocabulary projection of the last
     position only: ``logits [B, 1, V]`` instead of ``[B, P, V]`` (for a 128k vocabulary and long prompts the
     full tensor costs gigabytes, and XLA does not slice it away)."""
+    x, kv = _prefill(params, cfg, ids, positions, key_mask, cache)
+    return unembed(params, cfg, x[:, -1:]), kv
+
+
+def _prefill(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, key_mask: jax.Array,
+             cache: dict) -> tuple[jax.Array, dict]:
+    """The last layer's output ``[B, P, d]`` over a prompt written into ``cache``, and the cache."""
     cos, sin = rope_cos_sin(cfg, positions)
     bias = attention_mask_bias(cfg, cache["index"] + jnp.arange(ids.shape[1]), key_mask)
     x, _, kv = _run_layers(params, cfg, embed(params, ids), cos, sin, bias, capture=False, cache=cache)
-    logits = unembed(params, cfg, x[:, -1:])
-    return logits, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + ids.shape[1]}
+    return x, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + ids.shape[1]}
+
+
+# Drafts: a guess of a prompt's greedy continuation (e.g. another model's completion of it) is prefilled with the
+# prompt, and the prefill checks it: the longest prefix that the model itself would write is kept as if decoded,
+# and decoding goes on after it. A prefill costs a fraction of the decode steps it replaces, so a good draft makes a
+# completion several times cheaper; a wrong one costs one longer prefill. A draft token is kept only when the
+# prefill's logits choose it by at least ``DRAFT_MARGIN`` (the prefill and the decode step add in different orders,
+# so a near-tie is left to the decode step), which keeps the output the decoder's own.
+
+DRAFT_MARGIN = 1e-2  # logits; float32 noise between the prefill and decode paths is orders of magnitude smaller
+_VERIFY_CHUNK = 16  # positions projected onto the vocabulary at once: [n, 16, V] floats, not [n, P, V]
+
+
+def _top2(params: Params, cfg: ModelConfig, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Greedy choice ``[n, W]`` and its margin over the runner-up ``[n, W]`` at every position of ``x [n, W, d]``,
+    projecting ``_VERIFY_CHUNK`` positions at a time."""
+    n, w, d = x.shape
+    chunks = x.reshape(n, w // _VERIFY_CHUNK, _VERIFY_CHUNK, d).transpose(1, 0, 2, 3)
+
+    def one(xc):
+        values, index = jax.lax.top_k(unembed(params, cfg, xc), 2)
+        return index[..., 0].astype(jnp.int32), values[..., 0] - values[..., 1]
+
+    best, margin = jax.lax.map(one, chunks)
+    return best.transpose(1, 0, 2).reshape(n, w), margin.transpose(1, 0, 2).reshape(n, w)
+
+
+@partial(jax.jit, static_argnames=("cfg", "window"), donate_argnames=("state",))
+def _admit_drafts(params: Params, cfg: ModelConfig, state: dict, ids: jax.Array, mask: jax.Array, slots: jax.Array,
+                  rows: jax.Array, drafted: jax.Array, min_margin: jax.Array, max_new: jax.Array, eos: jax.Array,
+                  pad_id: jax.Array, *, window: int) -> dict:
+    """Greedy :func:`_admit` of prompts whose last ``drafted [n]`` tokens (of ``ids, mask [n, P]``) are a draft of
+    the continuation: the prefill keeps the draft's longest prefix the model confirms by ``min_margin``
+    (``DRAFT_MARGIN``) as written tokens and picks the next one; at a near-tie the decode step picks it.
+    ``window`` (static, >= max(drafted) + 1, a multiple of ``_VERIFY_CHUNK``): positions checked at the end."""
+    n, p = ids.shape
+    positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
+    x, kv = _prefill(params, cfg, ids, positions, mask, init_cache(cfg, n, p, params["embed"].dtype))
+    best, margin = _top2(params, cfg, x[:, p - window:])  # position w predicts the token at w + 1
+    w = jnp.arange(window)
+    start = window - 1 - drafted  # [n]: the position that predicts the draft's first token
+    nxt = jnp.concatenate([ids[:, p - window + 1:], jnp.full((n, 1), -1, ids.dtype)], axis=1)
+    sure = margin >= min_margin
+    agree = (best == nxt) & sure
+    agree = agree.at[:, -1].set(sure[:, -1])  # the last position has no draft token to agree with
+    bad = (w[None, :] >= start[:, None]) & ~agree
+    bad = bad & (drafted[:, None] > 0)  # a row without a draft keeps the prefill's choice, margin or not (as _admit)
+    first_bad = jnp.where(bad.any(axis=1), jnp.argmax(bad, axis=1), window)
+    kept = jnp.minimum(first_bad, window - 1) - start  # draft tokens kept, 0 .. drafted
+    at = jnp.clip(start + kept, 0, window - 1)  # the position that predicts the next token
+    near_tie = (first_bad < window) & ~jnp.take_along_axis(sure, at[:, None], axis=1)[:, 0] & (drafted > 0)
+    index = p - drafted + kept  # cache position of the next token
+    choice = jnp.take_along_axis(best, at[:, None], axis=1)[:, 0]
+    # a near-tie: rewind one position, so that the decode step reads the last kept token and picks the next
+    last = jnp.take_along_axis(ids, jnp.maximum(index - 1, 0)[:, None], axis=1)[:, 0]
+    tok = jnp.where(near_tie, last, choice)
+    index = jnp.where(near_tie, index - 1, index)
+    step = jnp.where(near_tie, kept, kept + 1)  # tokens written to ``out``
+    at_pos = lambda q: jnp.take_along_axis(positions, jnp.clip(q, 0, p - 1)[:, None], axis=1)[:, 0]  # noqa: E731
+    pos = jnp.where(near_tie, at_pos(index), at_pos(index - 1) + 1)  # the position of the token fed next
+    done = ~near_tie & (jnp.any(choice[:, None] == eos[None, :], axis=-1) | (step >= max_new))
+
+    col = jnp.arange(state["out"].shape[1])[None, :]
+    draft_at = jnp.take_along_axis(ids, jnp.clip(p - drafted[:, None] + col, 0, p - 1), axis=1)
+    out_rows = jnp.where(col < kept[:, None], draft_at, pad_id)
+    out_rows = jnp.where((col == kept[:, None]) & ~near_tie[:, None], choice[:, None], out_rows)
+    key_mask = jnp.where(jnp.arange(p)[None, :] < index[:, None], mask, 0)
+    return _fill_slots(state, slots, kv, index, key_mask, out_rows, tok, pos, step, rows, done)
 
 
 def _slot_bias(cfg: ModelConfig, index: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -229,7 +312,8 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
              key: jax.Array | None = None, *, tokenizer=None, top_k: int = 0, pad_id: int | None = None,
              use_cache: bool = True, chunk: int = 16, slots: int | None = None,
              on_done: Callable[[list[int], Generation], None] | None = None,
-             stats: dict | None = None, unstack: bool = True) -> Generation:
+             stats: dict | None = None, unstack: bool = True,
+             drafts: Sequence[Sequence[int] | None] | None = None) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of up to ``max_new_tokens`` tokens per prompt.
 
     ``input_ids, attention_mask [B, T]``: left-padded prompts (mask 0 on padding). A row stops at its first token
@@ -246,6 +330,10 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     ``unstack``: decode from per-layer copies of the layer weights (:func:`pktjax.model.unstack_layers`, held for
     the call: as much memory again as the layer stacks) instead of slicing them out of the stacks at every step,
     which copies every weight once per step on CPU; ``False`` saves the memory at the cost of a slower step.
+    ``drafts`` (greedy only): per prompt, token ids guessed to continue it (e.g. another model's completion), or
+    ``None``; the prefill keeps the longest prefix the model confirms and decoding goes on from there, so the tokens
+    are the same as without drafts (near-ties are left to the decode step: ``DRAFT_MARGIN``) at a fraction of the
+    decode steps when the guesses are good (``stats`` then counts ``draft_tokens`` and ``draft_agreed``).
     Returns a :class:`Generation` (``tokens [B, max_new_tokens]``, ``lengths``, ``finish``, ``texts``).
     """
     ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
@@ -255,6 +343,7 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     if slots is not None and slots < 1:
         raise ValueError(f"generate: slots must be >= 1, got {slots}.")
     greedy = float(temperature) <= 0.0
+    drafts = _check_drafts(drafts, ids.shape[0], max_new_tokens, greedy)
     if not greedy and key is None:
         raise ValueError("generate: sampling (temperature > 0) needs a PRNG key, e.g. key=jax.random.key(0).")
     eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
@@ -265,7 +354,7 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     key = key if key is not None else jax.random.key(0)
     tails = (ids[:, -8:], mask[:, -8:])
     finish = partial(_finish, eos=eos, pad=pad, stop=stop, tokenizer=tokenizer)
-    if not use_cache:
+    if not use_cache:  # drafts change only the cost, so the reference path ignores them
         ids_b, mask_b, done_b = _pad_to_buckets(ids, mask, pad)
         out = _reference_loop(params, cfg, ids_b, mask_b, done_b, consts["eos"], consts["pad_id"],
                               consts["temperature"], key, n_new, max_new_tokens, top_k, not greedy)
@@ -278,12 +367,17 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     def harvest(rows: list[int], tokens: np.ndarray) -> None:
         part = finish(tokens[:, :max_new_tokens], tails[0][rows], tails[1][rows])
         parts.append((rows, part))
+        if stats is not None and drafts is not None:
+            for r, toks in zip(rows, part.tokens):
+                d = drafts[r]
+                stats["draft_tokens"] = stats.get("draft_tokens", 0) + d.size
+                stats["draft_agreed"] = stats.get("draft_agreed", 0) + int(np.cumprod(toks[:d.size] == d).sum())
         if on_done is not None:
             on_done(rows, part)
 
     step_params = unstack_layers(params) if unstack else params
     _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new_tokens, slots or round_batch(b), stop,
-               tokenizer, chunk, top_k, not greedy, consts, harvest, stats)
+               tokenizer, chunk, top_k, not greedy, consts, harvest, stats, drafts)
     return _gather(parts, b, max_new_tokens, tokenizer is not None)
 
 
@@ -316,6 +410,18 @@ def _check_inputs(input_ids, attention_mask, max_new_tokens: int) -> tuple[np.nd
     return ids, mask
 
 
+def _check_drafts(drafts, b: int, max_new_tokens: int, greedy: bool) -> list[np.ndarray] | None:
+    """Drafts as int32 arrays of at most ``max_new_tokens - 1`` tokens (the model always picks the last one)."""
+    if drafts is None:
+        return None
+    if not greedy:
+        raise ValueError("generate: drafts apply to greedy decoding (temperature 0); a sampled token cannot be "
+                         "checked against a guess.")
+    if len(drafts) != b:
+        raise ValueError(f"generate: {len(drafts)} drafts for {b} prompts; give one per prompt (None for none).")
+    return [np.asarray(list(d or ())[:max_new_tokens - 1], np.int32) for d in drafts]
+
+
 def _pad_to_buckets(ids: np.ndarray, mask: np.ndarray, pad: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Left-pad ``[B, T]`` to the length bucket and add finished dummy rows up to the batch bucket."""
     b, t = ids.shape
@@ -334,14 +440,14 @@ def _eos_array(eos: tuple[int, ...]) -> jax.Array:
 
 
 def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, tokenizer, chunk, top_k,
-               sample, consts, harvest, stats: dict | None = None) -> None:
-    """Continuous batching over ``n_slots`` decode slots: admit waiting prompts into free slots, decode until a
-    slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand finished rows to
-    ``harvest(rows, tokens [n, N])``, repeat until every prompt is done. Prefills read ``params`` (stacked
-    layers: a long prompt's products dwarf the slicing, and one compiled layer compiles fast), the decode loop
-    ``step_params`` (the same weights, per layer when unstacked)."""
+               sample, consts, harvest, stats: dict | None = None, drafts: list[np.ndarray] | None = None) -> None:
+    """Continuous batching over ``n_slots`` decode slots: admit waiting prompts (each with its draft, if any) into
+    free slots, decode until a slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand
+    finished rows to ``harvest(rows, tokens [n, N])``, repeat until every prompt is done. Prefills read ``params``
+    (stacked layers: a long prompt's products dwarf the slicing, and one compiled layer compiles fast), the
+    decode loop ``step_params`` (the same weights, per layer when unstacked)."""
     b = ids.shape[0]
-    lengths = mask.sum(axis=1)
+    lengths = mask.sum(axis=1) + (np.array([d.size for d in drafts]) if drafts is not None else 0)
     cache_len = round_length(int(lengths.max())) + n_new
     state = _empty_slots(cfg, n_slots, cache_len, n_new, params["embed"].dtype, int(consts["pad_id"]))
     waiting = list(range(b))[::-1]  # popped from the end: prompts are admitted in their order
@@ -353,8 +459,13 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
         free = np.flatnonzero(owner < 0)
         if waiting and free.size:
             take = [waiting.pop() for _ in range(min(free.size, len(waiting)))]
-            state = _admit(params, cfg, state, key, *_admission(ids, mask, lengths, take, free, n_slots, consts),
-                           max_new_j, **consts, **compiled)
+            group = _admission(ids, mask, lengths, take, free, n_slots, consts, drafts)
+            if drafts is None:
+                state = _admit(params, cfg, state, key, *group, max_new_j, **consts, **compiled)
+            else:
+                window = min(int(group[0].shape[1]), round_length(int(group[-1].max()) + 1))
+                state = _admit_drafts(params, cfg, state, *group[:4], group[-1], jnp.float32(DRAFT_MARGIN),
+                                      max_new_j, consts["eos"], consts["pad_id"], window=window)
             clock.lap("prefill_s", state)
             owner[free[:len(take)]] = take
         if (owner < 0).all():
@@ -404,20 +515,24 @@ class _Clock:
                               occupancy=busy / max(1, steps * self.stats["slots"]))
 
 
-def _admission(ids, mask, lengths, take, free, n_slots, consts) -> tuple:
+def _admission(ids, mask, lengths, take, free, n_slots, consts, drafts=None) -> tuple:
     """``ids, mask [n, P], slots [n], rows [n]`` for prompts ``take`` going into slots ``free``: each prompt
-    left-padded to the group's length bucket, the group padded to a batch bucket with dummies (slot ``S``)."""
+    left-padded to the group's length bucket, the group padded to a batch bucket with dummies (slot ``S``). With
+    ``drafts``, each prompt is followed by its draft, and ``drafted [n]`` (draft lengths) comes last."""
     n, p = round_batch(len(take)), round_length(int(lengths[take].max()))
     pad = int(consts["pad_id"])
     g_ids, g_mask = np.full((n, p), pad, np.int32), np.zeros((n, p), np.int32)
-    slots, rows = np.full(n, n_slots, np.int32), np.zeros(n, np.int32)
+    slots, rows, drafted = np.full(n, n_slots, np.int32), np.zeros(n, np.int32), np.zeros(n, np.int32)
     for j in range(n):
         r = take[j] if j < len(take) else take[0]  # dummies copy the first prompt; their slot is dropped
         keep = ids[r][mask[r] > 0]
+        if drafts is not None:
+            keep, drafted[j] = np.concatenate([keep, drafts[r]]), drafts[r].size
         g_ids[j, p - keep.size:], g_mask[j, p - keep.size:] = keep, 1
         if j < len(take):
             slots[j], rows[j] = free[j], r
-    return jnp.asarray(g_ids), jnp.asarray(g_mask), jnp.asarray(slots), jnp.asarray(rows)
+    group = (jnp.asarray(g_ids), jnp.asarray(g_mask), jnp.asarray(slots), jnp.asarray(rows))
+    return group if drafts is None else (*group, drafted)
 
 
 def _hits_stop(tokenizer, tail_ids: np.ndarray, tail_mask: np.ndarray, new: np.ndarray, stop) -> bool:

@@ -11,6 +11,7 @@ import pytest
 from pktjax import sandbox
 from pktjax.cli import main as cli_main
 from pktjax.data import data_root
+from pktjax.errors import PktjaxError
 from pktjax.evaluate import evaluate
 from pktjax.tasks import gsm8k, humaneval, mbpp, mmlu
 from pktjax.tasks.common import mcnemar_exact, wilson_interval
@@ -215,3 +216,27 @@ def test_an_interrupted_evaluation_resumes_from_its_finished_batches(tiny_dir, t
     assert seen == [2, 1]  # two completions reused, one decoded
     assert [r["output"] for r in resumed["records"]] == [r["output"] for r in whole["records"]]
     assert len(partial.read_text().splitlines()) == 3
+
+
+def test_drafts_from_an_earlier_report_keep_the_completions(tiny_dir, tmp_path, capsys):
+    """A model evaluated with another model's report as drafts writes its own completions; with its own report
+    as drafts every draft token it was given is kept (each draft is checked by the prefill)."""
+    a, b = str(tiny_dir("llama2")), str(tiny_dir("llama2", seed=1))
+    kw = dict(limit=3, max_new_tokens=24, batch_size=4)
+    ref_a = evaluate(a, "gsm8k", out=tmp_path / "a.json", **kw)
+    plain_b = evaluate(b, "gsm8k", **kw)
+    drafted_b = evaluate(b, "gsm8k", drafts=tmp_path / "a.json", **kw)
+    assert [r["output"] for r in drafted_b["records"]] == [r["output"] for r in plain_b["records"]]
+    assert drafted_b["settings"]["drafts"] == str(tmp_path / "a.json")
+    own = evaluate(a, "gsm8k", drafts={r["prompt"]: r["output"] for r in ref_a["records"]}, **kw)
+    assert [r["output"] for r in own["records"]] == [r["output"] for r in ref_a["records"]]
+    kept = own["settings"]["drafts_kept"]
+    assert kept["prompts"] == sum(bool(r["output"]) for r in ref_a["records"]) and kept["tokens"] > 0
+    with pytest.raises(PktjaxError, match="not on 'humaneval'"):
+        evaluate(a, "humaneval", drafts=tmp_path / "a.json", **kw)
+    with pytest.raises(PktjaxError, match="scored from logits"):
+        evaluate(a, "mmlu", limit=2, drafts=tmp_path / "a.json")
+    assert cli_main(["eval", "--model", b, "--task", "gsm8k", "--limit", "3", "--max-new-tokens", "24",
+                     "--batch-size", "4", "--drafts", str(tmp_path / "a.json"), "--out", str(tmp_path / "b.json")]) == 0
+    assert [r["output"] for r in json.loads((tmp_path / "b.json").read_text())["records"]] == \
+        [r["output"] for r in plain_b["records"]]

@@ -7,10 +7,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pktjax.checkpoint import load_model
 from pktjax.cli import main
 from pktjax.errors import CheckpointError, ConfigError, PairError
 from pktjax.settings import SEMALIGN_TARGETS, AlignerTrainConfig, LatenSettings
 from pktjax.transfer import read_config, run_transfer, vs_student
+from pktjax.transfer.models import resolve_model
+from pktjax.transfer.stages import _evaluate
 
 TEACHER = "tiny:hidden=48,layers=3,inter=64,heads=4,seed=1"
 STUDENT = "tiny:hidden=32,layers=2,inter=48,heads=4,seed=2"
@@ -358,3 +361,18 @@ def test_settings_build_and_flags_share_one_definition():
     with pytest.raises(ConfigError, match="batch_size=10 must be a multiple of micro_batch=4"):
         build(LoraTrainConfig, {"batch_size": 10, "micro_batch": 4})
     assert build(LoraTrainConfig, {"lr": "3e-5"}).lr == 3e-5
+
+
+def test_made_students_decode_with_the_base_students_completions_as_drafts(tmp_path):
+    """On a generation task, a student the job makes is evaluated with the base student's report as drafts; the
+    base models are not."""
+    cfg = read_config(_config(tmp_path, task="gsm", eval={"limit": 2, "batch_size": 2, "max_new_tokens": 16}))
+    student = resolve_model(cfg.student, tmp_path / "student")
+    _evaluate(student, cfg, cfg.out / "eval" / "student.json", drafts=False)
+    base = json.loads((cfg.out / "eval" / "student.json").read_text())
+    assert "drafts" not in base["settings"]
+    made = cfg.out / "laten" / "seed1" / "step0" / "eval.json"
+    _evaluate(load_model(student), cfg, made)
+    report = json.loads(made.read_text())
+    assert report["settings"]["drafts"] == str(cfg.out / "eval" / "student.json")
+    assert [r["output"] for r in report["records"]] == [r["output"] for r in base["records"]]  # the same model

@@ -27,6 +27,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--hub", action="store_true", help="read the benchmark from the Hugging Face hub (online)")
     p.add_argument("--out", default=None, help="write the JSON report here (code tasks: the samples file beside it)")
     add_arguments(p, DeviceSettings, ("mesh", "dtype"))
+    p.add_argument("--drafts", default=None, metavar="REPORT",
+                   help="an earlier report on the task whose completions guess this model's (e.g. its base model's): "
+                        "the same completions, fewer decode steps where they agree (default: none)")
     p.set_defaults(func=_eval)
 
 
@@ -55,7 +58,7 @@ def _eval(args: argparse.Namespace) -> int:
                               max_new_tokens=e.max_new_tokens, hub=args.hub, timeout=args.timeout,
                               progress=bar.update, num_samples=args.num_samples,
                               temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
-                              prompt_format=e.prompt_format)
+                              prompt_format=e.prompt_format, drafts=args.drafts)
     S.main_print(format_table(report))
     if args.out:
         S.main_print(f"report: {args.out}")

@@ -104,8 +104,10 @@ def _claim_output(cfg: TransferConfig) -> None:
                              "provenance": provenance(cfg.raw, splits)})
 
 
-def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
-    """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker."""
+def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None, drafts: bool = True) -> None:
+    """Evaluate a checkpoint path or a loaded :class:`Model` once; the report file is the stage's marker. A
+    student made from the base student decodes with the base student's completions as drafts (``drafts``; the
+    same completions, fewer decode steps where they agree: :func:`pktjax.evaluate.evaluate`)."""
     if read_result(out, "evaluation report", _check_report) is not None:
         return
     if not isinstance(model, Model):
@@ -113,11 +115,14 @@ def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None) -> None:
     e = cfg.eval
     label = "/".join(out.relative_to(cfg.out).with_suffix("").parts) if out.is_relative_to(cfg.out) else out.stem
     partial = out.with_suffix(".partial.jsonl")  # finished batches: an interrupted evaluation goes on from there
-    total = len(get_task(cfg.eval_task).load(e.limit))
+    task = get_task(cfg.eval_task)
+    total = len(task.load(e.limit))
+    base = cfg.out / "eval" / "student.json"
+    guesses = base if drafts and task.KIND != "choice" and base.is_file() else None
     with progress_bar(total, f"eval {label}", "ex", enabled=is_main_process()) as bar:
         evaluate(model, cfg.eval_task, limit=e.limit, few_shot=e.few_shot, batch_size=e.batch_size,
                  max_new_tokens=e.max_new_tokens, out=out if is_main_process() else None, tokenizer=tokenizer,
-                 progress=bar.update, prompt_format=e.prompt_format,
+                 progress=bar.update, prompt_format=e.prompt_format, drafts=guesses,
                  resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
     partial.unlink(missing_ok=True)
 
@@ -383,7 +388,7 @@ def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callabl
 
 
 def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
-    _evaluate(path, cfg, cfg.out / "eval" / f"{name}.json")
+    _evaluate(path, cfg, cfg.out / "eval" / f"{name}.json", drafts=False)
     return {"method": f"base {name}", "seed": None, "step": None, **_score(cfg.out / "eval" / f"{name}.json")}
 
 

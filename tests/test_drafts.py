@@ -1,0 +1,106 @@
+"""Greedy decoding with drafts: whatever the guesses, the tokens are those of decoding without them."""
+
+import importlib
+
+import numpy as np
+import pytest
+
+import pktjax
+from pktjax.generate import generate
+from pktjax.tokenizer import load_tokenizer
+from tests.test_generate import NEW, PAD, _hf_generate, _prompts
+from tests.tiny import VOCAB
+
+G = importlib.import_module("pktjax.generate")  # the module (the package's ``generate`` is the function)
+
+
+def _drafts(base, seed=0):
+    """One draft of every kind per row: the true continuation, it cut short, one token changed, random tokens,
+    none, and the true continuation run on past its end."""
+    rng = np.random.RandomState(seed)
+    kinds = []
+    for r, (toks, n) in enumerate(zip(base.tokens, base.lengths)):
+        true = toks[:n].tolist()
+        k = r % 6
+        if k == 0:
+            kinds.append(true)
+        elif k == 1:
+            kinds.append(true[:max(1, n // 2)])
+        elif k == 2:
+            changed = list(true)
+            changed[n // 3] = (changed[n // 3] + 7) % VOCAB
+            kinds.append(changed)
+        elif k == 3:
+            kinds.append(rng.randint(4, VOCAB, size=n).tolist())
+        elif k == 4:
+            kinds.append(None)
+        else:
+            kinds.append(true + rng.randint(4, VOCAB, size=5).tolist())
+    return kinds
+
+
+@pytest.mark.parametrize("family", ["mistral", "qwen2"])
+def test_drafts_do_not_change_the_tokens(tiny_dir, family, monkeypatch):
+    """Seven prompts in two slots, rows ending at an EOS that is a frequent token, every kind of draft, and the
+    margin below which the decode step decides at 0 (the prefill decides all), at the median margin (a mix) and
+    at infinity (the decode step decides all): the tokens equal decoding without drafts and transformers'."""
+    folder = tiny_dir(family)
+    model = pktjax.load_model(folder)
+    ids, mask = _prompts((200, 37, 150, 64, 100, 180, 12), seed=3)
+    free = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
+    stop_tok = int(free.tokens[1, 3])
+    kw = dict(eos_ids=(stop_tok,), pad_id=PAD, slots=2)
+    base = generate(model.params, model.config, ids, mask, NEW, **kw)
+    np.testing.assert_array_equal(base.tokens, _hf_generate(folder, ids, mask, eos=stop_tok))
+    drafts = _drafts(base)
+    for margin in (0.0, 0.05, float("inf")):
+        monkeypatch.setattr(G, "DRAFT_MARGIN", margin)
+        stats = {}
+        out = generate(model.params, model.config, ids, mask, NEW, drafts=drafts, stats=stats, **kw)
+        np.testing.assert_array_equal(out.tokens, base.tokens, err_msg=f"margin {margin}")
+        np.testing.assert_array_equal(out.lengths, base.lengths)
+        assert out.finish == base.finish
+        assert stats["draft_tokens"] == sum(min(len(d or ()), NEW - 1) for d in drafts)
+
+
+def test_good_drafts_replace_decode_steps(tiny_dir, monkeypatch):
+    """With every row's own continuation as its draft (all but the last token, which the model picks) and every
+    margin trusted, the prefill writes whole rows: no decode step, against one per token after the first without
+    drafts. (At the default margin a tiny random model's near-ties go to the decode step.)"""
+    monkeypatch.setattr(G, "DRAFT_MARGIN", 0.0)
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts((200, 37, 150, 64), seed=6)
+    kw = dict(eos_ids=(), pad_id=PAD, slots=4)
+    plain_stats, stats = {}, {}
+    base = generate(model.params, model.config, ids, mask, NEW, stats=plain_stats, **kw)
+    drafts = [t.tolist() for t in base.tokens]
+    out = generate(model.params, model.config, ids, mask, NEW, drafts=drafts, stats=stats, **kw)
+    np.testing.assert_array_equal(out.tokens, base.tokens)
+    assert stats["draft_agreed"] == stats["draft_tokens"] == 4 * (NEW - 1)
+    assert plain_stats["busy_slot_steps"] == 4 * (NEW - 1) and stats["busy_slot_steps"] == 0
+
+
+def test_drafts_with_stop_strings_keep_the_texts(tiny_dir):
+    folder = tiny_dir("llama2")
+    model, tok = pktjax.load_model(folder), load_tokenizer(folder)
+    ids, mask = _prompts((200, 37, 150, 64, 100), seed=5)
+    full = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, tokenizer=tok)
+    text = full.texts[0]
+    stop = next(text[i] for i in range(3, len(text)) if text[i] != "\ufffd" and text[i].strip())
+    kw = dict(stop=[stop], eos_ids=(), pad_id=PAD, tokenizer=tok, chunk=4, slots=2)
+    base = generate(model.params, model.config, ids, mask, NEW, **kw)
+    # drafts as an evaluation makes them: the text of a completion (cut before its stop string), tokenized again
+    drafts = [tok(t, add_special_tokens=False)["input_ids"] for t in base.texts]
+    out = generate(model.params, model.config, ids, mask, NEW, drafts=drafts, **kw)
+    assert out.texts == base.texts and out.finish == base.finish
+    np.testing.assert_array_equal(out.tokens, base.tokens)
+
+
+def test_bad_drafts_are_refused(tiny_dir):
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts((20, 10), seed=1)
+    with pytest.raises(ValueError, match="greedy"):
+        generate(model.params, model.config, ids, mask, 4, drafts=[[5], [6]], temperature=1.0,
+                 key=__import__("jax").random.key(0))
+    with pytest.raises(ValueError, match="one per prompt"):
+        generate(model.params, model.config, ids, mask, 4, drafts=[[5]])
