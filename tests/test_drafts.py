@@ -7,8 +7,7 @@ import pytest
 
 import pktjax
 from pktjax.generate import generate
-from pktjax.tokenizer import load_tokenizer
-from tests.test_generate import NEW, PAD, _hf_generate, _prompts
+from tests.test_generate import NEW, PAD, _hf_generate, _prompts, stop_case
 from tests.tiny import VOCAB
 
 G = importlib.import_module("pktjax.generate")  # the module (the package's ``generate`` is the function)
@@ -81,12 +80,7 @@ def test_good_drafts_replace_decode_steps(tiny_dir, monkeypatch):
 
 
 def test_drafts_with_stop_strings_keep_the_texts(tiny_dir):
-    folder = tiny_dir("llama2")
-    model, tok = pktjax.load_model(folder), load_tokenizer(folder)
-    ids, mask = _prompts((200, 37, 150, 64, 100), seed=5)
-    full = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, tokenizer=tok)
-    text = full.texts[0]
-    stop = next(text[i] for i in range(3, len(text)) if text[i] != "\ufffd" and text[i].strip())
+    model, tok, ids, mask, _, stop = stop_case(tiny_dir)
     kw = dict(stop=[stop], eos_ids=(), pad_id=PAD, tokenizer=tok, chunk=4, slots=2)
     base = generate(model.params, model.config, ids, mask, NEW, **kw)
     # drafts as an evaluation makes them: the text of a completion (cut before its stop string), tokenized again

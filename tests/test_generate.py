@@ -164,13 +164,20 @@ def test_sampling_does_not_depend_on_slots(tiny_dir):
     np.testing.assert_array_equal(one.tokens, ref.tokens)
 
 
-def test_stop_strings_with_slots_match_one_batch(tiny_dir):
+def stop_case(tiny_dir):
+    """``(model, tok, ids, mask, full, stop)``: five prompts, their completions without stop strings (``full``)
+    and a stop string, a character that the first completion holds after its third."""
     folder = tiny_dir("llama2")
     model, tok = pktjax.load_model(folder), load_tokenizer(folder)
     ids, mask = _prompts((200, 37, 150, 64, 100), seed=5)
     full = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, tokenizer=tok)
     text = full.texts[0]
     stop = next(text[i] for i in range(3, len(text)) if text[i] != "\ufffd" and text[i].strip())
+    return model, tok, ids, mask, full, stop
+
+
+def test_stop_strings_with_slots_match_one_batch(tiny_dir):
+    model, tok, ids, mask, full, stop = stop_case(tiny_dir)
     kw = dict(stop=[stop], eos_ids=(), pad_id=PAD, tokenizer=tok, chunk=4)
     one = generate(model.params, model.config, ids, mask, NEW, **kw)
     two = generate(model.params, model.config, ids, mask, NEW, slots=2, **kw)
