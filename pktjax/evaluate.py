@@ -30,7 +30,7 @@ from pktjax.errors import DataError, PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
 from pktjax.model import hidden_states, unembed
 from pktjax.provenance import provenance
-from pktjax.runfolder import append_jsonl, fault_point, read_jsonl, sha256_bytes, write_json
+from pktjax.runfolder import append_jsonl, fault_point, read_json, read_jsonl, sha256_bytes, write_json
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
 from pktjax.tasks import get_task
 from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
@@ -196,11 +196,10 @@ def _read_drafts(drafts, task: str) -> dict[str, str] | None:
     if drafts is None or isinstance(drafts, Mapping):
         return drafts
     path = Path(drafts).expanduser()
-    try:
-        report = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise PktjaxError(f"drafts: cannot read the report {path} ({e}); give an evaluation report (JSON) of "
-                          f"the same task, or no drafts.") from e
+    if not path.is_file():
+        raise PktjaxError(f"drafts: no report at {path}; give an evaluation report (JSON) of the same task, or "
+                          "no drafts.")
+    report = read_json(path, "evaluation report given as drafts")  # checksum, UTF-8 and JSON verified
     if report.get("task") != task:
         raise PktjaxError(f"drafts: {path} is a report on {report.get('task')!r}, not on {task!r}; its "
                           "completions are no guesses for these prompts.")
