@@ -245,8 +245,10 @@ class AlignerTrainConfig:
     mse_weight: float = setting(1000.0, "lambda of the delta-size penalty", ge=0)
     cutoff_len: int = setting(768, "tokens per example at most", ge=1)
     train_on_inputs: bool = setting(False, "loss on prompt tokens too")
-    micro_batch: int = setting(4, "examples per compiled forward/backward", ge=1)
-    bucket: int = setting(64, "sequence lengths round up to a multiple of this", ge=1)
+    # memory knobs only: a step's gradient is the same sum over its examples (up to float32 rounding) however they
+    # are cut and padded, so a resumed run may change them
+    micro_batch: int = setting(4, "examples per compiled forward/backward", ge=1, result=False)
+    bucket: int = setting(64, "sequence lengths round up to a multiple of this", ge=1, result=False)
     seed: int = setting(42, "train: the example order and the aligner's init; fuse: the example located on")
     modules: tuple[str, ...] | None = setting(
         None, "subset of up_proj,down_proj,v_proj,o_proj (default: all four, or without v_proj for grouped-query "

@@ -77,7 +77,7 @@ from pktjax.pair import check_laten_pair, check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
 from pktjax.select import Selection, select
-from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig
+from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig, result_keys
 from pktjax.tokenizer import load_tokenizer
 
 log = logging.getLogger("pktjax.laten")
@@ -381,6 +381,14 @@ class _Store:
         self.state.close()
 
 
+def _resume_view(run: dict[str, Any]) -> dict[str, Any]:
+    """The part of a run record a resumed run must match, flattened: the settings that can change results (memory
+    knobs such as ``micro_batch`` may differ; a record written before they were told apart is read the same way)."""
+    keep = set(result_keys(TrainConfig)) | {"modules"}
+    config = {f"config.{k}": v for k, v in run.get("config", {}).items() if k in keep}
+    return {**{k: v for k, v in run.items() if k != "config"}, **config}
+
+
 def _start_run(out_dir: Path, run: dict[str, Any]) -> None:
     """Write ``run.json`` (process 0), or check that an existing one describes the same run."""
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -391,7 +399,8 @@ def _start_run(out_dir: Path, run: dict[str, Any]) -> None:
         except DamagedFileError as e:
             raise DamagedFileError(f"{e} If this folder holds a run with the same settings, delete run.json and "
                                    "rerun; otherwise choose a new output folder.") from None
-        diff = sorted(k for k in set(old) | set(run) if old.get(k) != run.get(k))
+        old, new = _resume_view(old), _resume_view(run)
+        diff = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         if diff:
             raise ConfigError(f"{out_dir} holds a different aligner run (differs in {', '.join(diff)}); resume "
                               "with the same settings or choose a new output folder.")

@@ -343,6 +343,15 @@ def test_result_neutral_settings_do_not_change_the_fingerprint(tmp_path):
     assert read_config(path, overrides=["laten.rate=0.2"]).fingerprint() != base.fingerprint()
     # a run recorded with the fingerprint of the whole config as written is still resumed
     assert base.legacy_fingerprint() != base.fingerprint()
+    assert base.resumes({"fingerprint": base.legacy_fingerprint()})
+    # LaTen's micro-batch is a memory knob; a run recorded while it still counted (its marker holds a fingerprint
+    # of other rules) is fingerprinted again from the config it recorded
+    small = read_config(path, overrides=["laten.micro_batch=1"])
+    assert small.fingerprint() == base.fingerprint()
+    assert small.resumes({"fingerprint": "recorded under other rules", "config": base.raw})
+    assert not small.resumes({"fingerprint": "recorded under other rules",
+                              "config": read_config(path, overrides=["laten.rate=0.2"]).raw})
+    assert not small.resumes({"fingerprint": "recorded under other rules"})
 
 
 def test_settings_build_and_flags_share_one_definition():

@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import inspect
+import os
 from importlib import resources
 
+import jax
 import jax.numpy as jnp
 import pytest
 import yaml
@@ -111,6 +113,14 @@ def test_transfer_refuses_a_job_that_does_not_fit(tmp_path, capsys, monkeypatch)
     err = capsys.readouterr().err
     assert "does not fit its devices" in err and "float32 weights, mesh fsdp=1 (1 device x 32 GiB)" in err
     assert "DOES NOT FIT: peak" in err and "`dtype:`" in err
+    assert not (tmp_path / "run").exists() and not loads
+    # no device_memory_gb: a CPU device reports no limit and gets its share of the host's memory
+    host = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / GIB / len(jax.local_devices())
+    unset = _config(tmp_path, mesh=None, device_memory_gb=None, teacher=str(tmp_path / "llama-2-13b"),
+                    student=str(tmp_path / "llama-2-7b"))
+    assert main(["transfer", str(unset)]) == 2
+    err = capsys.readouterr().err
+    assert f"mesh fsdp=1 (1 device x {host:g} GiB)" in err and "DOES NOT FIT: peak" in err
     assert not (tmp_path / "run").exists() and not loads
     # a tiny pair on a device of a few MiB: the same refusal
     tiny = _config(tmp_path, mesh=None, device_memory_gb=0.001, teacher="tiny:hidden=64,layers=4,inter=128,heads=4",

@@ -45,8 +45,9 @@ Each section's keys, defaults, allowed values and meaning are those of its class
 default filled in, and ``pktjax transfer CONFIG key=value ...`` overrides settings (``laten.lr=3e-4``).
 ``laten.seeds: []`` skips LaTen; ``laten.lr`` is one peak rate or a list (each run for every seed); the
 one-cycle schedule spans the whole extract split, ``laten.steps`` (null: all) only stops it early, and step ``t``
-is the aligner after ``t + 1`` updates; ``eval.batch_size`` is left out of the run's fingerprint, so changing it does not
-block resuming.
+is the aligner after ``t + 1`` updates; settings that cannot change results (``eval.batch_size``,
+``laten.micro_batch``, ``result=False`` in :mod:`pktjax.settings`) are left out of the run's fingerprint, so changing
+them does not block resuming.
 
 LoRA-trained students default to SPEC §4 (the Seeking authors' trainer, all nine target modules), trained on the
 task's LaTen train split (``data``: a JSONL file or a Seeking task name instead; ``limit``: its first N examples).

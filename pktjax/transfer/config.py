@@ -58,22 +58,20 @@ class TransferConfig:
         return self.eval.task or EVAL_TASK[self.task]
 
     def fingerprint(self) -> str:
-        """The config's identity for resuming: settings that cannot change results (``result=False`` in
-        :mod:`pktjax.settings`, e.g. ``eval.batch_size``, the ``mesh``) are left out, so changing them does not block
-        a resume; ``dtype`` counts when it is not the default (runs recorded before it existed were float32)."""
-        raw = {k: v for k, v in self.raw.items()
-               if k not in DEVICE_KEYS or k in S.result_keys(DeviceSettings)}
-        if raw.get("dtype") == DEFAULT_DTYPE:
-            del raw["dtype"]
-        for name, cls in SECTIONS.items():
-            if isinstance(raw.get(name), dict):
-                keep = S.result_keys(cls)
-                raw[name] = {k: v for k, v in raw[name].items() if k in keep}
-        return _hash(raw)
+        """The config's identity for resuming (:func:`result_fingerprint` of the config as written)."""
+        return result_fingerprint(self.raw)
 
     def legacy_fingerprint(self) -> str:
         """The fingerprint of the whole config as written (what runs recorded before settings were typed)."""
         return _hash(self.raw)
+
+    def resumes(self, marker: dict[str, Any]) -> bool:
+        """Whether a run folder's marker (``transfer.json``) records this run. Its config is fingerprinted again
+        under today's rules as well, so a setting found since to leave results alone (``result=False``) does not
+        lock older run folders out."""
+        recorded = marker.get("config")
+        return (marker.get("fingerprint") in (self.fingerprint(), self.legacy_fingerprint())
+                or isinstance(recorded, dict) and result_fingerprint(recorded) == self.fingerprint())
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with its defaults filled in (what ``--print-config`` shows)."""
@@ -84,6 +82,21 @@ class TransferConfig:
             if sec is not None:
                 out[name] = S.as_dict(sec)
         return out
+
+
+def result_fingerprint(raw: dict[str, Any]) -> str:
+    """A config's identity for resuming, from the config as written (``raw``): settings that cannot change results
+    (``result=False`` in :mod:`pktjax.settings`, e.g. ``eval.batch_size``, ``laten.micro_batch``, the ``mesh``)
+    are left out, so changing them does not block a resume; ``dtype`` counts when it is not the default (runs
+    recorded before it existed were float32)."""
+    raw = {k: v for k, v in raw.items() if k not in DEVICE_KEYS or k in S.result_keys(DeviceSettings)}
+    if raw.get("dtype") == DEFAULT_DTYPE:
+        del raw["dtype"]
+    for name, cls in SECTIONS.items():
+        if isinstance(raw.get(name), dict):
+            keep = S.result_keys(cls)
+            raw[name] = {k: v for k, v in raw[name].items() if k in keep}
+    return _hash(raw)
 
 
 def _hash(obj: Any) -> str:

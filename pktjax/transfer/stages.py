@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import random
 import shutil
 import time
@@ -62,12 +63,17 @@ def _load(path: Path, cfg: TransferConfig) -> Model:
 
 
 def _device_gib(cfg: TransferConfig) -> float | None:
-    """The memory of one device: the config's ``device_memory_gb``, else what the device reports (a CPU
-    reports nothing)."""
+    """The memory of one device: the config's ``device_memory_gb``, else what the device reports; CPU devices
+    report nothing and share the host's memory, so each gets its share of it."""
     if cfg.device.device_memory_gb is not None:
         return cfg.device.device_memory_gb
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return stats["bytes_limit"] / (1 << 30) if stats.get("bytes_limit") else None
+    devices = jax.local_devices()
+    stats = devices[0].memory_stats() or {}
+    if stats.get("bytes_limit"):
+        return stats["bytes_limit"] / (1 << 30)
+    if devices[0].platform == "cpu" and hasattr(os, "sysconf"):
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / (1 << 30) / len(devices)
+    return None
 
 
 def check_fits(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig) -> None:
@@ -92,7 +98,7 @@ def _claim_output(cfg: TransferConfig) -> None:
     """Refuse a folder that holds another run; record this run's config otherwise."""
     marker = cfg.out / "transfer.json"
     if marker.is_file():
-        if read_json(marker, "run marker").get("fingerprint") not in (cfg.fingerprint(), cfg.legacy_fingerprint()):
+        if not cfg.resumes(read_json(marker, "run marker")):
             raise ConfigError(f"{cfg.out}: holds a run of another config; choose a new output folder "
                               "(or rerun the same config to resume).")
         return
