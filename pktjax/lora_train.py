@@ -8,7 +8,9 @@ cross-entropy over all its response tokens, so the gradient does not depend on h
 Inside each batch the examples are sorted by length and every micro-batch is left-padded to a multiple of
 ``bucket`` tokens, so one compiled step serves each bucket shape. Orbax checkpoints (adapter, optimizer state,
 step) are written after every epoch and at the end; a run restarted on the same folder resumes from the latest
-one and ends with the same adapter as an uninterrupted run (on any mesh). Metrics go to ``metrics.jsonl``.
+one and ends with the same adapter as an uninterrupted run (on any mesh). Metrics go to ``metrics.jsonl``, one line
+per step; the first line each start writes also carries ``"provenance"`` (:mod:`pktjax.provenance`: the software,
+devices, the run config's hash and the data files' hashes that made the steps from there on).
 
 With ``mesh=`` (SPEC §7) the frozen base, the adapter and the optimizer state are laid out by
 :mod:`pktjax.sharding`'s rules, every micro-batch is split over ``(data, fsdp)``, and the accumulate and update
@@ -46,6 +48,7 @@ from pktjax.errors import ConfigError, DamagedFileError, DataError
 from pktjax.lora import LoRA, rank_of
 from pktjax.losses import token_cross_entropy
 from pktjax.model import Adapter, LoraSpec, forward
+from pktjax.provenance import provenance
 from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
 from pktjax.settings import LoraTrainConfig
 
@@ -227,43 +230,47 @@ def _trim_metrics(out_dir: Path, step: int, ckpt: Checkpoints) -> list[dict]:
 
 def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], out_dir: str | Path,
           tc: TrainConfig = TrainConfig(), *, pad_id: int, on_step: Callable[[int, dict], None] | None = None,
-          progress: bool = True, mesh: Mesh | str | None = None) -> LoRA:
+          progress: bool = True, mesh: Mesh | str | None = None, data_files: Sequence[str | Path] = ()) -> LoRA:
     """Fine-tune ``lora`` on ``items`` over frozen ``base`` weights; checkpoints and metrics under ``out_dir``.
 
     ``items``: Seeking-tokenized examples (:func:`pktjax.data.tokenize_seeking`). Resumes from the latest
     checkpoint in ``out_dir`` when there is one. ``on_step(step, metrics)`` runs after every optimizer step.
     ``mesh``: ``None`` (one device), a :class:`Mesh` or a spec such as ``"data=2,fsdp=2,tensor=2"`` (see the
     module docstring; ``base`` is best loaded onto it already, e.g. ``load_model(path, mesh=mesh)``).
+    ``data_files``: the files ``items`` came from (their hashes go in the metrics' provenance).
     Returns the trained adapter (float32).
     """
     tc.validate()
     if rank_of(lora) != tc.rank:
         raise ConfigError(f"the adapter has rank {rank_of(lora)} but the training config says {tc.rank}.")
-    return fit(lora, base, cfg, items, out_dir, tc, pad_id=pad_id, on_step=on_step, progress=progress, mesh=mesh)
+    return fit(lora, base, cfg, items, out_dir, tc, pad_id=pad_id, on_step=on_step, progress=progress, mesh=mesh,
+               data_files=data_files)
 
 
 def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: str | Path,
         tc: TrainConfig = TrainConfig(), *, pad_id: int, objective: Callable = lora_objective,
         record: dict | None = None, on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
-        mesh: Mesh | str | None = None, desc: str = "lora") -> Any:
+        mesh: Mesh | str | None = None, desc: str = "lora", data_files: Sequence[str | Path] = ()) -> Any:
     """The training loop of :func:`train` for any float32 pytree ``trainable`` over frozen ``base`` weights:
     ``objective(trainable, base, cfg, batch, spec)`` gives the summed loss and token count of a micro-batch
     (see :func:`lora_objective`; it must be hashable, e.g. a module-level function or a frozen dataclass).
     ``tc`` supplies the optimizer, batching, dropout (through ``spec``), seed and checkpoint cadence; ``record``
-    adds entries to ``train_config.json`` (a folder holding another record refuses to resume). Returns the
-    trained pytree."""
+    adds entries to ``train_config.json`` (a folder holding another record refuses to resume); ``data_files``: the
+    files ``items`` came from, hashed into the metrics' provenance. Returns the trained pytree."""
     tc.validate()
     mesh = S.as_mesh(mesh)
     out_dir = Path(out_dir).expanduser()
     with lock(out_dir, "LoRA training" if desc == "lora" else f"{desc} training"):
         return _fit_locked(trainable, base, cfg, items, out_dir, tc, pad_id, objective, record, on_step, progress,
-                           mesh, desc)
+                           mesh, desc, data_files)
 
 
 def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: Path,
                 tc: TrainConfig, pad_id: int, objective: Callable, record: dict | None, on_step, progress: bool,
-                mesh: Mesh | None, desc: str) -> Any:
-    _check_run_config(out_dir, {**dataclasses.asdict(tc), "examples": len(items), **(record or {})})
+                mesh: Mesh | None, desc: str, data_files: Sequence[str | Path] = ()) -> Any:
+    run_record = {**dataclasses.asdict(tc), "examples": len(items), **(record or {})}
+    _check_run_config(out_dir, run_record)
+    origin = {"provenance": provenance(run_record, data_files)}  # on the first line this start writes
     per_epoch = math.ceil(len(items) / tc.batch_size)
     total = per_epoch * tc.epochs
     base = cast_base(base, tc.dtype)
@@ -294,7 +301,8 @@ def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[
             new_lora, opt_state, m = update(state["lora"], state["opt_state"], acc, np.int32(step), tc, total)
             state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
             m, acc = jax.block_until_ready((m, acc))  # the step's time, not only its dispatch
-            metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0)
+            metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0, origin)
+            origin = {}
             history.append(metrics)
             fault_point("lora:after-metrics")
             bar.update(1)
@@ -315,11 +323,11 @@ def _progress(total: int, start: int, enabled: bool, desc: str = "lora"):
     return progress_bar(total, desc, "step", enabled=enabled and S.is_main_process(), initial=start)
 
 
-def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: float) -> dict:
+def _log(out_dir: Path, step: int, epoch: int, m: dict, acc: dict, seconds: float, extra: dict) -> dict:
     tokens = int(acc["tokens"])
     metrics = {"step": step, "epoch": epoch + 1, "loss": float(m["loss"]), "grad_norm": float(m["grad_norm"]),
                "lr": float(m["lr"]), "tokens": tokens, "tokens_per_s": tokens / max(seconds, 1e-9),
-               "seconds": seconds}
+               "seconds": seconds, **extra}
     if S.is_main_process():
         append_jsonl(out_dir / METRICS_FILE, [metrics])
     return metrics

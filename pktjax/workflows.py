@@ -34,6 +34,7 @@ from pktjax.errors import ConfigError, PairError
 from pktjax.lora import TARGETS, check_targets, export_peft, import_peft, merge_model
 from pktjax.lora_train import train
 from pktjax.pair import check_tokenizers
+from pktjax.provenance import provenance
 from pktjax.runfolder import atomic_write, lock, read_result, verify, write_json
 from pktjax.seeking import extract_for_examples, task_file
 from pktjax.semalign import critical_layer, layer_attribution, pair_layers
@@ -48,12 +49,21 @@ ANALYSIS_DEFAULTS = as_dict(AnalysisSettings())
 
 # ------------------------------------------------------------------------------------------------------ examples
 
+def probe_file(task: str) -> Path:
+    """The file of a probe set: a LaTen task's train split (gsm, mmlu, humaneval, mbpp), else the JSONL path."""
+    return laten_split(task, "train") if task in LATEN_TASKS else Path(task).expanduser()
+
+
 def probe_examples(task: str, n: int) -> Examples:
     """The first ``n`` examples of a LaTen task's train split (gsm, mmlu, humaneval, mbpp) or of a JSONL file."""
     if n < 1:
         raise ConfigError("the probe set needs at least one example (n_examples >= 1).")
-    path = laten_split(task, "train") if task in LATEN_TASKS else Path(task).expanduser()
-    return read_jsonl(path, limit=n)
+    return read_jsonl(probe_file(task), limit=n)
+
+
+def seed_file(task: str) -> Path:
+    """The file Seeking's seed examples come from (:func:`seed_examples`)."""
+    return seeking_file(task, "sample") if task in SEEKING_TASKS else probe_file(task)
 
 
 def seed_examples(task: str, samples: int = 32, probe: int | None = None) -> Examples:
@@ -61,7 +71,7 @@ def seed_examples(task: str, samples: int = 32, probe: int | None = None) -> Exa
     a task without them (humaneval, mbpp, a JSONL file) uses the first ``probe`` (default ``samples``) examples
     of its probe set (:func:`probe_examples`)."""
     if task in SEEKING_TASKS:
-        return read_jsonl(seeking_file(task, "sample"), limit=samples)
+        return read_jsonl(seed_file(task), limit=samples)
     return probe_examples(task, probe or samples)
 
 
@@ -106,12 +116,13 @@ def seeking_factors(teacher, student, student_cfg, seeds, folder: str | os.PathL
 
 def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.PathLike, tc, *,
                   method: str = "default", targets=None, teacher_lora: dict | None = None,
-                  progress: bool = True, mesh=None) -> Path:
+                  progress: bool = True, mesh=None, data_files: Sequence[str | os.PathLike] = ()) -> Path:
     """Initialise a LoRA (``default`` | ``pissa`` | ``seeking`` from ``teacher_lora``), fine-tune it on
     ``examples`` (Seeking tokenization, response-only loss; :class:`pktjax.lora_train.TrainConfig` ``tc``) with
     checkpoints and ``metrics.jsonl`` under ``out``, and export it to ``out/adapter`` in PEFT's format for the
     *original* student. A run left unfinished in ``out`` resumes. ``student``: a loaded :class:`Model`;
-    ``mesh``: shard the training over it (every process trains; process 0 writes the adapter)."""
+    ``mesh``: shard the training over it (every process trains; process 0 writes the adapter); ``data_files``: the
+    files ``examples`` came from (hashed into ``metrics.jsonl``'s provenance)."""
     targets = targets or (lora.targets_of(teacher_lora) if teacher_lora else lora.TARGETS)
     base, lora0 = lora.init(student.params, student.config, tc.rank, tc.alpha, targets, method,
                             key=jax.random.key(tc.seed), teacher_lora=teacher_lora)
@@ -119,7 +130,8 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     out = Path(out).expanduser()
     with lock(out, "LoRA training"):  # held through the export too
-        trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress, mesh=mesh)
+        trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress, mesh=mesh,
+                        data_files=data_files)
         trained, lora0 = S.to_host((trained, lora0))  # gathered on every process
         if not S.is_main_process():
             return out / "adapter"
@@ -179,7 +191,7 @@ def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
 def train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: str | os.PathLike, tc, sc,
                    *, teacher_dtype: str = "float32", progress: bool = True, mesh=None,
                    probe: Examples | None = None, probe_kw: dict[str, Any] | None = None,
-                   plan_folder: str | os.PathLike | None = None):
+                   plan_folder: str | os.PathLike | None = None, data_files: Sequence[str | os.PathLike] = ()):
     """A SemAlign run from checkpoint paths into ``out``; returns ``(trained student Model, info dict)``.
 
     Teacher attribution on ``seeds`` (``plan.json``) and the alignment map of the two heads
@@ -190,7 +202,7 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``. With ``probe``
     examples, also the before / after CKA view of the trained layer (:func:`pktjax.analysis.alignment_cka`;
     ``probe_kw``: its batch_size, cutoff_len, max_tokens) as ``out/alignment_cka.png/.pdf``, its numbers in
-    ``semalign.json``."""
+    ``semalign.json``. ``data_files``: the files ``examples`` came from (hashed into the metrics' provenance)."""
     from pktjax.checkpoint import read_model_config
 
     tc.validate()  # bad settings are refused before the lock and the models
@@ -198,12 +210,12 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     out = Path(out).expanduser()
     with lock(out, "SemAlign training"):  # held through the export too
         return _train_semalign(teacher_path, student_path, seeds, examples, out, tc, sc, teacher_dtype, progress,
-                               mesh, probe, probe_kw, plan_folder)
+                               mesh, probe, probe_kw, plan_folder, data_files)
 
 
 def _train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: Path, tc, sc,
                     teacher_dtype: str, progress: bool, mesh, probe: Examples | None, probe_kw: dict[str, Any] | None,
-                    plan_folder: str | os.PathLike | None):
+                    plan_folder: str | os.PathLike | None, data_files: Sequence[str | os.PathLike] = ()):
     import gc
 
     import jax.numpy as jnp
@@ -239,7 +251,7 @@ def _train_semalign(teacher_path, student_path, seeds: Examples, examples: Examp
               "targets": list(sc.targets), "student_layer": pairing.student_layer}
     trained = fit(trainable, student.params, student.config, items, out, tc, pad_id=pad,
                   objective=SA.Objective(k, sc.mode, sc.compare), record=record, progress=progress, mesh=mesh,
-                  desc="semalign")
+                  desc="semalign", data_files=data_files)
     trained = S.to_host(trained)
     params = SA.merged_params(S.to_host(student.params), trained, k, sc, tc.scale)
     model = Model(params=params, config=student.config, source=student.source)
@@ -288,13 +300,15 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
                  metric: str = "cka", rank: int = 16, modules: Sequence[str] = tuple(ANALYSIS_DEFAULTS["modules"]),
                  batch_size: int = 4, cutoff_len: int = 768, max_tokens: int | None = 4096,
                  triangle: bool = True, seeking_seeds: Examples | None = None, seeking_lora: dict | None = None,
-                 meta: dict[str, Any] | None = None) -> dict[str, Any]:
+                 meta: dict[str, Any] | None = None, data_files: Sequence[str | os.PathLike] = ()) -> dict[str, Any]:
     """The neural-incompatibility analysis of loaded ``teacher``/``student`` (SPEC §6) into folder ``out``.
 
     Writes ``representation_<metric>.png/.pdf`` (teacher × student layer heatmaps per module; ``metric``: cka,
     cosine or both), ``parametric_similarity.png/.pdf`` (per-layer cosine curves of the PiSSA init and, given
     ``seeking_lora`` or the ``seeking_seeds`` to extract it from, the Seeking init), ``report.md`` and last
-    ``analysis.json`` (every number; its presence marks a finished analysis), and returns that JSON object.
+    ``analysis.json`` (every number, and the ``provenance`` of :mod:`pktjax.provenance`: its config hash covers
+    these settings, its data hashes the files in ``data_files`` the examples came from; its presence marks a
+    finished analysis), and returns that JSON object.
     """
     out = Path(out).expanduser()
     out.mkdir(parents=True, exist_ok=True)
@@ -311,7 +325,10 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
         plots.plot_parametric(param, out / "parametric_similarity")
     meta = {**(meta or {}), "LoRA rank": rank, "seconds": round(time.time() - t0, 1), **notes}
     atomic_write(out / "report.md", analysis.markdown_report(param, rep, meta, triangle))
-    result = _as_json(meta, param, rep, triangle)
+    settings = {"metric": metric, "rank": rank, "modules": list(modules), "batch_size": batch_size,
+                "cutoff_len": cutoff_len, "max_tokens": max_tokens, "triangle": triangle, "examples": len(examples),
+                "seeking": "given" if seeking_lora is not None else len(seeking_seeds or [])}
+    result = {**_as_json(meta, param, rep, triangle), "provenance": provenance(settings, data_files)}
     write_json(out / "analysis.json", result, checksum=True)
     return result
 

@@ -13,6 +13,8 @@ from pathlib import Path
 import jax
 import pytest
 
+import pktjax
+
 from pktjax.cli import build_parser, main
 from pktjax.commands import list_argument
 from pktjax.evaluate import evaluate
@@ -62,8 +64,74 @@ def test_evaluation_reports_and_transfer_json_carry_provenance(tmp_path):
     _claim_output(cfg)
     rec = json.loads((tmp_path / "run" / "transfer.json").read_text())["provenance"]
     assert rec["config_sha256"] == config_hash(cfg.raw) and rec["pktjax"]
-    assert sorted(Path(p).name for p in rec["data_sha256"]) == [f"gsm_{s}_split.jsonl"
-                                                                for s in ("align", "extract", "train")]
+    assert sorted(Path(p).name for p in rec["data_sha256"]) == [*(f"gsm_{s}_split.jsonl"
+                                                                  for s in ("align", "extract", "train")),
+                                                                "test.jsonl"]  # the LaTen splits, the test set
+
+
+def _sha(path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _check_software(rec):
+    assert rec["pktjax"] == pktjax.__version__
+    assert {k: rec["packages"][k] for k in ("jax", "jaxlib", "flax", "optax")} == {
+        k: metadata.version(k) for k in ("jax", "jaxlib", "flax", "optax")}
+    assert sum(rec["devices"]["kinds"].values()) == len(jax.devices())
+
+
+def test_lora_metrics_scores_and_analysis_carry_provenance(tiny_dir, tmp_path, monkeypatch):
+    """The first metrics line of each start of a LoRA run, scores.json and analysis.json record the software, the
+    devices, the config's hash and the data files' hashes (against hashlib and metadata, independently)."""
+    import yaml
+
+    from pktjax.cli import main as cli
+    from pktjax.runfolder import FaultInjected, read_jsonl
+
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Add {i} and 1."},
+                                                     {"role": "assistant", "content": str(i + 1)}]}) + "\n"
+                            for i in range(8)))
+    student = str(tiny_dir("qwen2"))
+    out = tmp_path / "lora"
+    train = ["lora", "train", "--student", student, "--task", str(data), "--out", str(out), "--epochs", "2",
+             "--batch-size", "4", "--micro-batch", "4", "--rank", "2", "--no-progress"]
+    monkeypatch.setenv("PKTJAX_FAULT", "lora:after-metrics@3=raise")  # dies after step 3 (checkpoint: step 2)
+    with pytest.raises(FaultInjected):
+        cli(train)
+    monkeypatch.delenv("PKTJAX_FAULT")
+    assert cli(train) == 0
+    lines = read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in lines] == [1, 2, 3, 4]
+    # once per start: on the first line of the first run and on the first step the resumed run redid
+    assert ["provenance" in m for m in lines] == [True, False, True, False]
+    rec = lines[0]["provenance"]
+    _check_software(rec)
+    assert rec["data_sha256"] == {str(data): _sha(data)}
+    record = json.loads((out / "train_config.json").read_text())
+    assert rec["config_sha256"] == config_hash(record)
+
+    transfer_cfg = tmp_path / "cfg.yaml"
+    transfer_cfg.write_text(yaml.safe_dump({"teacher": "tiny:hidden=48,layers=2,inter=64,heads=4,seed=1",
+                                            "student": "tiny:hidden=32,layers=2,inter=48,heads=4,seed=2",
+                                            "task": "mmlu", "eval": {"limit": 2, "batch_size": 2},
+                                            "laten": {"seeds": []}, "out": str(tmp_path / "run"),
+                                            "analysis": {"n_examples": 2, "rank": 2, "batch_size": 2,
+                                                         "cutoff_len": 64, "max_tokens": 64, "seeking": False}}))
+    assert cli(["transfer", str(transfer_cfg)]) == 0
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text())["provenance"]
+    marker = json.loads((tmp_path / "run" / "transfer.json").read_text())
+    _check_software(scores)
+    assert scores["config_sha256"] == config_hash(marker["config"]) == marker["provenance"]["config_sha256"]
+    files = {Path(p).name: d for p, d in scores["data_sha256"].items()}
+    assert set(files) == {"mmlu_extract_split.jsonl", "mmlu_align_split.jsonl", "mmlu_train_split.jsonl",
+                          "test.jsonl"}  # the LaTen splits (the train split is the probe set too), the test set
+    assert all(d == _sha(p) for p, d in scores["data_sha256"].items())
+    analysis = json.loads((tmp_path / "run" / "analysis" / "analysis.json").read_text())["provenance"]
+    _check_software(analysis)
+    (probe, digest), = analysis["data_sha256"].items()
+    assert Path(probe).name == "mmlu_train_split.jsonl" and digest == _sha(probe)
+    assert analysis["config_sha256"] != config_hash(None)
 
 
 def test_version_and_python_dash_m(capsys):

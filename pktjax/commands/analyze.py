@@ -46,7 +46,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _analyze(args: argparse.Namespace) -> int:
     from pktjax import sharding as S
     from pktjax.checkpoint import load_model
-    from pktjax.workflows import analyze_pair, probe_examples, seed_examples, shared_tokenizer
+    from pktjax.workflows import analyze_pair, probe_examples, probe_file, seed_examples, seed_file, shared_tokenizer
 
     mesh = S.as_mesh(args.mesh)
     out = _out_dir(args.out)
@@ -60,7 +60,8 @@ def _analyze(args: argparse.Namespace) -> int:
     analyze_pair(teacher, student, examples, out, tokenizer=tokenizer,
                  metric=args.metric, rank=args.rank, modules=list(args.modules),
                  batch_size=args.batch_size, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
-                 triangle=not args.full_heatmap, seeking_seeds=seeds, meta=meta)
+                 triangle=not args.full_heatmap, seeking_seeds=seeds, meta=meta,
+                 data_files=[probe_file(args.task), *([] if args.no_seeking else [seed_file(args.task)])])
     print(f"wrote {out}/report.md, analysis.json and the figures")
     return 0
 

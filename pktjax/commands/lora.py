@@ -105,7 +105,8 @@ def _train(args: argparse.Namespace) -> int:
     student = load_model(args.student, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
-                            teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh)
+                            teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh,
+                            data_files=[task_file(args.task, "train")])
     S.main_print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")
     return 0
 

@@ -45,7 +45,7 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax.seeking import task_file
     from pktjax.settings import SemalignSettings, from_args
     from pktjax.transfer.config import semalign_config
-    from pktjax.workflows import check_semalign_pair, seed_examples, train_semalign
+    from pktjax.workflows import check_semalign_pair, seed_examples, seed_file, train_semalign
 
     sec = from_args(SemalignSettings, args, samples=args.seed_samples)
     if args.cka < 0:
@@ -59,7 +59,7 @@ def _train(args: argparse.Namespace) -> int:
     seeds = seed_examples(sec.seed_data or args.task, sec.samples)
     _, info = train_semalign(args.teacher, args.student, seeds, examples, Path(args.out), tc, sc,
                              teacher_dtype=sec.teacher_dtype, progress=not args.no_progress, mesh=S.as_mesh(args.mesh),
-                             probe=examples[:args.cka])
+                             probe=examples[:args.cka], data_files=[data, seed_file(sec.seed_data or args.task)])
     p = info["pairing"]
     S.main_print(f"critical teacher layer {p['critical']} -> student layer {p['student_layer']} (teacher "
                  f"{p['a']}/{p['b']}, lambda {p['lam']:.3f}); output in {info.get('adapter') or info.get('model')}")

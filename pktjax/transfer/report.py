@@ -5,8 +5,9 @@ from __future__ import annotations
 import os
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
+from pktjax.provenance import provenance
 from pktjax.runfolder import atomic_write, read_json, read_jsonl, write_json
 from pktjax.tasks.common import mcnemar_exact
 from pktjax.transfer.config import TransferConfig
@@ -17,14 +18,17 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[str, float],
-                 analysis: Path | None = None) -> Path:
+                 analysis: Path | None = None, data_files: Sequence[str | os.PathLike] = ()) -> Path:
     """``scores.json``, ``aligner_curves.png`` and ``report.md`` (scores with CIs, the spread over seeds, the
     analysis figures and numbers when there is an ``analysis`` folder). Each trained model's row also gets
-    ``vs_student``, its example-by-example comparison with the base student (:func:`vs_student`)."""
+    ``vs_student``, its example-by-example comparison with the base student (:func:`vs_student`).
+    ``scores.json`` carries the ``provenance`` of the report (:mod:`pktjax.provenance`): the config's hash and
+    the hashes of ``data_files``, the files the job read."""
     base = next((r["report"] for r in rows if r["method"] == "base student"), None)
     rows = [dict(r, vs_student=vs_student(base, r["report"])) if base and r["seed"] is not None else r
             for r in rows]
-    _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings})
+    _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings,
+                                          "provenance": provenance(cfg.raw, data_files)})
     curves = plot_aligner_curves(cfg.out)
     deltas = _plot_deltas(cfg.out, rows)
     lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",

@@ -39,8 +39,9 @@ from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_co
 from pktjax.transfer.models import check_job_pair, peek_config, resolve_model
 from pktjax.transfer.report import _write_json, write_report
 from pktjax.settings import LoraSettings
-from pktjax.workflows import (analyze_pair, check_semalign_pair, merge_adapter, probe_examples, seed_examples,
-                              seeking_factors, shared_tokenizer, train_adapter, train_semalign)
+from pktjax.workflows import (analyze_pair, check_semalign_pair, merge_adapter, probe_examples, probe_file,
+                              seed_examples, seed_file, seeking_factors, shared_tokenizer, train_adapter,
+                              train_semalign)
 
 
 LOCATE_BATCH = 32  # examples per batched locate pass: the paper's MBPP protocol (27 examples) in one
@@ -104,10 +105,9 @@ def _claim_output(cfg: TransferConfig) -> None:
         return
     if cfg.out.exists() and any(p.name != LOCK_FILE for p in cfg.out.iterdir()):
         raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
-    splits = [laten_split(cfg.task, s) for s in ("extract", "align", "train")]
     if is_main_process():
         _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
-                             "provenance": provenance(cfg.raw, splits)})
+                             "provenance": provenance(cfg.raw, job_data_files(cfg))})
 
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None, drafts: bool = True) -> None:
@@ -234,6 +234,27 @@ def _train_data(cfg: TransferConfig, sec: LoraSettings) -> Path:
     return task_file(str(sec.data), "train") if sec.data else laten_split(cfg.task, "train")
 
 
+def _section_files(cfg: TransferConfig, name: str) -> list[Path]:
+    """The data files a training section reads: its fine-tuning examples and (Seeking, SemAlign) its seeds."""
+    sec = getattr(cfg, name)
+    seeds = [seed_file(str(sec.seed_data or cfg.task))] if name in ("seeking", "semalign") else []
+    return [_train_data(cfg, sec), *seeds]
+
+
+def job_data_files(cfg: TransferConfig) -> list[Path]:
+    """Every data file the job reads: the LaTen splits, each section's training and seed files and the
+    evaluation's test files (hashed into ``transfer.json``'s and ``scores.json``'s provenance)."""
+    files = [laten_split(cfg.task, s) for s in ("extract", "align", "train")]
+    for name in (*POSTPKT, "semalign"):
+        if getattr(cfg, name) is not None:
+            files += _section_files(cfg, name)
+    if cfg.analysis is not None:
+        files.append(probe_file(cfg.task))
+    task = get_task(cfg.eval_task)
+    files += task.data_files(task.load(cfg.eval.limit), cfg.eval.few_shot)
+    return list(dict.fromkeys(Path(f) for f in files))
+
+
 def _seeking_seeds(cfg: TransferConfig) -> list[dict[str, Any]]:
     return seed_examples(str(cfg.seeking.seed_data or cfg.task), cfg.seeking.samples)
 
@@ -259,7 +280,8 @@ def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, 
         model, tokenizer = load_model(student, dtype=jnp.dtype(tc.dtype), mesh=_mesh(cfg)), load_tokenizer(student)
         examples = read_jsonl(_train_data(cfg, sec), limit=sec.limit)
         adapter = train_adapter(model, tokenizer, examples, folder, tc, method=POSTPKT[name][1],
-                                targets=sec.targets, teacher_lora=teacher_lora, mesh=_mesh(cfg))
+                                targets=sec.targets, teacher_lora=teacher_lora, mesh=_mesh(cfg),
+                                data_files=_section_files(cfg, name))
         # the eval report names the adapter
         merged = merge_adapter(model, adapter, cfg.device.dtype).replace(source=str(adapter))
         _evaluate(merged, cfg, report, tokenizer=tokenizer)
@@ -284,7 +306,8 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
                                      read_jsonl(_train_data(cfg, sec), limit=sec.limit), folder,
                                      sec.trainer(seed, cfg.task), semalign_config(sec),
                                      teacher_dtype=sec.teacher_dtype, probe=probe, probe_kw=probe_kw,
-                                     plan_folder=cfg.out / "semalign", mesh=_mesh(cfg))
+                                     plan_folder=cfg.out / "semalign", mesh=_mesh(cfg),
+                                     data_files=_section_files(cfg, "semalign"))
         _evaluate(model.replace(source=info.get("adapter") or info.get("model")), cfg, report,
                   tokenizer=load_tokenizer(student))
     return {"method": "SemAlign", "seed": seed, "step": None, **_score(report)}
@@ -308,7 +331,8 @@ def _analysis(cfg: TransferConfig, teacher: Path, student: Path) -> Path:
                  modules=a.modules, batch_size=int(a.batch_size), cutoff_len=int(a.cutoff_len),
                  max_tokens=a.max_tokens, triangle=not a.full_heatmap, meta=meta,
                  seeking_lora=_seeking_factors(cfg, teacher, student, s_model.config) if reuse else None,
-                 seeking_seeds=seed_examples(cfg.task, probe=len(examples)) if a.seeking and not reuse else None)
+                 seeking_seeds=seed_examples(cfg.task, probe=len(examples)) if a.seeking and not reuse else None,
+                 data_files=[probe_file(cfg.task), *([seed_file(cfg.task)] if a.seeking and not reuse else [])])
     return folder
 
 
@@ -439,4 +463,4 @@ def _run_stages(cfg: TransferConfig, known: bool) -> Path:
     timings["total"] = sum(timings.values())
     if not is_main_process():  # process 0 writes the report
         return cfg.out / "report.md"
-    return write_report(cfg, rows, timings, analysis)
+    return write_report(cfg, rows, timings, analysis, data_files=job_data_files(cfg))
