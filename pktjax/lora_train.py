@@ -51,6 +51,7 @@ from pktjax.model import Adapter, LoraSpec, forward
 from pktjax.provenance import provenance
 from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
 from pktjax.settings import LoraTrainConfig
+from pktjax.tracking import Tracker
 
 Params = dict[str, Any]
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -230,44 +231,47 @@ def _trim_metrics(out_dir: Path, step: int, ckpt: Checkpoints) -> list[dict]:
 
 def train(base: Params, cfg: ModelConfig, lora: LoRA, items: Sequence[Tokenized], out_dir: str | Path,
           tc: TrainConfig = TrainConfig(), *, pad_id: int, on_step: Callable[[int, dict], None] | None = None,
-          progress: bool = True, mesh: Mesh | str | None = None, data_files: Sequence[str | Path] = ()) -> LoRA:
+          progress: bool = True, mesh: Mesh | str | None = None, data_files: Sequence[str | Path] = (),
+          tracker: Tracker | None = None) -> LoRA:
     """Fine-tune ``lora`` on ``items`` over frozen ``base`` weights; checkpoints and metrics under ``out_dir``.
 
     ``items``: Seeking-tokenized examples (:func:`pktjax.data.tokenize_seeking`). Resumes from the latest
     checkpoint in ``out_dir`` when there is one. ``on_step(step, metrics)`` runs after every optimizer step.
     ``mesh``: ``None`` (one device), a :class:`Mesh` or a spec such as ``"data=2,fsdp=2,tensor=2"`` (see the
     module docstring; ``base`` is best loaded onto it already, e.g. ``load_model(path, mesh=mesh)``).
-    ``data_files``: the files ``items`` came from (their hashes go in the metrics' provenance).
-    Returns the trained adapter (float32).
+    ``data_files``: the files ``items`` came from (their hashes go in the metrics' provenance); ``tracker``: also
+    log each step's metrics there (:mod:`pktjax.tracking`). Returns the trained adapter (float32).
     """
     tc.validate()
     if rank_of(lora) != tc.rank:
         raise ConfigError(f"the adapter has rank {rank_of(lora)} but the training config says {tc.rank}.")
     return fit(lora, base, cfg, items, out_dir, tc, pad_id=pad_id, on_step=on_step, progress=progress, mesh=mesh,
-               data_files=data_files)
+               data_files=data_files, tracker=tracker)
 
 
 def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: str | Path,
         tc: TrainConfig = TrainConfig(), *, pad_id: int, objective: Callable = lora_objective,
         record: dict | None = None, on_step: Callable[[int, dict], None] | None = None, progress: bool = True,
-        mesh: Mesh | str | None = None, desc: str = "lora", data_files: Sequence[str | Path] = ()) -> Any:
+        mesh: Mesh | str | None = None, desc: str = "lora", data_files: Sequence[str | Path] = (),
+        tracker: Tracker | None = None) -> Any:
     """The training loop of :func:`train` for any float32 pytree ``trainable`` over frozen ``base`` weights:
     ``objective(trainable, base, cfg, batch, spec)`` gives the summed loss and token count of a micro-batch
     (see :func:`lora_objective`; it must be hashable, e.g. a module-level function or a frozen dataclass).
     ``tc`` supplies the optimizer, batching, dropout (through ``spec``), seed and checkpoint cadence; ``record``
     adds entries to ``train_config.json`` (a folder holding another record refuses to resume); ``data_files``: the
-    files ``items`` came from, hashed into the metrics' provenance. Returns the trained pytree."""
+    files ``items`` came from, hashed into the metrics' provenance; ``tracker``: also log each step's metrics
+    there (:mod:`pktjax.tracking`). Returns the trained pytree."""
     tc.validate()
     mesh = S.as_mesh(mesh)
     out_dir = Path(out_dir).expanduser()
     with lock(out_dir, "LoRA training" if desc == "lora" else f"{desc} training"):
         return _fit_locked(trainable, base, cfg, items, out_dir, tc, pad_id, objective, record, on_step, progress,
-                           mesh, desc, data_files)
+                           mesh, desc, data_files, tracker or Tracker())
 
 
 def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: Path,
                 tc: TrainConfig, pad_id: int, objective: Callable, record: dict | None, on_step, progress: bool,
-                mesh: Mesh | None, desc: str, data_files: Sequence[str | Path] = ()) -> Any:
+                mesh: Mesh | None, desc: str, data_files: Sequence[str | Path], tracker: Tracker) -> Any:
     run_record = {**dataclasses.asdict(tc), "examples": len(items), **(record or {})}
     _check_run_config(out_dir, run_record)
     origin = {"provenance": provenance(run_record, data_files)}  # on the first line this start writes
@@ -302,6 +306,7 @@ def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[
             state = {"lora": new_lora, "opt_state": opt_state, "step": jnp.asarray(step + 1, jnp.int32)}
             m, acc = jax.block_until_ready((m, acc))  # the step's time, not only its dispatch
             metrics = _log(out_dir, step + 1, epoch, m, acc, time.perf_counter() - t0, origin)
+            tracker.log({k: v for k, v in metrics.items() if k != "provenance"}, step + 1)
             origin = {}
             history.append(metrics)
             fault_point("lora:after-metrics")

@@ -4,6 +4,8 @@
 - :class:`LoraTrainConfig`: a LoRA run (``pktjax lora train``, the ``seeking:`` / ``lora:`` / ``pissa:`` sections);
 - :class:`DeviceSettings`: the devices and weights' dtype of every command that loads a model (``--mesh``,
   ``--dtype``) and of a transfer job (its top-level ``mesh``, ``dtype``, ``device_memory_gb``);
+- :class:`TrackingSettings`: the optional experiment tracker of the trainers' commands (``--tracker``) and of a
+  transfer job (its top-level ``tracker``);
 - :class:`EvalSettings`, :class:`LatenSettings`, :class:`LoraSettings`, :class:`SeekingSettings`,
   :class:`SemalignSettings`, :class:`AnalysisSettings`: the sections of a transfer config
   (:mod:`pktjax.transfer.config`).
@@ -27,6 +29,7 @@ from typing import Any, Callable, Mapping
 from pktjax.errors import ConfigError
 from pktjax.tasks import TASKS
 from pktjax.tasks.common import PROMPT_FORMATS
+from pktjax.tracking import TRACKERS
 
 MODES = ("reference", "rmsnorm")  # attribution normalisation (SPEC §3.1)
 ATTENTION = ("last_key", "all_keys")  # attention-neuron values
@@ -330,6 +333,23 @@ class DeviceSettings:
                 parse_mesh_spec(self.mesh, spec_devices(self.mesh))
             except ConfigError as e:
                 raise ConfigError(f"{where + '.' if where else ''}mesh: {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackingSettings:
+    """Where training curves and scores go besides pktjax's own files (:mod:`pktjax.tracking`): ``--tracker`` of
+    the trainers' commands and the top-level ``tracker`` of a transfer config."""
+
+    # a tracker shows the numbers a run writes anyway: it never changes them
+    tracker: str = setting("none", "also log training curves and scores to TensorBoard (event files under "
+                                   "OUT/tensorboard; needs tensorboardX) or W&B (needs wandb)", choices=TRACKERS,
+                           result=False)
+
+    def validate(self, where: str = "") -> None:
+        from pktjax.tracking import require
+
+        check_fields(self, where)
+        require(self.tracker)  # a missing package is named before any work
 
 
 # ------------------------------------------------------------------------------- sections of a transfer config

@@ -79,6 +79,7 @@ from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_
 from pktjax.select import Selection, select
 from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig, result_keys
 from pktjax.tokenizer import load_tokenizer
+from pktjax.tracking import Tracker
 
 log = logging.getLogger("pktjax.laten")
 Source = Model | str | os.PathLike
@@ -509,7 +510,7 @@ def _prepare(teacher: Source, student: Source, extract_examples, align_examples,
 
 
 def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar, callback,
-               cache: Path | None) -> dict[str, Any]:
+               cache: Path | None, tracker: Tracker) -> dict[str, Any]:
     schedule = lr_schedule(run.config.lr, len(run.extract_examples))
     c = run.config  # every step's example located up front, in one batched pass per model
     todo = [run.extract_examples[int(run.order[t])] for t in range(start, run.steps)]
@@ -522,6 +523,7 @@ def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar,
                                      schedule(step), run.mesh)
         metrics.update(example=ex, align_examples=drawn)
         store.save(step, state["aligner"], state["opt_state"], metrics)
+        tracker.log(metrics, step)
         bar.update(1)
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", ce=f"{metrics['ce']:.4g}", mse=f"{metrics['mse']:.3g}")
         if callback is not None:
@@ -533,7 +535,7 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
                   config: TrainConfig = TrainConfig(), *, tokenizer=None,
                   callback: Callable[[int, dict[str, Any]], None] | None = None,
                   progress: bool = True, mesh: Mesh | str | None = None,
-                  cache: str | os.PathLike | None = None) -> AlignerParams:
+                  cache: str | os.PathLike | None = None, tracker: Tracker | None = None) -> AlignerParams:
     """Train LaTen's aligner (SPEC §3.6) and return its final parameters; see the module docstring.
 
     ``teacher``/``student``: :class:`Model` or checkpoint paths; ``extract_examples``/``align_examples``: lists
@@ -543,17 +545,18 @@ def train_aligner(teacher: Source, student: Source, extract_examples, align_exam
     ``mesh``: ``None`` (one device), a :class:`Mesh` or a spec such as ``"data=2,fsdp=2,tensor=2"``; see the
     module docstring. ``cache``: where the attribution scores are kept (default ``out_dir/attribution_cache``;
     not kept when several processes share the run), so a resumed run or another run on the same examples
-    reads them back instead of locating again.
+    reads them back instead of locating again. ``tracker``: also log each step's metrics there
+    (:mod:`pktjax.tracking`).
     """
     config.validate()  # before the folder is locked (created)
     out_dir = Path(out_dir)
     with lock(out_dir, "aligner training"):
         return _train_locked(teacher, student, extract_examples, align_examples, out_dir, config, tokenizer,
-                             callback, progress, mesh, cache)
+                             callback, progress, mesh, cache, tracker or Tracker())
 
 
 def _train_locked(teacher, student, extract_examples, align_examples, out_dir: Path, config: TrainConfig,
-                  tokenizer, callback, progress: bool, mesh, cache) -> AlignerParams:
+                  tokenizer, callback, progress: bool, mesh, cache, tracker: Tracker) -> AlignerParams:
     run = _prepare(teacher, student, extract_examples, align_examples, config, tokenizer, mesh)
     t_cfg, s_cfg = run.pair.teacher.config, run.pair.student.config
     cache = None if jax.process_count() > 1 else Path(cache or out_dir / "attribution_cache")
@@ -568,7 +571,7 @@ def _train_locked(teacher, student, extract_examples, align_examples, out_dir: P
     try:
         start, restored = store.resume(state)
         bar.update(start)
-        state = _run_steps(run, restored or state, start, store, bar, callback, cache)
+        state = _run_steps(run, restored or state, start, store, bar, callback, cache, tracker)
     finally:
         bar.close()
         store.close()

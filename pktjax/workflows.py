@@ -116,13 +116,15 @@ def seeking_factors(teacher, student, student_cfg, seeds, folder: str | os.PathL
 
 def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.PathLike, tc, *,
                   method: str = "default", targets=None, teacher_lora: dict | None = None,
-                  progress: bool = True, mesh=None, data_files: Sequence[str | os.PathLike] = ()) -> Path:
+                  progress: bool = True, mesh=None, data_files: Sequence[str | os.PathLike] = (),
+                  tracker=None) -> Path:
     """Initialise a LoRA (``default`` | ``pissa`` | ``seeking`` from ``teacher_lora``), fine-tune it on
     ``examples`` (Seeking tokenization, response-only loss; :class:`pktjax.lora_train.TrainConfig` ``tc``) with
     checkpoints and ``metrics.jsonl`` under ``out``, and export it to ``out/adapter`` in PEFT's format for the
     *original* student. A run left unfinished in ``out`` resumes. ``student``: a loaded :class:`Model`;
     ``mesh``: shard the training over it (every process trains; process 0 writes the adapter); ``data_files``: the
-    files ``examples`` came from (hashed into ``metrics.jsonl``'s provenance)."""
+    files ``examples`` came from (hashed into ``metrics.jsonl``'s provenance); ``tracker``: also log the training
+    curves there (:mod:`pktjax.tracking`)."""
     targets = targets or (lora.targets_of(teacher_lora) if teacher_lora else lora.TARGETS)
     base, lora0 = lora.init(student.params, student.config, tc.rank, tc.alpha, targets, method,
                             key=jax.random.key(tc.seed), teacher_lora=teacher_lora)
@@ -131,7 +133,7 @@ def train_adapter(student, tokenizer, examples: Sequence[dict], out: str | os.Pa
     out = Path(out).expanduser()
     with lock(out, "LoRA training"):  # held through the export too
         trained = train(base, student.config, lora0, items, out, tc, pad_id=pad, progress=progress, mesh=mesh,
-                        data_files=data_files)
+                        data_files=data_files, tracker=tracker)
         trained, lora0 = S.to_host((trained, lora0))  # gathered on every process
         if not S.is_main_process():
             return out / "adapter"
@@ -191,7 +193,8 @@ def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
 def train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: str | os.PathLike, tc, sc,
                    *, teacher_dtype: str = "float32", progress: bool = True, mesh=None,
                    probe: Examples | None = None, probe_kw: dict[str, Any] | None = None,
-                   plan_folder: str | os.PathLike | None = None, data_files: Sequence[str | os.PathLike] = ()):
+                   plan_folder: str | os.PathLike | None = None, data_files: Sequence[str | os.PathLike] = (),
+                   tracker=None):
     """A SemAlign run from checkpoint paths into ``out``; returns ``(trained student Model, info dict)``.
 
     Teacher attribution on ``seeds`` (``plan.json``) and the alignment map of the two heads
@@ -202,7 +205,8 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     layer ``k†``) or ``out/model`` (a checkpoint, weights mode), and ``out/semalign.json``. With ``probe``
     examples, also the before / after CKA view of the trained layer (:func:`pktjax.analysis.alignment_cka`;
     ``probe_kw``: its batch_size, cutoff_len, max_tokens) as ``out/alignment_cka.png/.pdf``, its numbers in
-    ``semalign.json``. ``data_files``: the files ``examples`` came from (hashed into the metrics' provenance)."""
+    ``semalign.json``. ``data_files``: the files ``examples`` came from (hashed into the metrics' provenance);
+    ``tracker``: also log the training curve there (:mod:`pktjax.tracking`)."""
     from pktjax.checkpoint import read_model_config
 
     tc.validate()  # bad settings are refused before the lock and the models
@@ -210,12 +214,12 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     out = Path(out).expanduser()
     with lock(out, "SemAlign training"):  # held through the export too
         return _train_semalign(teacher_path, student_path, seeds, examples, out, tc, sc, teacher_dtype, progress,
-                               mesh, probe, probe_kw, plan_folder, data_files)
+                               mesh, probe, probe_kw, plan_folder, data_files, tracker)
 
 
 def _train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: Path, tc, sc,
                     teacher_dtype: str, progress: bool, mesh, probe: Examples | None, probe_kw: dict[str, Any] | None,
-                    plan_folder: str | os.PathLike | None, data_files: Sequence[str | os.PathLike] = ()):
+                    plan_folder: str | os.PathLike | None, data_files: Sequence[str | os.PathLike], tracker):
     import gc
 
     import jax.numpy as jnp
@@ -251,7 +255,7 @@ def _train_semalign(teacher_path, student_path, seeds: Examples, examples: Examp
               "targets": list(sc.targets), "student_layer": pairing.student_layer}
     trained = fit(trainable, student.params, student.config, items, out, tc, pad_id=pad,
                   objective=SA.Objective(k, sc.mode, sc.compare), record=record, progress=progress, mesh=mesh,
-                  desc="semalign", data_files=data_files)
+                  desc="semalign", data_files=data_files, tracker=tracker)
     trained = S.to_host(trained)
     params = SA.merged_params(S.to_host(student.params), trained, k, sc, tc.scale)
     model = Model(params=params, config=student.config, source=student.source)

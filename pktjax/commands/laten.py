@@ -13,7 +13,7 @@ import logging
 from typing import Iterator
 
 from pktjax.commands import task_argument
-from pktjax.settings import AlignerTrainConfig, DeviceSettings, add_arguments, from_args
+from pktjax.settings import AlignerTrainConfig, DeviceSettings, TrackingSettings, add_arguments, from_args
 
 TASKS = ("gsm", "mmlu", "humaneval", "mbpp")
 
@@ -43,6 +43,7 @@ def _train_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--align", help="align split JSONL (default: the task's)")
     add_arguments(p, AlignerTrainConfig, train_on_inputs={
         "default": None, "help": "loss on prompt tokens too (default: yes for mmlu, no otherwise)"})
+    add_arguments(p, TrackingSettings)
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=_train)
 
@@ -101,14 +102,17 @@ def _cache_report() -> Iterator[None]:
 
 
 def _train(args: argparse.Namespace) -> int:
+    from pktjax.settings import as_dict
     from pktjax.sharding import main_print
+    from pktjax.tracking import open_tracker
     from pktjax.train_aligner import train_aligner
 
     train_on_inputs = args.task == "mmlu" if args.train_on_inputs is None else args.train_on_inputs
     config = from_args(AlignerTrainConfig, args, train_on_inputs=train_on_inputs)
-    with _cache_report():
+    tracking = from_args(TrackingSettings, args)
+    with _cache_report(), open_tracker(tracking.tracker, args.out, config=as_dict(config)) as tracker:
         train_aligner(args.teacher, args.student, _split(args, "extract"), _split(args, "align"), args.out, config,
-                      progress=not args.no_progress, mesh=args.mesh, cache=args.cache)
+                      progress=not args.no_progress, mesh=args.mesh, cache=args.cache, tracker=tracker)
     main_print(f"aligner checkpoints in {args.out}/aligner (one per step); metrics and injected delta sizes in "
                f"{args.out}/log.jsonl")
     return 0

@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pktjax.settings import DeviceSettings, LoraTrainConfig, SeekingSettings, add_arguments, from_args
+from pktjax.settings import (DeviceSettings, LoraTrainConfig, SeekingSettings, TrackingSettings, add_arguments,
+                             from_args)
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -27,6 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--seed-samples", type=int, default=SeekingSettings.samples,
                    help="seed examples for --init seeking with --teacher (default: %(default)s)")
     add_arguments(t, DeviceSettings, ("mesh",))
+    add_arguments(t, TrackingSettings)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
     t.set_defaults(func=_train)
     m = lora.add_parser("merge", help="merge an adapter into the student and save a transformers checkpoint")
@@ -69,6 +71,7 @@ def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: P
     from pktjax.lora import check_targets
 
     tc = from_args(LoraTrainConfig, args)  # --rank 0, --micro-batch 0, ... are refused here
+    from_args(TrackingSettings, args)  # a tracker whose package is missing too
     for flag, value in (("--limit", args.limit), ("--seed-samples", args.seed_samples)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} {value}: give a positive number (or leave {flag} out).")
@@ -88,7 +91,9 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax.checkpoint import load_model, read_model_config
     from pktjax.data import read_jsonl
     from pktjax.seeking import task_file
+    from pktjax.settings import as_dict
     from pktjax.tokenizer import load_tokenizer
+    from pktjax.tracking import open_tracker
     from pktjax.workflows import train_adapter
 
     method, path = _parse_init(args.init)
@@ -104,9 +109,10 @@ def _train(args: argparse.Namespace) -> int:
         tc = dataclasses.replace(tc, rank=lora_mod.rank_of(teacher_lora))
     student = load_model(args.student, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
-    adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
-                            teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh,
-                            data_files=[task_file(args.task, "train")])
+    with open_tracker(args.tracker, out, config={**as_dict(tc), "init": args.init}) as tracker:
+        adapter = train_adapter(student, tokenizer, examples, out, tc, method=method, targets=args.targets,
+                                teacher_lora=teacher_lora, progress=not args.no_progress, mesh=mesh,
+                                data_files=[task_file(args.task, "train")], tracker=tracker)
     S.main_print(f"adapter for {args.student} in {adapter}; metrics in {out / 'metrics.jsonl'}")
     return 0
 

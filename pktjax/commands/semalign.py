@@ -7,7 +7,8 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from pktjax.settings import DEFAULT_DTYPE, DeviceSettings, LoraTrainConfig, SemalignSettings, add_arguments
+    from pktjax.settings import (DEFAULT_DTYPE, DeviceSettings, LoraTrainConfig, SemalignSettings, TrackingSettings,
+                                 add_arguments)
 
     p = sub.add_parser("semalign", help="SemAlign: align one student layer with the teacher's recomposed outputs")
     sem = p.add_subparsers(dest="semalign_command", required=True)
@@ -31,6 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--cka", type=int, default=0, metavar="N", help="also plot the before / after CKA of the trained "
                    "layer with every teacher layer on the first N training examples (alignment_cka.png)")
     add_arguments(t, DeviceSettings, ("mesh",))
+    add_arguments(t, TrackingSettings)
     t.add_argument("--no-progress", action="store_true")
     t.set_defaults(func=_train)
 
@@ -43,11 +45,13 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax.data import LATEN_TASKS, laten_split, read_jsonl
     from pktjax.errors import ConfigError
     from pktjax.seeking import task_file
-    from pktjax.settings import SemalignSettings, from_args
+    from pktjax.settings import SemalignSettings, TrackingSettings, as_dict, from_args
+    from pktjax.tracking import open_tracker
     from pktjax.transfer.config import semalign_config
     from pktjax.workflows import check_semalign_pair, seed_examples, seed_file, train_semalign
 
     sec = from_args(SemalignSettings, args, samples=args.seed_samples)
+    tracking = from_args(TrackingSettings, args)
     if args.cka < 0:
         raise ConfigError(f"--cka {args.cka}: give a number of examples, at least 0.")
     tc = dataclasses.replace(sec.trainer(args.seed, args.task), save_every=args.save_every)
@@ -57,9 +61,11 @@ def _train(args: argparse.Namespace) -> int:
     data = laten_split(args.task, "train") if args.task in LATEN_TASKS else task_file(args.task, "train")
     examples = read_jsonl(data, limit=sec.limit)
     seeds = seed_examples(sec.seed_data or args.task, sec.samples)
-    _, info = train_semalign(args.teacher, args.student, seeds, examples, Path(args.out), tc, sc,
-                             teacher_dtype=sec.teacher_dtype, progress=not args.no_progress, mesh=S.as_mesh(args.mesh),
-                             probe=examples[:args.cka], data_files=[data, seed_file(sec.seed_data or args.task)])
+    with open_tracker(tracking.tracker, args.out, config=as_dict(sec)) as tracker:
+        _, info = train_semalign(args.teacher, args.student, seeds, examples, Path(args.out), tc, sc,
+                                 teacher_dtype=sec.teacher_dtype, progress=not args.no_progress,
+                                 mesh=S.as_mesh(args.mesh), probe=examples[:args.cka],
+                                 data_files=[data, seed_file(sec.seed_data or args.task)], tracker=tracker)
     p = info["pairing"]
     S.main_print(f"critical teacher layer {p['critical']} -> student layer {p['student_layer']} (teacher "
                  f"{p['a']}/{p['b']}, lambda {p['lam']:.3f}); output in {info.get('adapter') or info.get('model')}")

@@ -8,7 +8,7 @@ import signal
 import threading
 from typing import Iterator
 
-from pktjax.settings import DEFAULT_DTYPE, DeviceSettings, add_arguments
+from pktjax.settings import DEFAULT_DTYPE, DeviceSettings, TrackingSettings, add_arguments
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,6 +25,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                 "device); a run resumes on any mesh"}, dtype={
         "default": None, "help": f"storage dtype of the models' weights (default: the config's `dtype`, else "
                                  f"{DEFAULT_DTYPE})"})
+    add_arguments(p, TrackingSettings, tracker={
+        "default": None, "help": "also log training curves and scores to TensorBoard (OUT/tensorboard; needs "
+                                 "tensorboardX) or W&B (needs wandb) (default: the config's `tracker`, else none)"})
     p.set_defaults(func=_run)
 
 
@@ -50,7 +53,7 @@ def _run(args: argparse.Namespace) -> int:
     from pktjax.sharding import is_main_process
     from pktjax.transfer import read_config, run_transfer
 
-    flags = [f"{key}={getattr(args, key)}" for key in ("mesh", "dtype") if getattr(args, key) is not None]
+    flags = [f"{key}={getattr(args, key)}" for key in ("mesh", "dtype", "tracker") if getattr(args, key) is not None]
     cfg = read_config(args.config, args.out, [*args.overrides, *flags])
     if args.print_config:
         import yaml

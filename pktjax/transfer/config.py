@@ -15,7 +15,7 @@ from pktjax import settings as S
 from pktjax.errors import ConfigError
 from pktjax.lora import check_targets
 from pktjax.settings import (DEFAULT_DTYPE, AnalysisSettings, DeviceSettings, EvalSettings, LatenSettings,
-                             LoraSettings, LoraTrainConfig, SeekingSettings, SemalignSettings)
+                             LoraSettings, LoraTrainConfig, SeekingSettings, SemalignSettings, TrackingSettings)
 from pktjax.tasks import data_name
 from pktjax.transfer.models import parse_tiny
 
@@ -30,14 +30,15 @@ TRAIN_KEYS = S._LORA_KEYS
 POSTPKT = {"seeking": ("Seeking", "seeking"), "lora": ("LoRA", "default"), "pissa": ("PiSSA", "pissa")}
 # the top-level keys mesh, dtype and device_memory_gb (pktjax.settings.DeviceSettings)
 DEVICE_KEYS = tuple(f.name for f in dataclasses.fields(DeviceSettings))
-TOP_KEYS = ("teacher", "student", "task", "out", *DEVICE_KEYS, *SECTIONS)
+TRACKING_KEYS = tuple(f.name for f in dataclasses.fields(TrackingSettings))  # the top-level key tracker
+TOP_KEYS = ("teacher", "student", "task", "out", *DEVICE_KEYS, *TRACKING_KEYS, *SECTIONS)
 
 
 @dataclasses.dataclass(frozen=True)
 class TransferConfig:
     """A checked transfer job: the models, the task, the output folder, the devices and weights' dtype
-    (``device``: the top-level ``mesh``, ``dtype``, ``device_memory_gb``) and one settings object per section
-    (``None``: the section is absent). ``raw``: the config as written, with the command line's overrides."""
+    (``device``: the top-level ``mesh``, ``dtype``, ``device_memory_gb``), the tracker (``tracking``: the
+    top-level ``tracker``) and one settings object per section (``None``: the section is absent). ``raw``: the config as written, with the command line's overrides."""
 
     teacher: str
     student: str
@@ -52,6 +53,7 @@ class TransferConfig:
     semalign: SemalignSettings | None = None
     analysis: AnalysisSettings | None = None
     device: DeviceSettings = DeviceSettings()
+    tracking: TrackingSettings = TrackingSettings()
 
     @property
     def eval_task(self) -> str:
@@ -76,7 +78,7 @@ class TransferConfig:
     def resolved(self) -> dict[str, Any]:
         """Every setting with its defaults filled in (what ``--print-config`` shows)."""
         out = {"teacher": self.teacher, "student": self.student, "task": self.task, "out": str(self.out),
-               **S.as_dict(self.device)}
+               **S.as_dict(self.device), **S.as_dict(self.tracking)}
         for name in SECTIONS:
             sec = getattr(self, name)
             if sec is not None:
@@ -87,9 +89,11 @@ class TransferConfig:
 def result_fingerprint(raw: dict[str, Any]) -> str:
     """A config's identity for resuming, from the config as written (``raw``): settings that cannot change results
     (``result=False`` in :mod:`pktjax.settings`, e.g. ``eval.batch_size``, ``laten.micro_batch``, the ``mesh``)
-    are left out, so changing them does not block a resume; ``dtype`` counts when it is not the default (runs
+    are left out (the top-level ``tracker`` too), so changing them does not block a resume; ``dtype`` counts when it is not the default (runs
     recorded before it existed were float32)."""
-    raw = {k: v for k, v in raw.items() if k not in DEVICE_KEYS or k in S.result_keys(DeviceSettings)}
+    raw = {k: v for k, v in raw.items()
+           if (k not in DEVICE_KEYS or k in S.result_keys(DeviceSettings)) and
+           (k not in TRACKING_KEYS or k in S.result_keys(TrackingSettings))}
     if raw.get("dtype") == DEFAULT_DTYPE:
         del raw["dtype"]
     for name, cls in SECTIONS.items():
@@ -128,13 +132,14 @@ def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequ
         raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path (a string).")
     try:
         device = S.build(DeviceSettings, {k: raw[k] for k in DEVICE_KEYS if k in raw})
+        tracking = S.build(TrackingSettings, {k: raw[k] for k in TRACKING_KEYS if k in raw})
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from None
     sections = {name: _section(path, raw, name, device.dtype) for name in SECTIONS
                 if name in raw or name in ("eval", "laten")}
     out_dir = Path(out or raw.get("out") or Path("runs") / path.stem).expanduser()
     return TransferConfig(teacher=raw["teacher"], student=raw["student"], task=task, out=out_dir,
-                          raw=raw, device=device, **sections)
+                          raw=raw, device=device, tracking=tracking, **sections)
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

@@ -33,6 +33,7 @@ from pktjax.seeking import task_file
 from pktjax.sharding import as_mesh, is_main_process
 from pktjax.tasks import get_task
 from pktjax.tokenizer import load_tokenizer
+from pktjax.tracking import Tracker, open_tracker
 from pktjax.train_aligner import (TrainConfig, aligner_steps, load_aligner, locate_and_extract, prepare_pair,
                                   read_run, step_order, train_aligner)
 from pktjax.transfer.config import POSTPKT, TransferConfig, laten_rates, lora_config, semalign_config
@@ -142,7 +143,7 @@ def _fuse_steps(setting: Any, saved: list[int]) -> list[int]:
 
 
 def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr: float,
-                sub: str) -> list[dict[str, Any]]:
+                sub: str, tracker: Tracker) -> list[dict[str, Any]]:
     """Train the aligner for one seed (at ``lr``, in ``laten/<sub>seed<s>``), fuse and evaluate the chosen steps;
     returns one row per step, with the injected deltas' sizes (``delta``).
 
@@ -160,7 +161,7 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
         pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers, mesh=_mesh(cfg), dtype=tc.dtype)
         train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
                       folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache",
-                      mesh=_mesh(cfg))
+                      mesh=_mesh(cfg), tracker=tracker.scoped(f"laten/{sub}seed{seed}"))
         if is_main_process():
             _write_json(folder / "trained.json", {"seconds": time.time() - t0})
     steps = _fuse_steps(lt.fuse_steps, aligner_steps(folder / "aligner"))
@@ -267,7 +268,8 @@ def _seeking_factors(cfg: TransferConfig, teacher: Path, student: Path, student_
                            dtype=s.teacher_dtype, mesh=_mesh(cfg))
 
 
-def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
+def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, seed: int,
+                  tracker: Tracker) -> dict[str, Any]:
     """One LoRA-trained student of section ``name`` (seeking, lora or pissa): train from its init, merge the
     adapter, evaluate. ``<name>/seed<s>/`` holds the adapter, checkpoints, metrics and ``eval.json`` (the marker)."""
     sec, folder = getattr(cfg, name), cfg.out / name / f"seed{seed}"
@@ -281,7 +283,7 @@ def _postpkt_seed(cfg: TransferConfig, name: str, teacher: Path, student: Path, 
         examples = read_jsonl(_train_data(cfg, sec), limit=sec.limit)
         adapter = train_adapter(model, tokenizer, examples, folder, tc, method=POSTPKT[name][1],
                                 targets=sec.targets, teacher_lora=teacher_lora, mesh=_mesh(cfg),
-                                data_files=_section_files(cfg, name))
+                                data_files=_section_files(cfg, name), tracker=tracker.scoped(f"{name}/seed{seed}"))
         # the eval report names the adapter
         merged = merge_adapter(model, adapter, cfg.device.dtype).replace(source=str(adapter))
         _evaluate(merged, cfg, report, tokenizer=tokenizer)
@@ -292,7 +294,8 @@ def _semalign_seeds(cfg: TransferConfig) -> list[dict[str, Any]]:
     return seed_examples(str(cfg.semalign.seed_data or cfg.task), cfg.semalign.samples)
 
 
-def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int) -> dict[str, Any]:
+def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int,
+                   tracker: Tracker) -> dict[str, Any]:
     """One SemAlign student: attribution and pairing (once, ``semalign/plan.json``), the paired layer trained,
     evaluated. ``semalign/seed<s>/`` holds the adapter (or model), checkpoints, metrics, ``semalign.json``, the
     before / after CKA view when the config has an ``analysis`` section, and ``eval.json`` (the marker)."""
@@ -307,7 +310,8 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int)
                                      sec.trainer(seed, cfg.task), semalign_config(sec),
                                      teacher_dtype=sec.teacher_dtype, probe=probe, probe_kw=probe_kw,
                                      plan_folder=cfg.out / "semalign", mesh=_mesh(cfg),
-                                     data_files=_section_files(cfg, "semalign"))
+                                     data_files=_section_files(cfg, "semalign"),
+                                     tracker=tracker.scoped(f"semalign/seed{seed}"))
         _evaluate(model.replace(source=info.get("adapter") or info.get("model")), cfg, report,
                   tokenizer=load_tokenizer(student))
     return {"method": "SemAlign", "seed": seed, "step": None, **_score(report)}
@@ -430,12 +434,24 @@ def run_transfer(cfg: TransferConfig) -> Path:
     known = _check_models(cfg)
     with lock(cfg.out, "transfer run"):
         _claim_output(cfg)
-        return _run_stages(cfg, known)
+        with open_tracker(cfg.tracking.tracker, cfg.out, config=cfg.raw) as tracker:
+            return _run_stages(cfg, known, tracker)
 
 
-def _run_stages(cfg: TransferConfig, known: bool) -> Path:
+def score_tags(rows: list[dict[str, Any]]) -> dict[str, float]:
+    """The scores of a report's rows by tracker tag: ``score/<method>[/seed<s>][/step<t>]`` (spaces as ``_``)."""
+    out = {}
+    for r in rows:
+        tag = "score/" + r["method"].replace(" ", "_")
+        tag += "".join(f"/{key}{r[key]}" for key in ("seed", "step") if r.get(key) is not None)
+        out[tag] = r["score"]
+    return out
+
+
+def _run_stages(cfg: TransferConfig, known: bool, tracker: Tracker) -> Path:
     """The stages of :func:`run_transfer`, under the output folder's lock; ``known``: whether the pair was checked
-    already (a hub model's config is known only once it is downloaded)."""
+    already (a hub model's config is known only once it is downloaded). The trainers' curves and the scores go to
+    ``tracker`` too."""
     timings: dict[str, float] = {}
     teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
     student = resolve_model(cfg.student, cfg.out / "models" / "student")
@@ -452,15 +468,17 @@ def _run_stages(cfg: TransferConfig, known: bool) -> Path:
     for lr, sub in laten_rates(cfg):
         for seed in cfg.laten.seeds:
             key = f"laten {'lr ' + format(lr, 'g') + ' ' if sub else ''}seed {seed}"
-            rows += _timed(cfg, timings, key, _laten_seed, cfg, teacher, student, int(seed), lr, sub)
+            rows += _timed(cfg, timings, key, _laten_seed, cfg, teacher, student, int(seed), lr, sub, tracker)
     for name in POSTPKT:
         for seed in getattr(getattr(cfg, name), "seeds", ()):
             rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
-                               int(seed)))
+                               int(seed), tracker))
     for seed in getattr(cfg.semalign, "seeds", ()):
-        rows.append(_timed(cfg, timings, f"semalign seed {seed}", _semalign_seed, cfg, teacher, student, int(seed)))
+        rows.append(_timed(cfg, timings, f"semalign seed {seed}", _semalign_seed, cfg, teacher, student, int(seed),
+                           tracker))
     analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
     timings["total"] = sum(timings.values())
     if not is_main_process():  # process 0 writes the report
         return cfg.out / "report.md"
+    tracker.summary(score_tags(rows))
     return write_report(cfg, rows, timings, analysis, data_files=job_data_files(cfg))
