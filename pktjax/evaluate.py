@@ -57,12 +57,14 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     outputs); ``timeout``: seconds per program in the sandbox; ``progress(n)`` is called as examples finish.
     ``out``: write the report there as JSON. ``resume``: a JSONL file of finished completions (generation tasks):
     each completion is appended as it finishes, and a later call with the same file decodes only the prompts it
-    lacks. ``batch_size``: decode slots (continuous batching) or forward batch (choice tasks).
+    lacks (the pass@k draws too, see ``num_samples``). ``batch_size``: decode slots (continuous batching) or forward batch (choice tasks).
 
     Code tasks write their greedy completions as a ``human-eval`` / EvalPlus samples file beside ``out``
     (:func:`pktjax.samples.samples_path`). ``num_samples = n > 0`` (generation tasks) also draws ``n``
     completions per problem at ``temperature`` (PRNG ``seed``) and reports the unbiased pass@k for each ``k`` of
-    ``pass_k`` up to ``n`` under ``"pass_at_k"``, beside the greedy score. ``prompt_format``: ``"paper"`` (the
+    ``pass_k`` up to ``n`` under ``"pass_at_k"``, beside the greedy score; draw ``j`` of problem ``i`` samples
+    with a key made from ``seed`` and ``i * n + j`` alone, and with ``resume`` each draw is kept as it finishes,
+    so an interrupted evaluation goes on with the draws it lacks and ends with the same samples. ``prompt_format``: ``"paper"`` (the
     LaTen ``<|user|>`` format of :mod:`pktjax.tasks`) or ``"chat_template"`` (the same turns in the model's own
     chat template, from its tokenizer or GGUF metadata; the template brings its own special tokens, so
     ``add_special_tokens`` is then off).
@@ -110,8 +112,9 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
         exemplars = mod.shots(few_shot, hub)
         prompts = [mod.prompt(ex, exemplars, render) for ex in examples]
         guesses = _read_drafts(drafts, task)
+        finished = _Finished(resume)
         outputs = _complete(prompts, max_new, mod.STOP, model, tok, generator, batch_size, add_special_tokens,
-                            progress, _Finished(resume), guesses, settings)
+                            progress, finished, guesses, settings)
         records = _score_generations(mod, examples, prompts, outputs, timeout, workers, settings)
         if has_samples(mod) and out is not None:
             settings["samples_file"] = str(write_samples(samples_path(out), [mod.to_sample(ex, o) for ex, o in
@@ -119,7 +122,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     sampled = None
     if num_samples > 0:
         sampled = _pass_at_k(mod, examples, prompts, num_samples, temperature, seed, pass_k, model, tok, generator,
-                             batch_size, add_special_tokens, max_new, timeout, workers, progress, records, out)
+                             batch_size, add_special_tokens, max_new, timeout, workers, progress, records, out,
+                             finished)
     report = _report(task, records, settings, time.time() - start)
     report["provenance"] = provenance(settings, [] if hub else mod.data_files(examples, few_shot))
     if sampled is not None:
@@ -162,26 +166,52 @@ def _order_by_length(tok, prompts: Sequence[str], add_special_tokens: bool) -> t
 class _Finished:
     """Completions kept in a JSONL file (``{"prompt", "output", "sha256"}`` per line, the last the hash of the
     other two) so that an interrupted evaluation goes on where it stopped; without a file it keeps nothing.
-    Lines are validated one by one: a line cut short, not UTF-8, not JSON, missing a key or not matching its hash
-    is dropped (named on stderr, the file rewritten without it) and its prompt decoded again."""
+    Sampled draws (pass@k) are kept in the same file with their sample index and draw settings
+    (``{"prompt", "output", "sample", "draw": {"n", "temperature", "seed"}, "sha256"}``, hashed together): only
+    those of the same draw settings are reused. Lines are validated one by one: a line cut short, not UTF-8, not
+    JSON, missing a key or not matching its hash is dropped (named on stderr, the file rewritten without it) and
+    its prompt decoded again."""
 
     def __init__(self, path: str | os.PathLike | None):
         self.path = Path(path).expanduser() if path is not None else None
         self.done: dict[str, str] = {}
+        self.draws: dict[tuple[str, int, str], str] = {}
         if self.path is not None and self.path.is_file():
             rows = read_jsonl(self.path, check=self._check, on_bad="drop", what="finished-completion file")
-            self.done = {row["prompt"]: row["output"] for row in rows}
+            self.done = {row["prompt"]: row["output"] for row in rows if "sample" not in row}
+            self.draws = {(row["prompt"], row["sample"], self._key(row["draw"])): row["output"] for row in rows
+                          if "sample" in row}
 
     @staticmethod
-    def _hash(prompt: str, output: str) -> str:
-        return sha256_bytes(json.dumps([prompt, output], ensure_ascii=False).encode())
+    def _key(draw: Mapping[str, Any]) -> str:
+        return json.dumps(draw, sort_keys=True)
+
+    @staticmethod
+    def _hash(prompt: str, output: str, *drawn: Any) -> str:
+        return sha256_bytes(json.dumps([prompt, output, *drawn], ensure_ascii=False, sort_keys=True).encode())
 
     @classmethod
     def _check(cls, row: Any, where: str) -> None:
         if not (isinstance(row, dict) and isinstance(row.get("prompt"), str) and isinstance(row.get("output"), str)):
             raise DataError(f"{where}: a finished completion needs the strings 'prompt' and 'output'.")
-        if row.get("sha256") != cls._hash(row["prompt"], row["output"]):
+        drawn = (row.get("sample"), row.get("draw")) if "sample" in row else ()
+        if drawn and not (isinstance(drawn[0], int) and isinstance(drawn[1], dict)):
+            raise DataError(f"{where}: a finished draw needs an integer 'sample' and its 'draw' settings.")
+        if row.get("sha256") != cls._hash(row["prompt"], row["output"], *drawn):
             raise DataError(f"{where}: the completion does not match its sha256 (edited or damaged).")
+
+    def draw(self, prompt: str, sample: int, draw: Mapping[str, Any]) -> str | None:
+        """The finished draw ``sample`` of ``prompt`` under the draw settings ``draw``, or None."""
+        return self.draws.get((prompt, sample, self._key(draw)))
+
+    def add_draws(self, prompts: Sequence[str], samples: Sequence[int], outputs: Sequence[str],
+                  draw: Mapping[str, Any]) -> None:
+        if self.path is None:
+            return
+        append_jsonl(self.path, [{"prompt": p, "output": o, "sample": j, "draw": dict(draw),
+                                  "sha256": self._hash(p, o, j, dict(draw))}
+                                 for p, j, o in zip(prompts, samples, outputs)])
+        fault_point("eval:after-draws")
 
     def add(self, prompts: Sequence[str], outputs: Sequence[str]) -> None:
         if self.path is None:
@@ -265,28 +295,39 @@ def _prompt_room(model: Model, max_new: int) -> int:
 
 
 def _sample(prompts, n, temperature, seed, max_new, stop, model, tok, generator, batch_size, add_special_tokens,
-            progress) -> list[list[str]]:
+            progress, finished: _Finished) -> list[list[str]]:
     """``n`` completions of every prompt drawn at ``temperature``: ``[len(prompts)][n]``, decoded in
-    ``batch_size`` slots. A draw's key depends on its index in ``prompts × n`` and on ``seed`` only (not on its
-    slot), so the draws repeat for the same settings."""
+    ``batch_size`` slots. Draw ``j`` of problem ``i`` samples with the key of ``seed`` and its id ``i * n + j``
+    only (not its slot, nor which other draws share the call), so the draws repeat for the same settings and a
+    resumed evaluation decodes only the draws ``finished`` lacks, getting those an uninterrupted run gets."""
+    draw = {"n": n, "temperature": temperature, "seed": seed}
     repeated = [p for p in prompts for _ in range(n)]
-    if generator is not None:
-        outs = list(generator(repeated, max_new, stop))
-    else:
-        gen = generate_text(model.params, model.config, tok, repeated, max_new, stop=stop,
-                            add_special_tokens=add_special_tokens, max_prompt_tokens=_prompt_room(model, max_new),
-                            temperature=temperature, key=jax.random.key(seed), slots=batch_size)
-        outs = list(gen.texts)
+    outs: list[str | None] = [finished.draw(p, k % n, draw) for k, p in enumerate(repeated)]
+    todo = [k for k, o in enumerate(outs) if o is None]
+
+    def done(rows: list[int], texts: Sequence[str]) -> None:
+        for r, text in zip(rows, texts):
+            outs[todo[r]] = text
+        finished.add_draws([repeated[todo[r]] for r in rows], [todo[r] % n for r in rows], texts, draw)
+
+    if generator is not None and todo:
+        done(list(range(len(todo))), list(generator([repeated[k] for k in todo], max_new, stop)))
+    elif todo:
+        generate_text(model.params, model.config, tok, [repeated[k] for k in todo], max_new, stop=stop,
+                      add_special_tokens=add_special_tokens, max_prompt_tokens=_prompt_room(model, max_new),
+                      temperature=temperature, key=jax.random.key(seed), slots=batch_size, sample_ids=todo,
+                      on_done=lambda rows, gen: done(rows, gen.texts))
     progress(len(prompts))
     return [outs[i * n:(i + 1) * n] for i in range(len(prompts))]
 
 
 def _pass_at_k(mod, examples, prompts, n, temperature, seed, ks, model, tok, generator, batch_size,
-               add_special_tokens, max_new, timeout, workers, progress, records, out) -> dict[str, Any]:
-    """Draw ``n`` completions per problem, score them, add ``n_passed`` to each record and return the pass@k
-    summary (its samples file written beside ``out``)."""
+               add_special_tokens, max_new, timeout, workers, progress, records, out,
+               finished: _Finished) -> dict[str, Any]:
+    """Draw ``n`` completions per problem (those in ``finished`` reused), score them, add ``n_passed`` to each
+    record and return the pass@k summary (its samples file written beside ``out``)."""
     draws = _sample(prompts, n, temperature, seed, max_new, mod.STOP, model, tok, generator, batch_size,
-                    add_special_tokens, progress)
+                    add_special_tokens, progress, finished)
     flat_ex = [ex for ex in examples for _ in range(n)]
     flat = [o for outs in draws for o in outs]
     if hasattr(mod, "program"):

@@ -76,7 +76,8 @@ def _choose(logits: jax.Array, temperature: jax.Array, key: jax.Array, steps: ja
     ``top_k`` best tokens when ``top_k > 0``.
 
     Row ``r`` draws with the key ``fold_in(fold_in(key, steps[r]), rows[r])`` (``steps [B]``: tokens the row has
-    written, ``rows [B]``: the prompt's index in the call), so a prompt's sample depends neither on the batch
+    written, ``rows [B]``: the prompt's index in the call or its ``sample_ids`` entry), so a prompt's sample
+    depends neither on the batch
     bucket nor on the decode slot it ran in. Greedy programs contain no random number generator (it is costly to
     compile on CPU), so greedy and sampled decoding are compiled separately.
     """
@@ -283,8 +284,10 @@ def _full_logits_at(params: Params, cfg: ModelConfig, ids: jax.Array, mask: jax.
 _choose_jit = jax.jit(_choose, static_argnames=("top_k", "sample"))
 
 
-def _reference_loop(params, cfg, ids, mask, done, eos, pad_id, temperature, key, n_new, steps, top_k, sample):
-    """No-cache decoding: ``steps`` full forward passes over a fixed ``[B, P + n_new]`` buffer (one compile)."""
+def _reference_loop(params, cfg, ids, mask, done, eos, pad_id, temperature, key, n_new, steps, top_k, sample,
+                    row_ids: np.ndarray):
+    """No-cache decoding: ``steps`` full forward passes over a fixed ``[B, P + n_new]`` buffer (one compile);
+    row ``r`` samples with key id ``row_ids[r]``."""
     b, p = ids.shape
     buf = np.concatenate([ids, np.full((b, n_new), int(pad_id), np.int32)], axis=1)
     buf_mask = np.concatenate([mask, np.zeros((b, n_new), np.int32)], axis=1)
@@ -296,7 +299,7 @@ def _reference_loop(params, cfg, ids, mask, done, eos, pad_id, temperature, key,
             out[:, step:] = int(pad_id)
             break
         logits = _full_logits_at(params, cfg, jnp.asarray(buf), jnp.asarray(buf_mask), jnp.int32(p + step - 1))
-        tok = np.asarray(_choose_jit(logits, temperature, key, jnp.full((b,), step, jnp.int32), jnp.arange(b),
+        tok = np.asarray(_choose_jit(logits, temperature, key, jnp.full((b,), step, jnp.int32), jnp.asarray(row_ids),
                                      top_k=top_k, sample=sample))
         tok = np.where(done, int(pad_id), tok)
         out[:, step] = tok
@@ -313,13 +316,17 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
              use_cache: bool = True, chunk: int = 16, slots: int | None = None,
              on_done: Callable[[list[int], Generation], None] | None = None,
              stats: dict | None = None, unstack: bool = True,
-             drafts: Sequence[Sequence[int] | None] | None = None) -> Generation:
+             drafts: Sequence[Sequence[int] | None] | None = None,
+             sample_ids: Sequence[int] | None = None) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of up to ``max_new_tokens`` tokens per prompt.
 
     ``input_ids, attention_mask [B, T]``: left-padded prompts (mask 0 on padding). A row stops at its first token
     in ``eos_ids`` (default: the config's EOS ids; ``()`` never stops on EOS) or once its decoded text contains a
     string of ``stop`` (needs ``tokenizer``; the text is checked every ``chunk`` steps and cut before the stop
     string). Sampling needs ``key`` and is reproducible with it; ``top_k > 0`` samples among the k best tokens.
+    ``sample_ids``: per prompt, the integer (>= 0) folded into its sampling key in place of its index in the call,
+    so that a prompt draws the same tokens whichever prompts share the call (a resumed evaluation decodes only the
+    draws it lacks and gets the ones an uninterrupted run would have).
 
     ``slots``: how many prompts decode at once (default: all of them, rounded to a batch bucket); prompts are
     admitted in their order, and a stopped row's slot takes the next prompt at once. A prompt's tokens do not
@@ -349,6 +356,9 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     eos = tuple(cfg.eos_ids if eos_ids is None else eos_ids)
     pad = int(pad_id if pad_id is not None else (eos[0] if eos else 0))
     b = ids.shape[0]
+    row_ids = np.arange(b, dtype=np.int32) if sample_ids is None else np.asarray(sample_ids, np.int32)
+    if row_ids.shape != (b,) or (row_ids < 0).any():
+        raise ValueError(f"generate: sample_ids needs one integer >= 0 per prompt ({b}).")
     n_new = _round_new(max_new_tokens)
     consts = dict(eos=_eos_array(eos), pad_id=jnp.int32(pad), temperature=jnp.float32(max(temperature, 1e-6)))
     key = key if key is not None else jax.random.key(0)
@@ -357,7 +367,8 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     if not use_cache:  # drafts change only the cost, so the reference path ignores them
         ids_b, mask_b, done_b = _pad_to_buckets(ids, mask, pad)
         out = _reference_loop(params, cfg, ids_b, mask_b, done_b, consts["eos"], consts["pad_id"],
-                              consts["temperature"], key, n_new, max_new_tokens, top_k, not greedy)
+                              consts["temperature"], key, n_new, max_new_tokens, top_k, not greedy,
+                              np.concatenate([row_ids, np.arange(b, ids_b.shape[0], dtype=np.int32)]))
         gen = finish(out[:b, :max_new_tokens], *tails)
         if on_done is not None:
             on_done(list(range(b)), gen)
@@ -377,7 +388,7 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
 
     step_params = unstack_layers(params) if unstack else params
     _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new_tokens, slots or round_batch(b), stop,
-               tokenizer, chunk, top_k, not greedy, consts, harvest, stats, drafts)
+               tokenizer, chunk, top_k, not greedy, consts, harvest, stats, drafts, row_ids)
     return _gather(parts, b, max_new_tokens, tokenizer is not None)
 
 
@@ -440,7 +451,8 @@ def _eos_array(eos: tuple[int, ...]) -> jax.Array:
 
 
 def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots, stop, tokenizer, chunk, top_k,
-               sample, consts, harvest, stats: dict | None = None, drafts: list[np.ndarray] | None = None) -> None:
+               sample, consts, harvest, stats: dict | None = None, drafts: list[np.ndarray] | None = None,
+               row_ids: np.ndarray | None = None) -> None:
     """Continuous batching over ``n_slots`` decode slots: admit waiting prompts (each with its draft, if any) into
     free slots, decode until a slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand
     finished rows to ``harvest(rows, tokens [n, N])``, repeat until every prompt is done. Prefills read ``params``
@@ -459,7 +471,7 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
         free = np.flatnonzero(owner < 0)
         if waiting and free.size:
             take = [waiting.pop() for _ in range(min(free.size, len(waiting)))]
-            group = _admission(ids, mask, lengths, take, free, n_slots, consts, drafts)
+            group = _admission(ids, mask, lengths, take, free, n_slots, consts, drafts, row_ids)
             if drafts is None:
                 state = _admit(params, cfg, state, key, *group, max_new_j, **consts, **compiled)
             else:
@@ -515,10 +527,11 @@ class _Clock:
                               occupancy=busy / max(1, steps * self.stats["slots"]))
 
 
-def _admission(ids, mask, lengths, take, free, n_slots, consts, drafts=None) -> tuple:
+def _admission(ids, mask, lengths, take, free, n_slots, consts, drafts=None, row_ids=None) -> tuple:
     """``ids, mask [n, P], slots [n], rows [n]`` for prompts ``take`` going into slots ``free``: each prompt
-    left-padded to the group's length bucket, the group padded to a batch bucket with dummies (slot ``S``). With
-    ``drafts``, each prompt is followed by its draft, and ``drafted [n]`` (draft lengths) comes last."""
+    left-padded to the group's length bucket, the group padded to a batch bucket with dummies (slot ``S``); a
+    row's sampling key id is ``row_ids[prompt]`` (default: the prompt's index). With ``drafts``, each prompt is
+    followed by its draft, and ``drafted [n]`` (draft lengths) comes last."""
     n, p = round_batch(len(take)), round_length(int(lengths[take].max()))
     pad = int(consts["pad_id"])
     g_ids, g_mask = np.full((n, p), pad, np.int32), np.zeros((n, p), np.int32)
@@ -530,7 +543,7 @@ def _admission(ids, mask, lengths, take, free, n_slots, consts, drafts=None) -> 
             keep, drafted[j] = np.concatenate([keep, drafts[r]]), drafts[r].size
         g_ids[j, p - keep.size:], g_mask[j, p - keep.size:] = keep, 1
         if j < len(take):
-            slots[j], rows[j] = free[j], r
+            slots[j], rows[j] = free[j], r if row_ids is None else row_ids[r]
     group = (jnp.asarray(g_ids), jnp.asarray(g_mask), jnp.asarray(slots), jnp.asarray(rows))
     return group if drafts is None else (*group, drafted)
 

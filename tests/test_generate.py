@@ -164,6 +164,24 @@ def test_sampling_does_not_depend_on_slots(tiny_dir):
     np.testing.assert_array_equal(one.tokens, ref.tokens)
 
 
+def test_sample_ids_give_a_prompt_its_draws_in_any_call(tiny_dir):
+    """A subset of the prompts, each with its index in the full call as its sample id, draws exactly the tokens it
+    draws in the full call (cached and reference paths): what a resumed sampled evaluation relies on."""
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts((200, 37, 150, 64, 100), seed=4)
+    kw = dict(eos_ids=(), pad_id=PAD, temperature=1.5, key=jax.random.key(7))
+    full = generate(model.params, model.config, ids, mask, NEW, **kw)
+    rows = [3, 1]
+    part = generate(model.params, model.config, ids[rows], mask[rows], NEW, slots=1, sample_ids=rows, **kw)
+    np.testing.assert_array_equal(part.tokens, full.tokens[rows])
+    ref = generate(model.params, model.config, ids[rows], mask[rows], NEW, use_cache=False, sample_ids=rows, **kw)
+    np.testing.assert_array_equal(ref.tokens, full.tokens[rows])
+    plain = generate(model.params, model.config, ids[rows], mask[rows], NEW, **kw)  # ids 0, 1: other draws
+    assert (plain.tokens != full.tokens[rows]).any()
+    with pytest.raises(ValueError, match="sample_ids"):
+        generate(model.params, model.config, ids, mask, NEW, sample_ids=[0, 1], **kw)
+
+
 def stop_case(tiny_dir):
     """``(model, tok, ids, mask, full, stop)``: five prompts, their completions without stop strings (``full``)
     and a stop string, a character that the first completion holds after its third."""

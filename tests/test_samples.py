@@ -142,6 +142,47 @@ def test_sampled_decoding_on_a_tiny_model_repeats_with_its_seed(tiny_dir, tmp_pa
     assert samples_path(tmp_path / "c.json", 2).read_text() != text_a  # 8 random tokens drawn again
 
 
+def test_an_interrupted_sampled_evaluation_resumes_to_the_same_draws(tiny_dir, tmp_path, monkeypatch):
+    """Killed after its first finished draws, a sampled evaluation goes on from its partial file: it decodes only
+    the draws it lacks (with other slots) and ends with the uninterrupted run's samples, bit for bit."""
+    import sys
+
+    from pktjax.runfolder import FaultInjected, read_jsonl
+
+    E = sys.modules["pktjax.evaluate"]  # the module (the package exports the function under the same name)
+
+    folder = str(tiny_dir("llama2"))
+    kw = dict(limit=2, max_new_tokens=8, num_samples=3, temperature=1.0, seed=5, pass_k=[1, 2])
+    whole = evaluate(folder, "humaneval", out=tmp_path / "whole.json", batch_size=2, **kw)
+    partial = tmp_path / "cut.partial.jsonl"
+    monkeypatch.setenv("PKTJAX_FAULT", "eval:after-draws@1=raise")  # dies once the first draws are recorded
+    with pytest.raises(FaultInjected):
+        evaluate(folder, "humaneval", out=tmp_path / "cut.json", batch_size=2, resume=partial, **kw)
+    monkeypatch.delenv("PKTJAX_FAULT")
+    kept = [r for r in read_jsonl(partial) if "sample" in r]
+    assert 0 < len(kept) < 6 and len(read_jsonl(partial)) == 2 + len(kept)  # 2 greedy completions + some draws
+
+    sampled_calls = []
+    real = E.generate_text
+
+    def spy(params, cfg, tok, prompts, *a, **k):
+        if k.get("temperature", 0) > 0:
+            sampled_calls.append(list(k["sample_ids"]))
+        return real(params, cfg, tok, prompts, *a, **k)
+
+    monkeypatch.setattr(E, "generate_text", spy)
+    resumed = evaluate(folder, "humaneval", out=tmp_path / "cut.json", batch_size=3, resume=partial, **kw)
+    prompts = [r["prompt"] for r in whole["records"]]
+    done = {prompts.index(r["prompt"]) * 3 + r["sample"] for r in kept}
+    assert sampled_calls == [sorted(set(range(6)) - done)]  # only the missing draws, by their own ids (i * n + j)
+    want = samples_path(tmp_path / "whole.json", 3).read_text()
+    assert samples_path(tmp_path / "cut.json", 3).read_text() == want and len(want.splitlines()) == 6
+    assert resumed["pass_at_k"] == {**whole["pass_at_k"], "samples_file": resumed["pass_at_k"]["samples_file"]}
+    assert [r["n_passed"] for r in resumed["records"]] == [r["n_passed"] for r in whole["records"]]
+    evaluate(folder, "humaneval", batch_size=2, resume=partial, **{**kw, "seed": 6})
+    assert sampled_calls[1:] == [list(range(6))]  # other draw settings: no draw reused
+
+
 def test_bad_samples_and_settings_are_refused_before_work(tmp_path):
     problems = humaneval.load(limit=2)
     path = tmp_path / "bad.jsonl"
