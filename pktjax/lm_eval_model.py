@@ -6,6 +6,11 @@ model — a checkpoint folder, a GGUF file, a hub id, a fused student — for ``
 ``loglikelihood_rolling`` and ``generate_until``. Tokenization follows lm-eval's Hugging Face backend (the
 tokenizer's own special tokens unless ``add_bos_token`` says otherwise; an empty context is the BOS token, else
 EOS), so scores can be set beside that backend's. Needs ``pip install pktjax[lm_eval]``.
+
+``mesh`` (a spec such as ``"fsdp=8"`` or ``"fsdp=4,tensor=2"``, or a :class:`jax.sharding.Mesh`) serves the model
+sharded over devices by :mod:`pktjax.sharding`'s rules (weights loaded straight into their shardings); in
+``model_args``, which lm-eval splits on commas, separate the axes with ``;``
+(``model_args="pretrained=PATH,mesh=fsdp=4;tensor=2"``).
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
+from pktjax import sharding as S
 from pktjax.checkpoint import Model, load_model
 from pktjax.evaluate import _left_pad
 from pktjax.generate import generate_text
@@ -35,12 +41,17 @@ def _log_probs(params, cfg, ids: jax.Array, mask: jax.Array) -> jax.Array:
 
 @register_model("pktjax")
 class PktjaxLM(TemplateLM):
-    """lm-eval's ``LM`` interface over a pktjax :class:`~pktjax.checkpoint.Model` (greedy ``generate_until``)."""
+    """lm-eval's ``LM`` interface over a pktjax :class:`~pktjax.checkpoint.Model` (greedy ``generate_until``),
+    on one device or sharded over ``mesh``."""
 
     def __init__(self, pretrained: str | Model, batch_size: int | str = 8, max_length: int | None = None,
-                 add_bos_token: bool | None = None, tokenizer=None, **kwargs: Any):
+                 add_bos_token: bool | None = None, tokenizer=None, mesh: str | Any | None = None, **kwargs: Any):
         super().__init__()
-        self.model = pretrained if isinstance(pretrained, Model) else load_model(pretrained)
+        mesh = S.as_mesh(mesh.replace(";", ",") if isinstance(mesh, str) else mesh)
+        if isinstance(pretrained, Model):
+            self.model = pretrained if mesh is None else pretrained.replace(params=S.shard(pretrained.params, mesh))
+        else:
+            self.model = load_model(pretrained, mesh=mesh)
         self.tokenizer = tokenizer or load_tokenizer(self.model.source)
         self.batch = int(batch_size) if str(batch_size).isdigit() else 8  # lm-eval's "auto" is not searched
         self._max_length = int(max_length or self.model.config.max_position_embeddings)

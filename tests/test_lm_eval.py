@@ -53,3 +53,48 @@ def test_pktjax_matches_the_hf_backend_on_a_local_task(tiny_dir, tmp_path):
     gen = [Instance("generate_until", {}, ("The sky is", {"until": ["\n\n"], "max_gen_toks": 6, "do_sample": False}),
                     0)]
     assert ours_lm.generate_until(gen) == hf_lm.generate_until(gen)
+
+
+def _mesh_child(folder: str) -> None:
+    """In a process with 2 CPU devices: the model sharded by ``mesh`` (fsdp, then tensor, the second through
+    lm-eval's model_args) gives the one-device model's log-likelihoods, argmax flags and greedy completions."""
+    import jax
+    import numpy as np
+
+    assert jax.device_count() == 2
+    one = PktjaxLM(folder, batch_size=3)
+    reqs = [Instance("loglikelihood", {}, (ctx, cont), i) for i, (ctx, cont) in enumerate(
+        [("The sky is", " blue"), ("Two plus two is", " four"), ("Water", " is wet and cold"), ("", "Cats")])]
+    text = [Instance("loglikelihood_rolling", {}, ("Water is wet, and the sky is blue on a clear day.",), 0)]
+    gen = [Instance("generate_until", {}, (p, {"until": ["\n\n"], "max_gen_toks": 6}), i)
+           for i, p in enumerate(["The sky is", "Cats say"])]
+    want = one.loglikelihood(reqs), one.loglikelihood_rolling(text), one.generate_until(gen)
+    sharded = [PktjaxLM(folder, batch_size=3, mesh="fsdp=2"),
+               lm_eval.api.registry.get_model("pktjax").create_from_arg_string(
+                   f"pretrained={folder},batch_size=3,mesh=data=1;tensor=2")]
+    for lm, axis in zip(sharded, ("fsdp", "tensor")):
+        spread = [x for x in jax.tree.leaves(lm.model.params) if len(x.sharding.device_set) == 2 and
+                  not x.sharding.is_fully_replicated]
+        assert spread and dict(lm.model.params["embed"].sharding.mesh.shape)[axis] == 2, axis
+        ll = lm.loglikelihood(reqs)
+        # float32 sums over a vocabulary split across devices add in another order (~1e-6 per logit)
+        assert np.allclose([x[0] for x in ll], [x[0] for x in want[0]], atol=TOL, rtol=0), (axis, ll, want[0])
+        assert [x[1] for x in ll] == [x[1] for x in want[0]]
+        assert np.allclose(lm.loglikelihood_rolling(text), want[1], atol=TOL, rtol=0)
+        assert lm.generate_until(gen) == want[2]
+    print("lm_eval mesh ok")
+
+
+def test_pktjax_on_a_two_device_mesh_matches_one_device(tiny_dir):
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(root),
+           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}  # fixed when jax starts: a child process
+    code = f"from tests.test_lm_eval import _mesh_child; _mesh_child({str(tiny_dir('llama2'))!r})"
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "lm_eval mesh ok" in proc.stdout, proc.stderr[-4000:]
