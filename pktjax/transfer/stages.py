@@ -250,7 +250,7 @@ def job_data_files(cfg: TransferConfig) -> list[Path]:
         if getattr(cfg, name) is not None:
             files += _section_files(cfg, name)
     if cfg.analysis is not None:
-        files.append(probe_file(cfg.task))
+        files += [probe_file(cfg.task), *([seed_file(cfg.task)] if cfg.analysis.seeking else [])]
     task = get_task(cfg.eval_task)
     files += task.data_files(task.load(cfg.eval.limit), cfg.eval.few_shot)
     return list(dict.fromkeys(Path(f) for f in files))
