@@ -5,24 +5,28 @@ No weights are read: shapes come from the configs as ``jax.ShapeDtypeStruct`` tr
 aligner, its AdamW state, the attribution outputs), and the bytes each device holds from the partition rules of
 :mod:`pktjax.sharding` (a dim its mesh axes do not divide is counted as replicated). Notation: ``s`` bytes per
 weight element (``--dtype``), ``b`` examples per micro-batch, ``T`` tokens (``--cutoff-len``), ``L, d, f, H, q =
-H*hd, kv`` of the student (training) or teacher (attribution), ``V`` vocabulary, ``t``/``n_b`` the size of the
-``tensor`` axis / of ``data x fsdp``, ``b' = ceil(b / n_b)``, ``K = L_S`` selected layers, ``N = N_f`` or ``N_a``.
+H*hd, kv`` of the student (training) or teacher (attribution), ``V`` vocabulary, ``t`` the size of the
+``tensor`` axis, ``b'`` the rows of a micro-batch on one device (``b / (data x fsdp)`` when that divides ``b``; the
+batch rule splits a micro-batch only over the axes that divide it), ``K = L_S`` selected layers, ``N = N_f`` or ``N_a``.
 
 Held throughout: teacher and student weights (rules), aligner ``W1 [d_T, d_T]``, ``W2 [d_S, d_T]`` per module
 (float32, rules), AdamW ``mu, nu`` (same), gradients x2 (the micro-batch gradient plus the running sum).
 
-Locate phase (per model, the larger counts): full logits ``T V 4 / t``; attention scores and probabilities of one
-layer ``2 H T^2 4 / t``; one neuron block ``2 chunk V 4 / t`` (logits and its exponentials) plus ``chunk d 4``;
-the captured trace ``L (4 d + f + 2 q) 4``; the scores ``L (f + q) 4``; one FSDP-gathered layer of weights x2
-(when ``fsdp > 1``).
+Locate phase (per model, the larger counts): the last position's log-probabilities after every layer's attention
+and FFN ``2 L V 4 / t`` (only the last position is projected: the forward's ``[T, V]`` logits are never formed);
+attention scores and probabilities of one layer ``2 H T^2 4 / t``; one neuron block ``2 c V 4 / t`` (its logits and
+their exponentials) plus ``c d 4``, where ``c = ceil(n / ceil(n / chunk))`` for ``n = max(f, q)`` is the block
+the attribution actually cuts (``chunk`` only bounds it); the captured trace ``L (4 d + f + 2 q) 4``; the scores
+``L (f + q) 4``; one FSDP-gathered layer of weights x2 (when ``fsdp > 1``).
 
 Training step (one micro-batch, gradients through the student, no rematerialisation): knowledge ``K N d_T s``,
 aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and the same again padded to all ``L``
 layers for the forward's delta adapter (``L = K`` by default; split like the knowledge; the student's weights are
 not copied: the deltas enter inside the products); residuals saved for the backward pass
 ``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]`` (layer input, 2 norms, attention and FFN outputs, residual; q and context, k, v; gate, up, silu(gate), their
-product; float32 attention probabilities and their cast); logits ``3 b' T V 4 / t`` (logits, log-softmax and
-their cotangent); one FSDP-gathered layer of weights x2.
+product; float32 attention probabilities and their cast); logits ``4 b' T V 4 / t`` (the logits, their copy without
+the last position that the next-token loss shifts out, the log-softmax and the cotangent); one FSDP-gathered
+layer of weights x2.
 
 Peak = held + max(locate, training step). It fits when the peak is at most 90% of the device memory (the rest
 is XLA's workspace and fragmentation; on GPU set ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
@@ -120,23 +124,36 @@ def gathered_layer(cfg, s: int, mesh: Mapping[str, int]) -> int:
     return 2 * s * sum(_split(math.prod(shape), mesh["tensor"]) for shape in layer_shapes(cfg).values())
 
 
+def block_size(n: int, chunk: int) -> int:
+    """Neurons per block when ``n`` are scored at most ``chunk`` at a time (evenly sized blocks, as the attribution
+    cuts them)."""
+    return _split(n, _split(n, chunk))
+
+
 def locate_bytes(cfg, dtype, inp: PlanInput) -> int:
     """Transient bytes per device of one attribution pass (formula in the module docstring)."""
     t, tokens, v = inp.mesh["tensor"], inp.cutoff_len, cfg.vocab_size
     scores = tree_bytes(attribution_structs(cfg, dtype, tokens, inp.chunk), {"data": 1, "fsdp": 1, "tensor": 1})
-    transient = 4 * (tokens * _split(v, t) + 2 * _split(cfg.num_heads, t) * tokens ** 2
-                     + 2 * inp.chunk * _split(v, t) + inp.chunk * cfg.hidden_size
+    c = block_size(max(cfg.intermediate_size, cfg.q_dim), inp.chunk)
+    transient = 4 * (2 * cfg.num_layers * _split(v, t) + 2 * _split(cfg.num_heads, t) * tokens ** 2
+                     + 2 * c * _split(v, t) + c * cfg.hidden_size
                      + cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim))
     return transient + scores + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
+
+
+def rows_per_device(rows: int, mesh: Mapping[str, int]) -> int:
+    """Rows of a ``[B, ...]`` batch on one device, as the batch rule lays them out: ``data x fsdp`` when it divides
+    ``B``, else the longest prefix of those axes that does (a micro-batch of 4 on ``fsdp=8`` is not split)."""
+    return S.per_device_bytes((rows,), jnp.int8, S.batch_spec((rows,), mesh), mesh)
 
 
 def activation_bytes(cfg, s: int, inp: PlanInput, micro_batch: int) -> int:
     """Residuals saved for the backward pass plus the logits of one micro-batch, per device."""
     t, tokens = inp.mesh["tensor"], inp.cutoff_len
-    b = _split(micro_batch, inp.mesh["data"] * inp.mesh["fsdp"])
+    b = rows_per_device(micro_batch, inp.mesh)
     split = (2 * cfg.q_dim + 2 * cfg.kv_dim + 4 * cfg.intermediate_size) / t
     per_token = s * (6 * cfg.hidden_size + split) + _split(cfg.num_heads, t) * tokens * (4 + s)
-    return int(cfg.num_layers * b * tokens * per_token) + 3 * b * tokens * _split(cfg.vocab_size, t) * 4
+    return int(cfg.num_layers * b * tokens * per_token) + 4 * b * tokens * _split(cfg.vocab_size, t) * 4
 
 
 def knowledge_bytes(inp: PlanInput, modules: tuple[str, ...], s: int) -> int:
@@ -231,8 +248,8 @@ def _verdict(inp: PlanInput, result: dict[str, Any]) -> str:
     share = f"peak {result['peak'] / GIB:.1f} GiB of {usable:.1f} GiB usable ({USABLE:.0%} of {inp.device_gib:g})"
     best = result["largest_micro_batch"]
     rows = inp.mesh["data"] * inp.mesh["fsdp"]
-    note = (f" Note: data x fsdp = {rows} devices split each micro-batch; a micro-batch of {inp.micro_batch} leaves "
-            f"some of them idle (use a multiple of {rows})." if inp.micro_batch % rows else "")
+    note = (f" Note: a micro-batch is split only over the mesh axes that divide it: one of {inp.micro_batch} is not "
+            f"split over all data x fsdp = {rows} devices (use a multiple of {rows})." if inp.micro_batch % rows else "")
     if result["fits"]:
         return f"FITS: {share}; micro-batches of up to {best} fit.{note}"
     narrower = _narrower_dtype(inp)
