@@ -96,8 +96,38 @@ def check_fits(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig) 
                           "`dtype:` (or `pktjax transfer --dtype`); `device_memory_gb:` sets the memory checked.")
 
 
+def _main_first(fn: Callable, *args) -> Any:
+    """``fn(*args)`` on process 0, then (after all processes meet) on the others: a folder on a disk they share is
+    written once, by process 0, and a host's own disk by that host."""
+    if jax.process_count() == 1:
+        return fn(*args)
+    from jax.experimental import multihost_utils
+
+    out = fn(*args) if is_main_process() else None
+    multihost_utils.sync_global_devices(f"pktjax {getattr(fn, '__name__', 'step')}")
+    return out if is_main_process() else fn(*args)
+
+
 def _claim_output(cfg: TransferConfig) -> None:
-    """Refuse a folder that holds another run; record this run's config otherwise."""
+    """Refuse a folder that holds another run; record this run's config otherwise. Process 0 decides for every
+    process (the others wait for its verdict: their folder may be the one it is writing into)."""
+    refusal = None
+    if is_main_process():
+        try:
+            _claim(cfg)
+        except ConfigError as e:
+            refusal = e
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        refused = bool(multihost_utils.broadcast_one_to_all(jnp.int32(refusal is not None)))
+        if refused and refusal is None:
+            raise ConfigError(f"{cfg.out}: process 0 refused this output folder (its error says why).")
+    if refusal is not None:
+        raise refusal
+
+
+def _claim(cfg: TransferConfig) -> None:
     marker = cfg.out / "transfer.json"
     if marker.is_file():
         if not cfg.resumes(read_json(marker, "run marker")):
@@ -106,9 +136,8 @@ def _claim_output(cfg: TransferConfig) -> None:
         return
     if cfg.out.exists() and any(p.name != LOCK_FILE for p in cfg.out.iterdir()):
         raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
-    if is_main_process():
-        _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
-                             "provenance": provenance(cfg.raw, job_data_files(cfg))})
+    _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
+                         "provenance": provenance(cfg.raw, job_data_files(cfg))})
 
 
 def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None, drafts: bool = True) -> None:
@@ -453,8 +482,8 @@ def _run_stages(cfg: TransferConfig, known: bool, tracker: Tracker) -> Path:
     already (a hub model's config is known only once it is downloaded). The trainers' curves and the scores go to
     ``tracker`` too."""
     timings: dict[str, float] = {}
-    teacher = resolve_model(cfg.teacher, cfg.out / "models" / "teacher")
-    student = resolve_model(cfg.student, cfg.out / "models" / "student")
+    teacher = _main_first(resolve_model, cfg.teacher, cfg.out / "models" / "teacher")
+    student = _main_first(resolve_model, cfg.student, cfg.out / "models" / "student")
     if not known:  # a hub model's config is known only now that it is downloaded
         configs = read_model_config(teacher), read_model_config(student)
         _check_pair(cfg, *configs)
