@@ -75,6 +75,14 @@ def enable_compilation_cache() -> str | None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "out", None) is not None:
+        from pktjax.runfolder import check_local
+
+        try:  # before anything starts: no process group, no model, no folder
+            check_local(args.out)
+        except PktjaxError as e:
+            print(f"pktjax: error: {e}", file=sys.stderr)
+            return 2
     from pktjax.sharding import initialize_distributed  # loads jax: only once a command runs, not for --help
 
     initialize_distributed()  # before any jax call touches the devices; a no-op in a single plain process

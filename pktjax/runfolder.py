@@ -42,7 +42,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pktjax.errors import CheckpointError, DamagedFileError, DataError, LockedError
+from pktjax.errors import CheckpointError, ConfigError, DamagedFileError, DataError, LockedError
 
 FAULT_ENV = "PKTJAX_FAULT"
 LOCK_FILE = ".pktjax.lock"
@@ -57,6 +57,20 @@ class FaultInjected(BaseException):
 
 
 # ------------------------------------------------------------------------------------------------ fault hook
+
+_URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+
+
+def check_local(path: str | os.PathLike, what: str = "--out") -> None:
+    """Refuse an output path that is a URL (``gs://…``, ``s3://…``, ``file://…``): the run folder's atomic writes
+    are renames within a local file system and its lock is ``fcntl``, neither of which an object store offers."""
+    text = os.fspath(path)
+    if _URL.match(text):
+        raise ConfigError(f"{what} {text!r} is a URL; outputs go to a local or mounted file system (the run folder "
+                          "writes by renaming and locks with fcntl). Mount the bucket, e.g. `gcsfuse BUCKET "
+                          "/mnt/BUCKET`, and pass the mounted path (--out /mnt/BUCKET/run); for file:// give the "
+                          "plain path.")
+
 
 def fault_point(name: str) -> None:
     """Die (SIGKILL) or raise ``ENOSPC`` here when ``$PKTJAX_FAULT`` names this point (tests only)."""

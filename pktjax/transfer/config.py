@@ -14,6 +14,7 @@ import yaml
 from pktjax import settings as S
 from pktjax.errors import ConfigError
 from pktjax.lora import check_targets
+from pktjax.runfolder import check_local
 from pktjax.settings import (DEFAULT_DTYPE, AnalysisSettings, DeviceSettings, EvalSettings, LatenSettings,
                              LoraSettings, LoraTrainConfig, SeekingSettings, SemalignSettings, TrackingSettings)
 from pktjax.tasks import data_name
@@ -130,6 +131,7 @@ def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequ
                 raise ConfigError(f"{path}: {key}: {e}") from None
     if raw.get("out") is not None and not isinstance(raw["out"], str):
         raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path (a string).")
+    check_local(out or raw.get("out") or "", f"{path}: out" if out is None else "--out")
     try:
         device = S.build(DeviceSettings, {k: raw[k] for k in DEVICE_KEYS if k in raw})
         tracking = S.build(TrackingSettings, {k: raw[k] for k in TRACKING_KEYS if k in raw})
