@@ -15,15 +15,12 @@ shapes, vocabulary 32000; ``tenth`` is ~1/10 of Llama-2 13B -> 7B in width with 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import math
 import sys
 from pathlib import Path
 from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -65,7 +62,8 @@ def compiled_bytes(lowered) -> int:
     return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes - m.alias_size_in_bytes)
 
 
-def _selection(teacher_or_student, k: int, n_f: int, n_a: int) -> Selection:
+def _selection(k: int, n_f: int, n_a: int) -> Selection:
+    """Shapes of a selection of ``k`` layers with ``n_f`` / ``n_a`` neurons each."""
     i32 = jnp.int32
     return Selection(attn_layers=jax.ShapeDtypeStruct((k,), i32), ffn_layers=jax.ShapeDtypeStruct((k,), i32),
                      ffn_neurons=jax.ShapeDtypeStruct((k, n_f), i32), attn_neurons=jax.ShapeDtypeStruct((k, n_a), i32))
@@ -98,11 +96,11 @@ def measure(inp: M.PlanInput, mesh, stages: tuple[str, ...] = STAGES) -> dict[st
     aligner, opt = M.aligner_structs(t.hidden_size, s.hidden_size, modules)
     student = M.param_structs(s, dtype)
     knowledge = jax.eval_shape(lambda p, sel: _extract_jit(p, sel, modules), M.param_structs(t, dtype),
-                               _selection(t, k, n_f, n_a))
+                               _selection(k, n_f, n_a))
     b, tokens = inp.micro_batch, inp.cutoff_len
     batch = {"ids": jax.ShapeDtypeStruct((b, tokens), jnp.int32), "mask": jax.ShapeDtypeStruct((b, tokens), jnp.int32),
              "labels": jax.ShapeDtypeStruct((b, tokens), jnp.int32), "weight": jax.ShapeDtypeStruct((b,), jnp.float32)}
-    sel_s = _selection(s, k, n_f, n_a)
+    sel_s = _selection(k, n_f, n_a)
     args = (aligner, student, s, sel_s, knowledge, batch, 1000.0, "products")
     if STAGES[2] in stages:
         grad = S.sharded_jit(jax.value_and_grad(aligner_loss, has_aux=True), mesh, args, static_argnums=(2, 7),
