@@ -24,6 +24,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from experiments.bench_attribution import SIZES, make_config  # noqa: E402
 from pktjax import memory as M  # noqa: E402
 from pktjax import sharding as S  # noqa: E402
 from pktjax.attribution import DEFAULT_CHUNK, _attribution_batch_jit  # noqa: E402
@@ -31,10 +32,6 @@ from pktjax.extract import _extract_jit, check_modules  # noqa: E402
 from pktjax.select import Selection, neuron_counts  # noqa: E402
 from pktjax.train_aligner import aligner_loss, apply_update  # noqa: E402
 
-SIZES = {  # (hidden, ffn, layers, heads), as experiments/bench_attribution.py; vocabulary 32000
-    "tiny": {"teacher": (64, 176, 4, 4), "student": (48, 128, 3, 3)},
-    "tenth": {"teacher": (512, 1384, 40, 4), "student": (384, 1104, 32, 3)},
-}
 RUNS = {  # cutoff_len, micro_batch (P does not change a step's memory)
     "tiny": (128, 8),
     "tenth": (768, 4),
@@ -42,14 +39,7 @@ RUNS = {  # cutoff_len, micro_batch (P does not change a step's memory)
 
 
 def pair_configs(size: str):
-    from pktjax.config import ModelConfig
-
-    def cfg(hidden, ffn, layers, heads):
-        return ModelConfig(model_type="llama", vocab_size=32000, hidden_size=hidden, intermediate_size=ffn,
-                           num_layers=layers, num_heads=heads, num_kv_heads=heads, head_dim=hidden // heads,
-                           rms_norm_eps=1e-5)
-
-    return cfg(*SIZES[size]["teacher"]), cfg(*SIZES[size]["student"])
+    return tuple(make_config(*SIZES[size][name]) for name in ("teacher", "student"))
 
 
 def _placed(tree: Any, shardings: Any) -> Any:
@@ -147,7 +137,7 @@ def compare(size: str, spec: str, dtype: str = "float32", stages: tuple[str, ...
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--size", nargs="+", default=["tiny", "tenth"], choices=sorted(SIZES))
+    p.add_argument("--size", nargs="+", default=["tiny", "tenth"], choices=sorted(RUNS))
     p.add_argument("--mesh", nargs="+", default=["fsdp=1", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"])
     p.add_argument("--dtype", default="float32")
     a = p.parse_args(argv)
