@@ -383,6 +383,8 @@ def _check_report(rep: dict[str, Any]) -> None:
 
 
 def _score(report_path: Path) -> dict[str, Any]:
+    if not is_main_process():  # process 0 writes the report and the scores; the others may not see its file yet
+        return {"report": str(report_path)}
     rep = read_json(report_path, "evaluation report")
     return {"score": rep["score"], "ci": rep.get("ci95"), "n": rep.get("n"), "report": str(report_path)}
 
