@@ -64,6 +64,21 @@ def _teacher_lora(args, method: str, path: str | None, student_cfg, out: Path, r
                            dtype=args.dtype, mesh=args.mesh)
 
 
+def _adapter_rank(method: str, path: str | None, student_cfg, out: Path, default: int) -> int:
+    """The rank a run without ``--rank`` trains at, known before any model loads: an extracted adapter's
+    (``seeking:PATH``, or a finished extraction in ``out/extracted``), else ``default`` (what a new extraction
+    uses)."""
+    from pktjax.lora import import_peft, rank_of
+    from pktjax.runfolder import read_result
+
+    if method != "seeking":
+        return default
+    if path is not None:
+        return rank_of(import_peft(path, student_cfg)[0])
+    info = read_result(out / "extracted" / "extraction.json", "extraction record")  # a damaged one: extracted again
+    return int(info["rank"]) if info else default
+
+
 def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: Path) -> LoraTrainConfig:
     """Every flag checked before any work (nothing loaded, nothing written); the training settings (their rank
     the given one or the default, which an extracted adapter's rank replaces when ``--rank`` is not given)."""
@@ -86,10 +101,10 @@ def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: P
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pktjax import lora as lora_mod
     from pktjax import sharding as S
     from pktjax.checkpoint import load_model, read_model_config
     from pktjax.data import read_jsonl
+    from pktjax.lora_train import check_resume, run_record
     from pktjax.seeking import task_file
     from pktjax.settings import as_dict
     from pktjax.tokenizer import load_tokenizer
@@ -104,9 +119,11 @@ def _train(args: argparse.Namespace) -> int:
     if method == "seeking" and args.teacher and path is None:
         read_model_config(args.teacher)
     examples = read_jsonl(task_file(args.task, "train"), limit=args.limit)  # every line checked
+    if args.rank is None:
+        tc = dataclasses.replace(tc, rank=_adapter_rank(method, path, student_cfg, out, tc.rank))
+    # an --out holding a run with other settings is refused before the teacher or the student loads
+    check_resume(out, run_record(tc, len(examples)))
     teacher_lora = _teacher_lora(args, method, path, student_cfg, out, tc.rank)
-    if args.rank is None and teacher_lora:
-        tc = dataclasses.replace(tc, rank=lora_mod.rank_of(teacher_lora))
     student = load_model(args.student, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     with open_tracker(args.tracker, out, config={**as_dict(tc), "init": args.init}) as tracker:
