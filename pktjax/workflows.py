@@ -337,7 +337,7 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
     if param:
         plots.plot_parametric(param, out / "parametric_similarity")
     meta = {**(meta or {}), "LoRA rank": rank, "seconds": round(time.time() - t0, 1), **notes}
-    atomic_write(out / "report.md", analysis.markdown_report(param, rep, meta, triangle))
+    atomic_write(out / "report.md", analysis.markdown_report(param, rep, meta, triangle), checksum=True)
     settings = {"metric": metric, "rank": rank, "modules": list(modules), "batch_size": batch_size,
                 "cutoff_len": cutoff_len, "max_tokens": max_tokens, "triangle": triangle, "examples": len(examples),
                 "seeking": "given" if seeking_lora is not None else len(seeking_seeds or [])}
