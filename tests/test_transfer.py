@@ -290,6 +290,7 @@ def test_bad_semalign_sections_fail_early(tmp_path):
     ("laten.seeds=5", "laten.seeds = 5: must be a list of integers"),
     ("laten.lr=fast", "laten.lr = 'fast': must be a number"),
     ("lora.rank=0", "lora.rank = 0: must be >= 1"),
+    ("semalign.cka=-1", "semalign.cka = -1: must be >= 0"),
     ("seeking.teacher_dtype=float16", "teacher_dtype = 'float16': choose one of float32, bfloat16"),
     ("analysis.metric=l2", "analysis.metric = 'l2': choose one of cka"),
     ("teacher=tiny:hidden=abc", "tiny:hidden=abc: invalid literal"),

@@ -11,7 +11,6 @@ from pktjax.settings import (DeviceSettings, LoraTrainConfig, SeekingSettings, T
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pktjax.commands import task_argument
-    from pktjax.commands.seeking import add_targets_argument
     p = sub.add_parser("lora", help="LoRA students: train (default / PiSSA / Seeking init), merge into a checkpoint")
     lora = p.add_subparsers(dest="lora_command", required=True)
     t = lora.add_parser("train", help="fine-tune a LoRA on a task (resumes when --out holds checkpoints)")
@@ -23,10 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="output folder: adapter/, checkpoints/, metrics.jsonl")
     add_arguments(t, LoraTrainConfig, rank={"default": None,
                                             "help": "LoRA rank (default 16, or the extracted adapter's)"})
-    add_targets_argument(t)
-    t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
-    t.add_argument("--seed-samples", type=int, default=SeekingSettings.samples,
-                   help="seed examples for --init seeking with --teacher (default: %(default)s)")
+    add_arguments(t, SeekingSettings, ("targets", "limit", "samples"),
+                  samples={"flag": "--seed-samples", "help": "seed examples for --init seeking with --teacher"})
     add_arguments(t, DeviceSettings, ("mesh",))
     add_arguments(t, TrackingSettings)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,7 +57,7 @@ def _teacher_lora(args, method: str, path: str | None, student_cfg, out: Path, r
     if path is not None:
         return import_peft(path, student_cfg)[0]
     return seeking_factors(args.teacher, args.student, student_cfg, args.task, out / "extracted", rank=rank,
-                           targets=args.targets, samples=args.seed_samples, cutoff_len=args.cutoff_len,
+                           targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len,
                            dtype=args.dtype, mesh=args.mesh)
 
 
@@ -87,9 +84,7 @@ def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: P
 
     tc = from_args(LoraTrainConfig, args)  # --rank 0, --micro-batch 0, ... are refused here
     from_args(TrackingSettings, args)  # a tracker whose package is missing too
-    for flag, value in (("--limit", args.limit), ("--seed-samples", args.seed_samples)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: give a positive number (or leave {flag} out).")
+    from_args(SeekingSettings, args)  # also --limit 0, --seed-samples 0
     if args.targets is not None:
         check_targets(args.targets)
     if method == "seeking" and path is None and not args.teacher and \
