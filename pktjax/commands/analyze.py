@@ -15,6 +15,7 @@ from pktjax.commands import task_argument
 from pktjax.errors import ConfigError
 from pktjax.settings import AnalysisSettings, DeviceSettings, add_arguments, from_args
 
+
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("analyze", help="parametric and representation similarity of a teacher/student pair")
     p.add_argument("--teacher", required=True, help="teacher checkpoint folder or .gguf")
