@@ -50,7 +50,7 @@ from pktjax.losses import token_cross_entropy
 from pktjax.model import Adapter, LoraSpec, forward
 from pktjax.provenance import provenance
 from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
-from pktjax.settings import LoraTrainConfig
+from pktjax.settings import LoraTrainConfig, result_keys
 from pktjax.tracking import Tracker
 
 Params = dict[str, Any]
@@ -191,6 +191,10 @@ def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
+# the settings that cannot change a run's results (settings.result_keys): a run resumes with other values
+_NEUTRAL = {f.name for f in dataclasses.fields(TrainConfig)} - set(result_keys(TrainConfig))
+
+
 def run_record(tc: TrainConfig, examples: int, extra: dict | None = None) -> dict:
     """What ``train_config.json`` records of a run: the settings, the number of examples and ``extra`` entries
     (a resumed run must match it)."""
@@ -206,7 +210,7 @@ def check_resume(out_dir: str | Path, record: dict, partial: bool = False) -> No
     if not path.is_file():
         return
     old = read_json(path, "LoRA training config")
-    keys = set(record) if partial else set(old) | set(record)
+    keys = (set(record) if partial else set(old) | set(record)) - _NEUTRAL  # e.g. save_every may change
     diff = [f"{k} {old.get(k, 'unset')!r} there, {record.get(k, 'unset')!r} now" for k in sorted(keys)
             if old.get(k) != record.get(k)]
     if diff:

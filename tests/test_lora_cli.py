@@ -113,7 +113,8 @@ def _no_load(*a, **k):
 def test_train_refuses_an_out_with_other_settings_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
     """An --out whose train_config.json records other settings is refused with exit 2 (the folder, each differing
     setting, the fix) before any model loads; the recorded settings (the rank taken from a seeking:PATH adapter
-    when --rank is left out) get past the check to the loader."""
+    when --rank is left out; a setting that cannot change the results may differ) get past the check to the
+    loader."""
     from pktjax.lora_train import CONFIG_FILE
     from pktjax.runfolder import write_json
     from pktjax.settings import LoraTrainConfig
@@ -140,6 +141,7 @@ def test_train_refuses_an_out_with_other_settings_before_loading(tiny_dir, tmp_p
         err = capsys.readouterr().err
         assert f"pktjax: error: {out} holds a run with different settings" in err and "new --out" in err, err
         assert all(m in err for m in messages) and "Traceback" not in err, (flags, err)
-    for flags in (["--rank", "4", "--epochs", "1"], ["--init", f"seeking:{adapter}", "--epochs", "1"]):
+    for flags in (["--rank", "4", "--epochs", "1"], ["--init", f"seeking:{adapter}", "--epochs", "1"],
+                  ["--rank", "4", "--epochs", "1", "--save-every", "1"]):  # extra checkpoints: results unchanged
         with pytest.raises(_Loaded):
             main([*common, *flags])
