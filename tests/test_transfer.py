@@ -264,7 +264,7 @@ def test_semalign_cka_probes_the_first_training_examples(tmp_path, monkeypatch):
                        ({"semalign": {}, "analysis": analysis}, "probe2"), ({"semalign": {}}, None)):
         cfg = read_config(_config(tmp_path, **over))
         with pytest.raises(Called) as e:
-            stages._semalign_seed(cfg, Path("t"), Path("s"), 1)
+            stages._semalign_seed(cfg, Path("t"), Path("s"), 1, stages.Tracker())
         examples, probe = e.value.args
         expected = {"train3": examples[:3], "probe2": stages.probe_examples("mmlu", 2), None: None}[want]
         assert probe == expected and (probe is None or len(probe) == int(want[-1]))
