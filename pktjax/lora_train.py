@@ -50,7 +50,7 @@ from pktjax.losses import token_cross_entropy
 from pktjax.model import Adapter, LoraSpec, forward
 from pktjax.provenance import provenance
 from pktjax.runfolder import Checkpoints, append_jsonl, fault_point, lock, read_json, write_json, write_jsonl
-from pktjax.settings import LoraTrainConfig
+from pktjax.settings import LoraTrainConfig, result_keys
 from pktjax.tracking import Tracker
 
 Params = dict[str, Any]
@@ -191,19 +191,41 @@ def _abstract(x: jax.Array) -> jax.ShapeDtypeStruct:
     return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
 
 
+# the settings that cannot change a run's results (settings.result_keys): a run resumes with other values
+_NEUTRAL = {f.name for f in dataclasses.fields(TrainConfig)} - set(result_keys(TrainConfig))
+
+
+def run_record(tc: TrainConfig, examples: int, extra: dict | None = None) -> dict:
+    """What ``train_config.json`` records of a run: the settings, the number of examples and ``extra`` entries
+    (a resumed run must match it)."""
+    return {**dataclasses.asdict(tc), "examples": examples, **(extra or {})}
+
+
+def check_resume(out_dir: str | Path, record: dict, partial: bool = False) -> None:
+    """Refuse (:class:`ConfigError`) an ``out_dir`` whose ``train_config.json`` holds a run with other settings
+    than ``record``; a folder without one passes. Reads one small file, so a command calls it before loading any
+    model. ``partial``: ``record`` holds only the entries known so far, and only those are compared (the rest
+    are compared when the run starts)."""
+    path = Path(out_dir).expanduser() / CONFIG_FILE
+    if not path.is_file():
+        return
+    old = read_json(path, "LoRA training config")
+    keys = (set(record) if partial else set(old) | set(record)) - _NEUTRAL  # e.g. save_every may change
+    diff = [f"{k} {old.get(k, 'unset')!r} there, {record.get(k, 'unset')!r} now" for k in sorted(keys)
+            if old.get(k) != record.get(k)]
+    if diff:
+        raise ConfigError(f"{path.parent} holds a run with different settings ({'; '.join(diff)}): resume it with "
+                          "the same settings, or give a new --out folder.")
+
+
 def _check_run_config(out_dir: Path, record: dict) -> None:
     """Write the run's config (process 0), or refuse to resume a folder that holds a run with another config."""
-    path = out_dir / CONFIG_FILE
-    if path.is_file():
-        old = read_json(path, "LoRA training config")
-        if old != record:
-            diff = sorted(k for k in set(old) | set(record) if old.get(k) != record.get(k))
-            raise ConfigError(f"{out_dir} holds a run with different settings ({', '.join(diff)}); resume it with "
-                              "the same settings or choose a new output folder.")
+    check_resume(out_dir, record)
+    if (out_dir / CONFIG_FILE).is_file():
         return
     out_dir.mkdir(parents=True, exist_ok=True)
     if S.is_main_process():
-        write_json(path, record, checksum=True, indent=2)
+        write_json(out_dir / CONFIG_FILE, record, checksum=True, indent=2)
 
 
 def _trim_metrics(out_dir: Path, step: int, ckpt: Checkpoints) -> list[dict]:
@@ -272,9 +294,9 @@ def fit(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenize
 def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[Tokenized], out_dir: Path,
                 tc: TrainConfig, pad_id: int, objective: Callable, record: dict | None, on_step, progress: bool,
                 mesh: Mesh | None, desc: str, data_files: Sequence[str | Path], tracker: Tracker) -> Any:
-    run_record = {**dataclasses.asdict(tc), "examples": len(items), **(record or {})}
-    _check_run_config(out_dir, run_record)
-    origin = {"provenance": provenance(run_record, data_files)}  # on the first line this start writes
+    settings = run_record(tc, len(items), record)
+    _check_run_config(out_dir, settings)
+    origin = {"provenance": provenance(settings, data_files)}  # on the first line this start writes
     per_epoch = math.ceil(len(items) / tc.batch_size)
     total = per_epoch * tc.epochs
     base = cast_base(base, tc.dtype)

@@ -6,8 +6,8 @@ checkpoints that fall back to the previous good step when the latest is damaged.
   written, fsynced and renamed into place, so a kill at any moment leaves the old file or the new one, never a
   half-written one. ``checksum=True`` also records the file's sha256 in ``.NAME.sha256`` (written first: a kill
   between the two leaves a checksum that does not match, and the file counts as damaged, never as good).
-- :func:`read_json` verifies that checksum and the JSON; :func:`read_result` turns a damaged result into
-  "not computed yet" (removed, said on stderr) so that the stage runs again.
+- :func:`read_json` / :func:`read_text` verify that checksum and the JSON / the UTF-8 text; :func:`read_result`
+  turns a damaged result into "not computed yet" (removed, said on stderr) so that the stage runs again.
 - :func:`read_jsonl`: the one JSONL reader: UTF-8 JSON lines, each checked; a bad line is a :class:`DataError`
   naming file and line, or (``on_bad="trim"``) a half-cut last line (a kill during an append) is dropped with a
   note and trimmed from the file, or (``on_bad="drop"``) every bad line is dropped with a note and the file
@@ -227,17 +227,25 @@ def verify(path: Path) -> bool | None:
     return path.is_file() and side.read_text().strip() == sha256_file(path)
 
 
-def read_json(path: str | os.PathLike, what: str = "file", expect: type = dict) -> Any:
-    """A JSON file written by :func:`write_json`: checksum (when recorded), UTF-8 and JSON verified, top level of
-    type ``expect``. A damaged file is a :class:`DamagedFileError` naming it."""
+def read_text(path: str | os.PathLike, what: str = "file") -> str:
+    """A text file written by :func:`atomic_write`: checksum (when recorded) and UTF-8 verified. A damaged file
+    is a :class:`DamagedFileError` naming it."""
     path = Path(path)
     if verify(path) is False:
         raise DamagedFileError(f"{path}: the {what} does not match the checksum recorded when it was written "
                                "(damaged or edited).")
     try:
-        obj = json.loads(path.read_bytes().decode("utf-8"))
+        return path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
         raise DamagedFileError(f"{path}: the {what} is not UTF-8 text ({e.reason} at byte {e.start}).") from None
+
+
+def read_json(path: str | os.PathLike, what: str = "file", expect: type = dict) -> Any:
+    """A JSON file written by :func:`write_json`: checksum (when recorded), UTF-8 and JSON verified, top level of
+    type ``expect``. A damaged file is a :class:`DamagedFileError` naming it."""
+    path = Path(path)
+    try:
+        obj = json.loads(read_text(path, what))
     except json.JSONDecodeError as e:
         raise DamagedFileError(f"{path}: the {what} is not valid JSON ({e}); it is damaged or cut short.") from None
     if not isinstance(obj, expect):

@@ -176,10 +176,14 @@ def result_keys(cls: type) -> tuple[str, ...]:
 # ----------------------------------------------------------------------------------------- command-line flags
 
 
+_RENAMED = "_flag_of_"  # parsed flags: the option string of a field whose flag is spelled otherwise
+
+
 def add_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Sequence[str] | None = None,
                   **custom: dict[str, Any]) -> None:
     """``--flag`` options for fields ``names`` of ``cls`` (default: all), their defaults shown in ``--help``.
-    ``custom[name]``: keyword arguments that replace the generated ones for that flag (e.g. another default)."""
+    ``custom[name]``: keyword arguments that replace the generated ones for that flag (e.g. another default), and
+    ``"flag"``: another option string than ``--field-name`` (:func:`from_args` names it in its messages)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}
     for name in names or list(fields):
@@ -198,11 +202,16 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, names: typing.Sequ
             if f.metadata.get("choices"):
                 kw["choices"] = f.metadata["choices"]
         kw.update(custom.get(name, {}))
+        flag = kw.pop("flag", "--" + name.replace("_", "-"))
+        if flag != "--" + name.replace("_", "-"):
+            parser.set_defaults(**{_RENAMED + name: flag})
+            if base is not bool:
+                kw.setdefault("metavar", flag.lstrip("-").replace("-", "_").upper())
         if kw["default"] is not None and "%(default)" not in kw["help"]:
             # a list default as it is typed on the command line
             shown = " ".join(map(str, kw["default"])) if isinstance(kw["default"], tuple) else "%(default)s"
             kw["help"] = (kw["help"] + " " if kw["help"] else "") + f"(default: {shown})"
-        parser.add_argument("--" + name.replace("_", "-"), dest=name, **kw)
+        parser.add_argument(flag, dest=name, **kw)
 
 
 def list_action(item: Callable[[str], object] = str) -> type[argparse.Action]:
@@ -222,10 +231,19 @@ def list_action(item: Callable[[str], object] = str) -> type[argparse.Action]:
 
 
 def from_args(cls: type, args: argparse.Namespace, where: str = "", **fixed: Any) -> Any:
-    """A checked ``cls`` from parsed flags (those :func:`add_arguments` made), ``fixed`` overriding them."""
+    """A checked ``cls`` from parsed flags (those :func:`add_arguments` made), ``fixed`` overriding them. A bad
+    value is named ``flag.field``, or by its option string when the flag is not spelled like the field."""
     given = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls)
              if f.name not in fixed and getattr(args, f.name, None) is not None}
-    return build(cls, given, where or "flag", **fixed)
+    where = where or "flag"
+    try:
+        return build(cls, given, where, **fixed)
+    except ConfigError as e:
+        for f in dataclasses.fields(cls):
+            flag, key = getattr(args, _RENAMED + f.name, None), f"{where}.{f.name} "
+            if flag and str(e).startswith(key):
+                raise ConfigError(f"{flag} {str(e)[len(key):]}") from None
+        raise
 
 
 # --------------------------------------------------------------------------------------------- the trainers
@@ -428,7 +446,8 @@ class LoraSettings:
     # None until the transfer config fills in its top-level dtype (pktjax.transfer.config)
     dtype: str | None = inherit(LoraTrainConfig, "dtype", default=None,
                                 help="storage dtype of the frozen base weights (default: the job's dtype)")
-    targets: tuple[str, ...] | None = setting(None, "LoRA target modules (default: all nine)")
+    targets: tuple[str, ...] | None = setting(None, "modules to adapt among q_proj k_proj v_proj o_proj gate_proj "
+                                                    "up_proj down_proj embed_tokens lm_head (default: all nine)")
     data: str | None = setting(None, "training examples: a JSONL file or a Seeking task (default: the LaTen "
                                      "train split)")
     limit: int | None = setting(None, "train on the first N examples", ge=1)
@@ -475,6 +494,10 @@ class SemalignSettings(SeekingSettings):
     frame: str = setting("paper", "recomposition: the paper's S_S a, or the dual frame (exact for equal heads)",
                          choices=FRAMES)
     layer: int | None = setting(None, "student layer to train, from 1 (default: the pairing's)", ge=1)
+    # a figure beside the run: it cannot change the trained layer or any score
+    cka: int = setting(0, "also plot the before / after CKA of the trained layer with every teacher layer on the "
+                          "first N training examples (alignment_cka.png; 0: a transfer job with an analysis: "
+                          "section plots it on that section's probe examples, else no plot)", ge=0, result=False)
 
     def trainer(self, seed: int, task: str | None = None) -> LoraTrainConfig:
         """The LoRA trainer's settings for one seed; ``lr`` null takes ``task``'s rate (:func:`semalign_lr`)."""

@@ -32,7 +32,7 @@ from pktjax.checkpoint import Model, load_model
 from pktjax.data import LATEN_TASKS, SEEKING_TASKS, laten_split, read_jsonl, seeking_file, tokenize_seeking
 from pktjax.errors import ConfigError, PairError
 from pktjax.lora import TARGETS, check_targets, export_peft, import_peft, merge_model
-from pktjax.lora_train import train
+from pktjax.lora_train import check_resume, run_record, train
 from pktjax.pair import check_tokenizers
 from pktjax.provenance import provenance
 from pktjax.runfolder import atomic_write, lock, read_result, verify, write_json
@@ -190,6 +190,13 @@ def check_semalign_pair(teacher_cfg, student_cfg, sc) -> None:
         raise PairError("SemAlign interpolates between two teacher layers: the teacher needs at least 2 layers.")
 
 
+def semalign_record(sc) -> dict[str, Any]:
+    """The SemAlign entries of a run's ``train_config.json`` besides the trainer's settings (the pairing adds
+    ``student_layer``)."""
+    return {"method": "semalign", **{f: getattr(sc, f) for f in ("mode", "compare", "frame")},
+            "targets": list(sc.targets)}
+
+
 def train_semalign(teacher_path, student_path, seeds: Examples, examples: Examples, out: str | os.PathLike, tc, sc,
                    *, teacher_dtype: str = "float32", progress: bool = True, mesh=None,
                    probe: Examples | None = None, probe_kw: dict[str, Any] | None = None,
@@ -212,6 +219,9 @@ def train_semalign(teacher_path, student_path, seeds: Examples, examples: Exampl
     tc.validate()  # bad settings are refused before the lock and the models
     check_semalign_pair(read_model_config(teacher_path), read_model_config(student_path), sc)
     out = Path(out).expanduser()
+    # an out folder holding a run with other settings is refused before the models load (the pairing's layer,
+    # known only after the teacher's attribution, is compared when training starts)
+    check_resume(out, run_record(tc, len(examples), semalign_record(sc)), partial=True)
     with lock(out, "SemAlign training"):  # held through the export too
         return _train_semalign(teacher_path, student_path, seeds, examples, out, tc, sc, teacher_dtype, progress,
                                mesh, probe, probe_kw, plan_folder, data_files, tracker)
@@ -251,8 +261,7 @@ def _train_semalign(teacher_path, student_path, seeds: Examples, examples: Examp
     items = [Tokenized(t.ids, t.labels, extra=x) for t, x in zip(items, targets)]
     k = pairing.student_index
     trainable = SA.init_trainable(student.params, student.config, k, sc, tc.rank, tc.alpha, tc.seed)
-    record = {"method": "semalign", **{f: getattr(sc, f) for f in ("mode", "compare", "frame")},
-              "targets": list(sc.targets), "student_layer": pairing.student_layer}
+    record = {**semalign_record(sc), "student_layer": pairing.student_layer}
     trained = fit(trainable, student.params, student.config, items, out, tc, pad_id=pad,
                   objective=SA.Objective(k, sc.mode, sc.compare), record=record, progress=progress, mesh=mesh,
                   desc="semalign", data_files=data_files, tracker=tracker)
@@ -328,7 +337,7 @@ def analyze_pair(teacher, student, examples: Examples, out: str | os.PathLike, *
     if param:
         plots.plot_parametric(param, out / "parametric_similarity")
     meta = {**(meta or {}), "LoRA rank": rank, "seconds": round(time.time() - t0, 1), **notes}
-    atomic_write(out / "report.md", analysis.markdown_report(param, rep, meta, triangle))
+    atomic_write(out / "report.md", analysis.markdown_report(param, rep, meta, triangle), checksum=True)
     settings = {"metric": metric, "rank": rank, "modules": list(modules), "batch_size": batch_size,
                 "cutoff_len": cutoff_len, "max_tokens": max_tokens, "triangle": triangle, "examples": len(examples),
                 "seeking": "given" if seeking_lora is not None else len(seeking_seeds or [])}

@@ -80,6 +80,19 @@ def test_atomic_write_checksum_and_damaged_json(tmp_path):
     assert R.read_result(tmp_path / "missing.json") is None
 
 
+def test_damaged_text_file_is_named(tmp_path):
+    """A report written with its checksum reads back verified; an edited or non-UTF-8 one is named."""
+    path = R.atomic_write(tmp_path / "report.md", "# scores\n| a | 0.5 |\n", checksum=True)
+    assert R.read_text(path, "report") == "# scores\n| a | 0.5 |\n"
+    path.write_text("# scores\n| a | 0.9 |\n")
+    with pytest.raises(DamagedFileError, match="report.md: the report does not match the checksum"):
+        R.read_text(path, "report")
+    path.write_bytes(b"# \xff scores\n")
+    R.checksum_path(path).unlink()  # without a checksum the text is still checked
+    with pytest.raises(DamagedFileError, match="report.md: the report is not UTF-8"):
+        R.read_text(path, "report")
+
+
 def test_a_failing_write_leaves_the_old_file_and_no_temp(tmp_path, monkeypatch):
     path = R.write_json(tmp_path / "scores.json", {"v": 1})
     monkeypatch.setenv(R.FAULT_ENV, "write:scores.json=enospc")

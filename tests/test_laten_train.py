@@ -267,6 +267,31 @@ def test_cli_train_and_fuse(dirs, tmp_path):
                  str(tmp_path / "train.jsonl"), "--out", str(tmp_path / "fused2")]) == 2
 
 
+def test_cli_fuse_names_a_damaged_injection_record(tmp_path, monkeypatch, capsys):
+    """The fuse's summary line reads injection.json through its checksum: a damaged or cut one is exit 2 naming
+    the file, not a traceback."""
+    from pktjax.cli import main
+    from pktjax.runfolder import checksum_path, write_json
+
+    out = tmp_path / "fused"
+    out.mkdir()
+    record = out / "injection.json"
+    write_json(record, {"delta": {"all": {"rms": 0.5, "relative": 0.25}}}, checksum=True)
+    monkeypatch.setattr(importlib.import_module("pktjax.fuse"), "fuse", lambda *a, **k: out)  # no models needed
+    argv = ["laten", "fuse", "--teacher", "t", "--student", "s", "--task", "mmlu", "--aligner", "a", "--step", "0",
+            "--out", str(out)]
+    assert main(argv) == 0 and "RMS 0.5, 0.25 of the RMS" in capsys.readouterr().out
+    for damage, reason in (('{"delta": {"all": {"rms": 0.7, "relative": 0.25}}}', "checksum"),
+                           ('{"delta": {"all": ', "not valid JSON")):
+        record.write_text(damage)
+        if reason != "checksum":
+            checksum_path(record).unlink(missing_ok=True)
+        assert main(argv) == 2
+        err = capsys.readouterr().err
+        assert f"pktjax: error: {record}: the injection record" in err and reason in err, err
+        assert "Traceback" not in err
+
+
 def test_fewer_layers_select_and_fuse_k_layers(pair, dirs, tmp_path):
     """``layers=K``: K paired layers and [K, ...] knowledge, the same pick as locating every neuron; the fuse
     takes K from the run; a K beyond the student's depth is refused before loading."""

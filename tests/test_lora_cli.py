@@ -1,10 +1,12 @@
 """Command line: ``seeking extract``, ``lora train`` (Seeking init from a teacher or a folder, PiSSA in bfloat16,
 resuming) and ``lora merge`` into a checkpoint that ``transformers`` loads."""
 
+import dataclasses
 import json
 
 import jax
 import numpy as np
+import pytest
 import torch
 
 import pktjax
@@ -85,8 +87,8 @@ def test_train_checks_flags_and_data_before_loading(tiny_dir, tmp_path, monkeypa
     cases = [(["--task", str(data), "--rank", "0"], "rank"),
              (["--task", str(data), "--micro-batch", "0"], "micro_batch"),
              (["--task", str(data), "--batch-size", "6", "--micro-batch", "4"], "multiple of micro_batch"),
-             (["--task", str(data), "--limit", "0"], "--limit 0"),
-             (["--task", str(data), "--seed-samples", "0"], "--seed-samples 0"),
+             (["--task", str(data), "--limit", "0"], "flag.limit = 0: must be >= 1"),
+             (["--task", str(data), "--seed-samples", "0"], "--seed-samples = 0: must be >= 1"),
              (["--task", str(data), "--targets", "q_proj", "nope"], "nope"),
              (["--task", str(data), "--init", "seeking"], "needs --teacher"),
              (["--task", str(bad)], "bad.jsonl:6"),
@@ -98,3 +100,48 @@ def test_train_checks_flags_and_data_before_loading(tiny_dir, tmp_path, monkeypa
         err = capsys.readouterr().err
         assert "pktjax: error:" in err and message in err and "Traceback" not in err, (flags, err)
         assert not out.exists() and loaded == [], flags
+
+
+class _Loaded(Exception):
+    """Raised by a patched model loader: the command got past its checks."""
+
+
+def _no_load(*a, **k):
+    raise _Loaded
+
+
+def test_train_refuses_an_out_with_other_settings_before_loading(tiny_dir, tmp_path, monkeypatch, capsys):
+    """An --out whose train_config.json records other settings is refused with exit 2 (the folder, each differing
+    setting, the fix) before any model loads; the recorded settings (the rank taken from a seeking:PATH adapter
+    when --rank is left out; a setting that cannot change the results may differ) get past the check to the
+    loader."""
+    from pktjax.lora_train import CONFIG_FILE
+    from pktjax.runfolder import write_json
+    from pktjax.settings import LoraTrainConfig
+
+    student = str(tiny_dir("qwen2"))
+    model = pktjax.load_model(student)
+    _, lora = L.init(model.params, model.config, 4, 4.0, ("q_proj", "v_proj"), "default", key=jax.random.key(0))
+    adapter = L.export_peft(lora, model.config, tmp_path / "adapter", alpha=4.0)
+    data = tmp_path / "task.jsonl"
+    data.write_text("".join(json.dumps(ex) + "\n" for ex in EXAMPLES))
+    out = tmp_path / "run"
+    out.mkdir()
+    write_json(out / CONFIG_FILE, {**dataclasses.asdict(LoraTrainConfig(rank=4, epochs=1)), "examples": 8},
+               checksum=True)
+    monkeypatch.setattr(pktjax.checkpoint, "load_model", _no_load)
+    common = ["lora", "train", "--student", student, "--task", str(data), "--out", str(out), "--no-progress"]
+    cases = [(["--rank", "8", "--epochs", "1"], ["rank 4 there, 8 now"]),
+             (["--rank", "4", "--epochs", "1", "--limit", "5"], ["examples 8 there, 5 now"]),
+             (["--init", f"seeking:{adapter}"], ["epochs 1 there, 3 now"]),
+             ([], ["epochs 1 there, 3 now", "rank 4 there, 16 now"])]
+    for flags, messages in cases:
+        capsys.readouterr()
+        assert main([*common, *flags]) == 2, flags
+        err = capsys.readouterr().err
+        assert f"pktjax: error: {out} holds a run with different settings" in err and "new --out" in err, err
+        assert all(m in err for m in messages) and "Traceback" not in err, (flags, err)
+    for flags in (["--rank", "4", "--epochs", "1"], ["--init", f"seeking:{adapter}", "--epochs", "1"],
+                  ["--rank", "4", "--epochs", "1", "--save-every", "1"]):  # extra checkpoints: results unchanged
+        with pytest.raises(_Loaded):
+            main([*common, *flags])

@@ -164,6 +164,49 @@ def test_every_help_shows_every_default():
     assert "(default: 0.8)" in " ".join(eval_parser.format_help().split())
 
 
+def test_flags_from_settings_keep_their_names_and_ranges(tmp_path, monkeypatch, capsys):
+    """Flags generated from the typed settings keep their names (--seed-samples for a section's ``samples``,
+    plan's --p-examples for ``examples_per_step``), defaults and switches, and each range is checked before any
+    model is read: a flag spelled otherwise than its setting is named as typed."""
+    import pktjax.checkpoint
+    from pktjax.settings import AlignerTrainConfig, AnalysisSettings, SeekingSettings, SemalignSettings
+
+    parser = build_parser()
+    lora = ["lora", "train", "--student", "s", "--task", "gsm", "--out", str(tmp_path / "o")]
+    semalign = ["semalign", "train", "--teacher", "t", "--student", "s", "--task", "gsm", "--out", str(tmp_path / "o")]
+    analyze = ["analyze", "--teacher", "t", "--student", "s", "--task", "gsm", "--out", str(tmp_path / "o")]
+    extract = ["seeking", "extract", "--teacher", "t", "--student", "s", "--task", "gsm", "--out", str(tmp_path / "o")]
+    assert parser.parse_args(lora).samples == SeekingSettings.samples == 32
+    assert parser.parse_args([*lora, "--seed-samples", "5", "--limit", "7"]).samples == 5
+    sem = parser.parse_args(semalign)
+    assert (sem.samples, sem.cka) == (SemalignSettings.samples, 0) == (32, 0)
+    assert (parser.parse_args([*semalign, "--seed-samples", "3", "--cka", "2"]).cka) == 2
+    plan = parser.parse_args(["plan", "--teacher", "a", "--student", "b", "--p-examples", "8"])
+    assert plan.examples_per_step == 8 and parser.parse_args(["plan", "c.yaml"]).examples_per_step is None
+    an = parser.parse_args(analyze)
+    assert (an.seeking, an.full_heatmap, an.n_examples) == (True, False, AnalysisSettings.n_examples)
+    assert parser.parse_args([*analyze, "--no-seeking", "--full-heatmap"]).seeking is False
+    assert AlignerTrainConfig.examples_per_step == 16
+
+    def no_model(*a, **k):
+        raise AssertionError("a model was read")
+
+    monkeypatch.setattr(pktjax.checkpoint, "read_model_config", no_model)
+    monkeypatch.setattr(pktjax.checkpoint, "load_model", no_model)
+    for argv, message in (([*lora, "--seed-samples", "0"], "--seed-samples = 0: must be >= 1"),
+                          ([*semalign, "--seed-samples", "0"], "--seed-samples = 0: must be >= 1"),
+                          ([*semalign, "--cka", "-1"], "flag.cka = -1: must be >= 0"),
+                          ([*extract, "--rank", "0"], "flag.rank = 0: must be >= 1"),
+                          ([*extract, "--samples", "0"], "flag.samples = 0: must be >= 1"),
+                          ([*analyze, "--n-examples", "0"], "flag.n_examples = 0: must be >= 1"),
+                          ([*analyze, "--modules", ","], "modules: name at least one module")):
+        capsys.readouterr()
+        assert main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, (argv, err)
+        assert not (tmp_path / "o").exists()
+
+
 def test_task_names_and_list_options_are_spelled_alike():
     assert benchmark_name("gsm") == benchmark_name("gsm8k") == "gsm8k" and get_task("gsm").__name__.endswith("gsm8k")
     assert data_name("gsm8k") == data_name("gsm") == "gsm" and data_name("runs/x.jsonl") == "runs/x.jsonl"

@@ -254,7 +254,7 @@ def test_alignment_cka_rows(pair, tiny_dir, tmp_path):
 
 # ------------------------------------------------------------------------------------------------ command line
 
-def test_cli_trains_and_refuses_bad_input(tiny_dir, tmp_path, capsys):
+def test_cli_trains_and_refuses_bad_input(tiny_dir, tmp_path, capsys, monkeypatch):
     data = tmp_path / "task.jsonl"
     data.write_text("".join(json.dumps(ex) + "\n" for ex in EXAMPLES[:8]))
     teacher, student = str(tiny_dir("llama2", **TEACHER)), str(tiny_dir("llama2"))
@@ -281,3 +281,13 @@ def test_cli_trains_and_refuses_bad_input(tiny_dir, tmp_path, capsys):
     assert main([*common[:5], str(other), *common[6:], "--out", str(tmp_path / "x")]) == 2
     assert "shared vocabulary" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # every refusal came before any output
+
+    def no_load(*a, **k):
+        raise AssertionError("a model was loaded")
+
+    # the finished run's folder with other settings: refused before any model loads, naming folder and setting
+    monkeypatch.setattr(pktjax.checkpoint, "load_model", no_load)
+    assert main([*common, "--out", str(out), "--epochs", "2", "--frame", "dual"]) == 2
+    err = capsys.readouterr().err
+    assert f"{out} holds a run with different settings" in err and "epochs 1 there, 2 now" in err and \
+        "frame 'paper' there, 'dual' now" in err and "Traceback" not in err, err

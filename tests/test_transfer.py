@@ -246,6 +246,30 @@ def test_semalign_section_runs_beside_lora_and_resumes(tmp_path):
     assert json.loads((out / "scores.json").read_text())["rows"] == rows
 
 
+def test_semalign_cka_probes_the_first_training_examples(tmp_path, monkeypatch):
+    """``semalign.cka: N`` views the trained layer on the first N training examples; without it the analysis
+    section's probe examples are used, and with neither there is no view."""
+    from pktjax.transfer import stages
+
+    class Called(Exception):
+        pass
+
+    def fake(teacher, student, seeds, examples, folder, tc, sc, *, probe, **kw):
+        raise Called(examples, probe)
+
+    monkeypatch.setattr(stages, "train_semalign", fake)
+    monkeypatch.setattr(stages, "_semalign_seeds", lambda cfg: [])
+    analysis = {"n_examples": 2, "seeking": False}
+    for over, want in (({"semalign": {"cka": 3}, "analysis": analysis}, "train3"),
+                       ({"semalign": {}, "analysis": analysis}, "probe2"), ({"semalign": {}}, None)):
+        cfg = read_config(_config(tmp_path, **over))
+        with pytest.raises(Called) as e:
+            stages._semalign_seed(cfg, Path("t"), Path("s"), 1, stages.Tracker())
+        examples, probe = e.value.args
+        expected = {"train3": examples[:3], "probe2": stages.probe_examples("mmlu", 2), None: None}[want]
+        assert probe == expected and (probe is None or len(probe) == int(want[-1]))
+
+
 def test_bad_semalign_sections_fail_early(tmp_path):
     cfg = read_config(_config(tmp_path, task="humaneval", semalign={}))
     assert cfg.semalign.trainer(1, cfg.task).lr == 3e-5 and cfg.semalign.trainer(1, cfg.task).epochs == 5
@@ -290,6 +314,7 @@ def test_bad_semalign_sections_fail_early(tmp_path):
     ("laten.seeds=5", "laten.seeds = 5: must be a list of integers"),
     ("laten.lr=fast", "laten.lr = 'fast': must be a number"),
     ("lora.rank=0", "lora.rank = 0: must be >= 1"),
+    ("semalign.cka=-1", "semalign.cka = -1: must be >= 0"),
     ("seeking.teacher_dtype=float16", "teacher_dtype = 'float16': choose one of float32, bfloat16"),
     ("analysis.metric=l2", "analysis.metric = 'l2': choose one of cka"),
     ("teacher=tiny:hidden=abc", "tiny:hidden=abc: invalid literal"),

@@ -11,11 +11,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pktjax.commands import list_argument, task_argument
+from pktjax.commands import task_argument
 from pktjax.errors import ConfigError
-from pktjax.settings import METRICS, AnalysisSettings, DeviceSettings, add_arguments, as_dict
-
-D = as_dict(AnalysisSettings())  # the analysis defaults, defined once in pktjax.settings
+from pktjax.settings import AnalysisSettings, DeviceSettings, add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,20 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     task_argument(p, "data", required=True, help="probe set: gsm | mmlu | humaneval | mbpp (its LaTen train split) "
                                                   "or a JSONL file of chat examples")
     p.add_argument("--out", required=True, help="output folder (new or empty)")
-    p.add_argument("--n-examples", type=int, default=D["n_examples"], help="probe examples (default %(default)s)")
-    p.add_argument("--metric", choices=METRICS, default=D["metric"],
-                   help="representation similarity measure")
-    p.add_argument("--rank", type=int, default=D["rank"],
-                   help="LoRA rank of the PiSSA and Seeking inits (default %(default)s)")
-    list_argument(p, "--modules", default=tuple(D["modules"]), help="modules to compare")
-    p.add_argument("--batch-size", type=int, default=D["batch_size"], help="probe examples per forward pass")
-    p.add_argument("--cutoff-len", type=int, default=D["cutoff_len"],
-                   help="tokens per probe example at most (default %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=D["max_tokens"],
-                   help="probe tokens counted at most (default %(default)s)")
-    p.add_argument("--no-seeking", action="store_true", help="skip the Seeking init (it needs teacher gradients)")
-    p.add_argument("--full-heatmap", action="store_true",
-                   help="show and summarise every cell, not only teacher layer >= student layer")
+    add_arguments(p, AnalysisSettings, batch_size={"help": "probe examples per forward pass"},
+                  seeking={"help": "also the Seeking init (it needs teacher gradients; --no-seeking skips it)"})
     add_arguments(p, DeviceSettings, ("mesh", "dtype"))
     p.set_defaults(func=_analyze)
 
@@ -48,20 +34,21 @@ def _analyze(args: argparse.Namespace) -> int:
     from pktjax.checkpoint import load_model
     from pktjax.workflows import analyze_pair, probe_examples, probe_file, seed_examples, seed_file, shared_tokenizer
 
+    a = from_args(AnalysisSettings, args)  # --n-examples 0, --rank 0, ... are refused before any work
     mesh = S.as_mesh(args.mesh)
     out = _out_dir(args.out)
-    examples = probe_examples(args.task, args.n_examples)
+    examples = probe_examples(args.task, a.n_examples)
     tokenizer = shared_tokenizer(args.teacher, args.student, examples)
-    seeds = None if args.no_seeking else seed_examples(args.task, probe=args.n_examples)
+    seeds = seed_examples(args.task, probe=a.n_examples) if a.seeking else None
     meta = {"teacher": args.teacher, "student": args.student, "probe": f"{args.task} ({len(examples)} examples)"}
-    if args.no_seeking:
+    if not a.seeking:
         meta["Seeking"] = "skipped (--no-seeking)"
     teacher, student = (load_model(m, dtype=args.dtype, mesh=mesh) for m in (args.teacher, args.student))
     analyze_pair(teacher, student, examples, out, tokenizer=tokenizer,
-                 metric=args.metric, rank=args.rank, modules=list(args.modules),
-                 batch_size=args.batch_size, cutoff_len=args.cutoff_len, max_tokens=args.max_tokens,
-                 triangle=not args.full_heatmap, seeking_seeds=seeds, meta=meta,
-                 data_files=[probe_file(args.task), *([] if args.no_seeking else [seed_file(args.task)])])
+                 metric=a.metric, rank=a.rank, modules=list(a.modules),
+                 batch_size=a.batch_size, cutoff_len=a.cutoff_len, max_tokens=a.max_tokens,
+                 triangle=not a.full_heatmap, seeking_seeds=seeds, meta=meta,
+                 data_files=[probe_file(args.task), *([seed_file(args.task)] if a.seeking else [])])
     print(f"wrote {out}/report.md, analysis.json and the figures")
     return 0
 

@@ -125,11 +125,10 @@ def _fuse(args: argparse.Namespace) -> int:
         out = fuse(args.teacher, args.student, args.aligner, args.step, _split(args, "train"), args.out,
                    rate=args.rate, seed=args.seed, modules=args.modules, mode=args.mode, attention=args.attention,
                    layers=args.layers, cache=args.cache, dtype=args.dtype, mesh=args.mesh)
-    import json
-
     from pktjax.fuse import INJECTION
+    from pktjax.runfolder import read_json
 
-    size = json.loads((out / INJECTION).read_text())["delta"]["all"]
+    size = read_json(out / INJECTION, "injection record")["delta"]["all"]
     print(f"fused student saved to {out}; injected deltas: RMS {size['rms']:.3g}, {size['relative']:.3g} of the "
           f"RMS of the weights they change (per module: {out / INJECTION})")
     return 0

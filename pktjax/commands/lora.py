@@ -11,7 +11,6 @@ from pktjax.settings import (DeviceSettings, LoraTrainConfig, SeekingSettings, T
 
 def register(sub: argparse._SubParsersAction) -> None:
     from pktjax.commands import task_argument
-    from pktjax.commands.seeking import add_targets_argument
     p = sub.add_parser("lora", help="LoRA students: train (default / PiSSA / Seeking init), merge into a checkpoint")
     lora = p.add_subparsers(dest="lora_command", required=True)
     t = lora.add_parser("train", help="fine-tune a LoRA on a task (resumes when --out holds checkpoints)")
@@ -23,10 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out", required=True, help="output folder: adapter/, checkpoints/, metrics.jsonl")
     add_arguments(t, LoraTrainConfig, rank={"default": None,
                                             "help": "LoRA rank (default 16, or the extracted adapter's)"})
-    add_targets_argument(t)
-    t.add_argument("--limit", type=int, default=None, help="read at most this many training examples")
-    t.add_argument("--seed-samples", type=int, default=SeekingSettings.samples,
-                   help="seed examples for --init seeking with --teacher (default: %(default)s)")
+    add_arguments(t, SeekingSettings, ("targets", "limit", "samples"),
+                  samples={"flag": "--seed-samples", "help": "seed examples for --init seeking with --teacher"})
     add_arguments(t, DeviceSettings, ("mesh",))
     add_arguments(t, TrackingSettings)
     t.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -60,8 +57,23 @@ def _teacher_lora(args, method: str, path: str | None, student_cfg, out: Path, r
     if path is not None:
         return import_peft(path, student_cfg)[0]
     return seeking_factors(args.teacher, args.student, student_cfg, args.task, out / "extracted", rank=rank,
-                           targets=args.targets, samples=args.seed_samples, cutoff_len=args.cutoff_len,
+                           targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len,
                            dtype=args.dtype, mesh=args.mesh)
+
+
+def _adapter_rank(method: str, path: str | None, student_cfg, out: Path, default: int) -> int:
+    """The rank a run without ``--rank`` trains at, known before any model loads: an extracted adapter's
+    (``seeking:PATH``, or a finished extraction in ``out/extracted``), else ``default`` (what a new extraction
+    uses)."""
+    from pktjax.lora import import_peft, rank_of
+    from pktjax.runfolder import read_result
+
+    if method != "seeking":
+        return default
+    if path is not None:
+        return rank_of(import_peft(path, student_cfg)[0])
+    info = read_result(out / "extracted" / "extraction.json", "extraction record")  # a damaged one: extracted again
+    return int(info["rank"]) if info else default
 
 
 def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: Path) -> LoraTrainConfig:
@@ -72,9 +84,7 @@ def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: P
 
     tc = from_args(LoraTrainConfig, args)  # --rank 0, --micro-batch 0, ... are refused here
     from_args(TrackingSettings, args)  # a tracker whose package is missing too
-    for flag, value in (("--limit", args.limit), ("--seed-samples", args.seed_samples)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} {value}: give a positive number (or leave {flag} out).")
+    from_args(SeekingSettings, args)  # also --limit 0, --seed-samples 0
     if args.targets is not None:
         check_targets(args.targets)
     if method == "seeking" and path is None and not args.teacher and \
@@ -86,10 +96,10 @@ def _check_flags(args: argparse.Namespace, method: str, path: str | None, out: P
 def _train(args: argparse.Namespace) -> int:
     import dataclasses
 
-    from pktjax import lora as lora_mod
     from pktjax import sharding as S
     from pktjax.checkpoint import load_model, read_model_config
     from pktjax.data import read_jsonl
+    from pktjax.lora_train import check_resume, run_record
     from pktjax.seeking import task_file
     from pktjax.settings import as_dict
     from pktjax.tokenizer import load_tokenizer
@@ -104,9 +114,11 @@ def _train(args: argparse.Namespace) -> int:
     if method == "seeking" and args.teacher and path is None:
         read_model_config(args.teacher)
     examples = read_jsonl(task_file(args.task, "train"), limit=args.limit)  # every line checked
+    if args.rank is None:
+        tc = dataclasses.replace(tc, rank=_adapter_rank(method, path, student_cfg, out, tc.rank))
+    # an --out holding a run with other settings is refused before the teacher or the student loads
+    check_resume(out, run_record(tc, len(examples)))
     teacher_lora = _teacher_lora(args, method, path, student_cfg, out, tc.rank)
-    if args.rank is None and teacher_lora:
-        tc = dataclasses.replace(tc, rank=lora_mod.rank_of(teacher_lora))
     student = load_model(args.student, dtype=args.dtype, mesh=mesh)
     tokenizer = load_tokenizer(args.student)
     with open_tracker(args.tracker, out, config={**as_dict(tc), "init": args.init}) as tracker:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 
-from pktjax.commands import list_argument
 from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig, DeviceSettings, add_arguments
 
 DEVICE_GIB = 80.0  # the device memory planned for without a config that says otherwise (an A100/H100 80 GB)
@@ -29,16 +28,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         device_memory_gb={"help": f"memory of one device in GiB (default: the config's device_memory_gb, else "
                                   f"{DEVICE_GIB:g})"})
     laten = {"rate": "fraction of student neurons transferred per layer",
-             "micro_batch": "examples per compiled forward/backward", "cutoff_len": "tokens per example (T)"}
-    add_arguments(p, AlignerTrainConfig, tuple(laten), **{k: {
-        "default": None, "help": f"{h} (default: the config's laten.{k}, else {getattr(AlignerTrainConfig, k)})"}
-        for k, h in laten.items()})
-    p.add_argument("--p-examples", type=int, default=None,
-                   help=f"examples in each aligner step's loss (P; default: the config's laten.examples_per_step, "
-                        f"else {AlignerTrainConfig.examples_per_step})")
+             "micro_batch": "examples per compiled forward/backward", "cutoff_len": "tokens per example (T)",
+             "examples_per_step": "examples in each aligner step's loss (P)"}
+    custom = {k: {"default": None, "help": f"{h} (default: the config's laten.{k}, else "
+                                           f"{getattr(AlignerTrainConfig, k)})"} for k, h in laten.items()}
+    custom["examples_per_step"]["flag"] = "--p-examples"
+    add_arguments(p, AlignerTrainConfig, (*laten, "modules"), **custom,
+                  modules={"help": "transferred modules (default: up,down,v,o; without v_proj for GQA)"})
     p.add_argument("--chunk", type=int, default=512, help="neurons per attribution block (default: %(default)s)")
-    list_argument(p, "--modules", default=None,
-                  help="transferred modules (default: up,down,v,o; without v_proj for GQA)")
     p.set_defaults(func=_plan)
 
 
@@ -66,7 +63,7 @@ def _plan(args: argparse.Namespace) -> int:
         inp = PlanInput(teacher=load_config(args.teacher), student=load_config(args.student), mesh=sizes,
                         device_gib=args.device_memory_gb or DEVICE_GIB)
         names = (args.teacher, args.student)
-    given = {"dtype": args.dtype, "rate": args.rate, "p_examples": args.p_examples,
+    given = {"dtype": args.dtype, "rate": args.rate, "p_examples": args.examples_per_step,
              "micro_batch": args.micro_batch, "cutoff_len": args.cutoff_len, "chunk": args.chunk,
              "modules": args.modules}
     inp = dataclasses.replace(inp, **{k: v for k, v in given.items() if v is not None})

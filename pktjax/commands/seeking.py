@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import argparse
 
-from pktjax.commands import list_argument, task_argument
-from pktjax.settings import DeviceSettings, SeekingSettings, add_arguments
+from pktjax.commands import task_argument
+from pktjax.settings import DeviceSettings, SeekingSettings, add_arguments, from_args
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -16,27 +16,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--student", required=True, help="student checkpoint folder or .gguf (only its config is read)")
     task_argument(e, "data", required=True, help="gsm | mmlu | super_ni | lima (the shipped seed samples) or a JSONL")
     e.add_argument("--out", required=True, help="new folder for the extracted adapter (PEFT format)")
-    e.add_argument("--rank", type=int, default=SeekingSettings.rank,
-                   help="SVD rank r of the extracted factors (default: %(default)s)")
-    add_targets_argument(e)
-    e.add_argument("--samples", type=int, default=SeekingSettings.samples,
-                   help="seed examples to read (the shipped files hold 32; default: %(default)s)")
-    e.add_argument("--cutoff-len", type=int, default=SeekingSettings.cutoff_len,
-                   help="tokens per seed example at most (default: %(default)s)")
+    add_arguments(e, SeekingSettings, ("rank", "targets", "samples", "cutoff_len"),
+                  rank={"help": "SVD rank r of the extracted factors"},
+                  samples={"help": "seed examples to read (the shipped files hold 32)"},
+                  cutoff_len={"help": "tokens per seed example at most"})
     add_arguments(e, DeviceSettings, ("mesh", "dtype"))
     e.set_defaults(func=_extract)
-
-
-def add_targets_argument(p: argparse.ArgumentParser) -> None:
-    list_argument(p, "--targets", default=None,
-                  help="modules to adapt among q_proj k_proj v_proj o_proj gate_proj up_proj down_proj embed_tokens "
-                       "lm_head (default: all nine)")
 
 
 def _extract(args: argparse.Namespace) -> int:
     from pktjax.checkpoint import read_model_config
     from pktjax.workflows import extract_to
 
+    from_args(SeekingSettings, args)  # --rank 0, --samples 0, --cutoff-len 0 are refused before any work
     cut = extract_to(args.teacher, args.student, read_model_config(args.student), args.task, args.out, rank=args.rank,
                      targets=args.targets, samples=args.samples, cutoff_len=args.cutoff_len, dtype=args.dtype,
                      mesh=args.mesh)

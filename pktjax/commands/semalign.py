@@ -23,14 +23,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     # the settings of a transfer config's `semalign:` section, as flags
     add_arguments(t, SemalignSettings, ("mode", "compare", "frame", "layer", "targets", "epochs", "lr", "batch_size",
                                         "micro_batch", "rank", "alpha", "dropout", "cutoff_len", "limit", "seed_data",
-                                        "teacher_dtype"),
+                                        "teacher_dtype", "samples", "cka"),
                   seed_data={"help": "attribution examples (default: the task's Seeking samples, else the first "
                                      "--seed-samples training examples)"},
-                  teacher_dtype={"default": DEFAULT_DTYPE, "help": "storage dtype of the teacher's weights"})
-    t.add_argument("--seed-samples", type=int, default=SemalignSettings.samples, help="attribution examples used")
+                  teacher_dtype={"default": DEFAULT_DTYPE, "help": "storage dtype of the teacher's weights"},
+                  samples={"flag": "--seed-samples", "help": "attribution examples used"},
+                  cka={"metavar": "N", "help": "also plot the before / after CKA of the trained layer with every "
+                                               "teacher layer on the first N training examples (alignment_cka.png)"})
     add_arguments(t, LoraTrainConfig, ("dtype", "seed", "save_every"))
-    t.add_argument("--cka", type=int, default=0, metavar="N", help="also plot the before / after CKA of the trained "
-                   "layer with every teacher layer on the first N training examples (alignment_cka.png)")
     add_arguments(t, DeviceSettings, ("mesh",))
     add_arguments(t, TrackingSettings)
     t.add_argument("--no-progress", action="store_true")
@@ -43,17 +43,14 @@ def _train(args: argparse.Namespace) -> int:
     from pktjax import sharding as S
     from pktjax.checkpoint import read_model_config
     from pktjax.data import LATEN_TASKS, laten_split, read_jsonl
-    from pktjax.errors import ConfigError
     from pktjax.seeking import task_file
     from pktjax.settings import SemalignSettings, TrackingSettings, as_dict, from_args
     from pktjax.tracking import open_tracker
     from pktjax.transfer.config import semalign_config
     from pktjax.workflows import check_semalign_pair, seed_examples, seed_file, train_semalign
 
-    sec = from_args(SemalignSettings, args, samples=args.seed_samples)
+    sec = from_args(SemalignSettings, args)  # --seed-samples 0, --cka -1, ... are refused here
     tracking = from_args(TrackingSettings, args)
-    if args.cka < 0:
-        raise ConfigError(f"--cka {args.cka}: give a number of examples, at least 0.")
     tc = dataclasses.replace(sec.trainer(args.seed, args.task), save_every=args.save_every)
     tc.validate()
     sc = semalign_config(sec)
@@ -64,7 +61,7 @@ def _train(args: argparse.Namespace) -> int:
     with open_tracker(tracking.tracker, args.out, config=as_dict(sec)) as tracker:
         _, info = train_semalign(args.teacher, args.student, seeds, examples, Path(args.out), tc, sc,
                                  teacher_dtype=sec.teacher_dtype, progress=not args.no_progress,
-                                 mesh=S.as_mesh(args.mesh), probe=examples[:args.cka],
+                                 mesh=S.as_mesh(args.mesh), probe=examples[:sec.cka],
                                  data_files=[data, seed_file(sec.seed_data or args.task)], tracker=tracker)
     p = info["pairing"]
     S.main_print(f"critical teacher layer {p['critical']} -> student layer {p['student_layer']} (teacher "

@@ -50,6 +50,7 @@ def exit_on_sigterm() -> Iterator[None]:
 
 
 def _run(args: argparse.Namespace) -> int:
+    from pktjax.runfolder import read_text
     from pktjax.sharding import is_main_process
     from pktjax.transfer import read_config, run_transfer
 
@@ -63,6 +64,6 @@ def _run(args: argparse.Namespace) -> int:
     with exit_on_sigterm():
         report = run_transfer(cfg)
     if is_main_process():  # the process that wrote the report
-        print(report.read_text())
+        print(read_text(report, "report"))
         print(f"report: {report}")
     return 0

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from pktjax.provenance import provenance
-from pktjax.runfolder import atomic_write, read_json, read_jsonl, write_json
+from pktjax.runfolder import atomic_write, read_json, read_jsonl, read_text, write_json
 from pktjax.tasks.common import mcnemar_exact
 from pktjax.transfer.config import TransferConfig
 
@@ -53,7 +53,7 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
                   *[f"![{p.parent.name}]({p.relative_to(cfg.out)})" for p in cka]]
     if analysis is not None:
         lines += ["", *_analysis_section(cfg.out, analysis)]
-    return atomic_write(cfg.out / "report.md", "\n".join(lines) + "\n")
+    return atomic_write(cfg.out / "report.md", "\n".join(lines) + "\n", checksum=True)
 
 
 def _relative(delta: dict[str, Any] | None, module: str) -> str:
@@ -104,7 +104,7 @@ def _weights_note(cfg: TransferConfig) -> list[str]:
 
 def _analysis_section(out: Path, folder: Path) -> list[str]:
     """The analysis' own report (headings one level down) and its figures, linked relative to ``out``."""
-    text = (folder / "report.md").read_text().splitlines()
+    text = read_text(folder / "report.md", "analysis report").splitlines()
     body = ["#" + line if line.startswith("#") else line for line in text]
     figures = sorted(folder.glob("representation_*.png")) + sorted(folder.glob("parametric_similarity.png"))
     rel = folder.relative_to(out)

@@ -327,15 +327,16 @@ def _semalign_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int,
                    tracker: Tracker) -> dict[str, Any]:
     """One SemAlign student: attribution and pairing (once, ``semalign/plan.json``), the paired layer trained,
     evaluated. ``semalign/seed<s>/`` holds the adapter (or model), checkpoints, metrics, ``semalign.json``, the
-    before / after CKA view when the config has an ``analysis`` section, and ``eval.json`` (the marker)."""
+    before / after CKA view (on the first ``cka`` training examples, else on the ``analysis`` section's probe
+    examples when there is one), and ``eval.json`` (the marker)."""
     sec, folder = cfg.semalign, cfg.out / "semalign" / f"seed{seed}"
     report = folder / "eval.json"
     if read_result(report, "evaluation report", _check_report) is None:
         a = cfg.analysis
-        probe = probe_examples(cfg.task, a.n_examples) if a else None
+        examples = read_jsonl(_train_data(cfg, sec), limit=sec.limit)
+        probe = examples[:sec.cka] if sec.cka else probe_examples(cfg.task, a.n_examples) if a else None
         probe_kw = {"batch_size": a.batch_size, "cutoff_len": a.cutoff_len, "max_tokens": a.max_tokens} if a else None
-        model, info = train_semalign(teacher, student, _semalign_seeds(cfg),
-                                     read_jsonl(_train_data(cfg, sec), limit=sec.limit), folder,
+        model, info = train_semalign(teacher, student, _semalign_seeds(cfg), examples, folder,
                                      sec.trainer(seed, cfg.task), semalign_config(sec),
                                      teacher_dtype=sec.teacher_dtype, probe=probe, probe_kw=probe_kw,
                                      plan_folder=cfg.out / "semalign", mesh=_mesh(cfg),
