@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from pktjax.config import ModelConfig
+from pktjax.partition import TENSOR, constrain_batch
 
 Params = dict[str, Any]
 ATTN_PROJ = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -155,7 +156,7 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array, lora: dict | None = 
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
     w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     head_lora = lora.get("lm_head") if lora is not None else None
-    return linear(x, w, lora=head_lora, spec=spec, salt=10_000).astype(jnp.float32)
+    return constrain_batch(linear(x, w, lora=head_lora, spec=spec, salt=10_000).astype(jnp.float32), TENSOR)
 
 
 def attention_mask_bias(cfg: ModelConfig, q_slots: jax.Array, key_mask: jax.Array) -> jax.Array:
@@ -280,7 +281,8 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
             ys["trace"] = _last_position(cfg, h, a, r, f, coeff, ctx, probs, v)
         if modules:
             ys["modules"] = _module_outputs(lp, cfg, modules, normed, r, a, f, coeff, out, ll, lspec)
-        return ((out + inp["shift"] if "shift" in inp else out), new_kv), ys
+        out = constrain_batch(out + inp["shift"] if "shift" in inp else out)
+        return (out, new_kv), ys
 
     kv0 = (cache["k"], cache["v"]) if cache is not None else None
     if per_layer:
@@ -337,7 +339,7 @@ def _forward(params: Params, cfg: ModelConfig, input_ids: jax.Array, attention_m
     cos, sin = rope_cos_sin(cfg, positions)
     bias = attention_mask_bias(cfg, jnp.arange(input_ids.shape[1]), attention_mask)
     lora, spec = _unpack(adapter)
-    x = embed(params, input_ids, lora, spec)
+    x = constrain_batch(embed(params, input_ids, lora, spec))
     x, captured, _ = _run_layers(params, cfg, x, cos, sin, bias, capture=capture, lora=lora, spec=spec,
                                  modules=tuple(modules), shifts=shifts)
     return x, captured

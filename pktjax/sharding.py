@@ -17,6 +17,7 @@ to fewer axes, down to replication.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -34,11 +35,9 @@ from pktjax.config import ModelConfig
 from pktjax.errors import CheckpointError, ConfigError
 from pktjax.layout import hf_tensor_names, layer_shapes, top_shapes
 from pktjax.model import forward
+from pktjax.partition import AXES, BATCH, DATA, FSDP, TENSOR, batch_spec, fit_spec  # noqa: F401 (re-exported)
 from pktjax.safetensors_io import DTYPES
 
-DATA, FSDP, TENSOR = "data", "fsdp", "tensor"
-AXES = (DATA, FSDP, TENSOR)
-BATCH = (DATA, FSDP)  # the mesh axes that split a batch of activations
 
 _COL = r"(q|k|v|gate|up)_proj"
 _ROW = r"(o|down)_proj"
@@ -144,19 +143,6 @@ def logical_axes(path: str) -> tuple[Any, ...]:
     return ()
 
 
-def fit_spec(shape: Sequence[int], axes: Sequence[Any], mesh_shape: Mapping[str, int]) -> P:
-    """``PartitionSpec`` for ``shape`` with ``axes`` on its trailing dims; each dim keeps the longest prefix of its
-    axes whose sizes divide it (so a non-divisible dim falls back to fewer axes, then to replication)."""
-    axes = tuple(axes)[-len(shape):] if shape else ()
-    spec = [None] * (len(shape) - len(axes))
-    for dim, ax in zip(shape[len(spec):], axes):
-        group = (ax,) if isinstance(ax, str) else tuple(ax or ())
-        while group and dim % math.prod(mesh_shape[a] for a in group):
-            group = group[:-1]
-        spec.append(None if not group else group[0] if len(group) == 1 else group)
-    return P(*spec)
-
-
 def spec_for(path: str, shape: Sequence[int], mesh_shape: Mapping[str, int]) -> P:
     """The ``PartitionSpec`` of one leaf from its path and shape."""
     return fit_spec(tuple(shape), logical_axes(path), mesh_shape)
@@ -175,15 +161,6 @@ def param_shardings(tree: Any, mesh: Mesh) -> Any:
 def shard(tree: Any, mesh: Mesh) -> Any:
     """``tree`` placed on ``mesh`` by its partition rules."""
     return jax.device_put(tree, param_shardings(tree, mesh))
-
-
-def batch_spec(shape: Sequence[int], mesh_shape: Mapping[str, int], last: Any = None) -> P:
-    """Activations ``[B, ...]``: batch on ``(data, fsdp)``; ``last`` optionally names the last dim's axis
-    (``"tensor"`` for logits ``[B, T, V]``)."""
-    axes = (BATCH,) + (None,) * (len(shape) - 1)
-    if last is not None and len(shape) > 1:
-        axes = axes[:-1] + (last,)
-    return fit_spec(tuple(shape), axes, mesh_shape)
 
 
 def batch_sharding(shape: Sequence[int], mesh: Mesh, last: Any = None) -> NamedSharding:
@@ -228,6 +205,8 @@ def sharded_jit(fn: Callable, mesh: Mesh, example_args: Sequence[Any], *, static
     Arguments at ``batch_argnums`` are split on their leading (batch) dim; every other array argument (params,
     aligner, LoRA, knowledge, optimizer state) follows the rules of its leaf paths; outputs follow the rules
     applied to ``jax.eval_shape(fn, *example_args)`` (gradients mirror their parameters; scalars are replicated).
+    ``fn`` is traced under ``mesh`` (``jax.sharding.use_abstract_mesh``), so the model's activations keep the
+    batch layout (:func:`pktjax.partition.constrain_batch`) rather than following the weights' ``fsdp`` split.
     Call the result with the same positional arguments as ``fn`` (static ones included).
     """
     static = {i: example_args[i] for i in static_argnums}
@@ -236,7 +215,13 @@ def sharded_jit(fn: Callable, mesh: Mesh, example_args: Sequence[Any], *, static
     in_sh = tuple(batch_shardings(a, mesh) if i in batch_argnums else param_shardings(a, mesh)
                   for i, a in zip(dyn_index, dyn))
     out_shape = jax.eval_shape(lambda *d: fn(*_merge(d, static)), *dyn)
-    jitted = jax.jit(fn, static_argnums=tuple(static_argnums), donate_argnums=tuple(donate_argnums),
+
+    @functools.wraps(fn)
+    def in_mesh(*a, **k):  # traced under the mesh, so that the model's activation constraints apply
+        with jax.sharding.use_abstract_mesh(mesh.abstract_mesh):
+            return fn(*a, **k)
+
+    jitted = jax.jit(in_mesh, static_argnums=tuple(static_argnums), donate_argnums=tuple(donate_argnums),
                      in_shardings=in_sh, out_shardings=param_shardings(out_shape, mesh))
 
     def call(*args):
