@@ -116,6 +116,20 @@ def _split(n: int, parts: int) -> int:
     return -(-n // parts)
 
 
+def _on_tensor(n: int, units: int, t: int) -> int:
+    """Per-device size of an activation dim of ``n`` made of ``units`` (heads, or single units) when the
+    ``tensor`` axis has ``t`` devices: ``n / t`` when ``t`` divides ``units``, else ``n`` (heads are never cut, so
+    XLA keeps all of them on every device even where the weight's rows divide)."""
+    return n // t if units % t == 0 else n
+
+
+def logits_copies(t: int) -> int:
+    """``[b', T, V / t]`` float32 buffers the training step holds: the logits, their shifted copy, the
+    log-softmax and the cotangent; with the vocabulary split over ``tensor`` XLA holds one fewer (measured on every
+    mesh of docs/scale.md: the cross-device max and sum of the log-softmax end the fusion at a different place)."""
+    return 4 if t == 1 else 3
+
+
 def gathered_layer(cfg, s: int, mesh: Mapping[str, int]) -> int:
     """Two FSDP-gathered copies of one layer's weights (split over ``tensor`` only); none without ``fsdp``."""
 
@@ -135,7 +149,8 @@ def locate_bytes(cfg, dtype, inp: PlanInput) -> int:
     t, tokens, v = inp.mesh["tensor"], inp.cutoff_len, cfg.vocab_size
     scores = tree_bytes(attribution_structs(cfg, dtype, tokens, inp.chunk), {"data": 1, "fsdp": 1, "tensor": 1})
     c = block_size(max(cfg.intermediate_size, cfg.q_dim), inp.chunk)
-    transient = 4 * (2 * cfg.num_layers * _split(v, t) + 2 * _split(cfg.num_heads, t) * tokens ** 2
+    heads = _on_tensor(cfg.num_heads, cfg.num_heads, t)
+    transient = 4 * (2 * cfg.num_layers * _split(v, t) + 2 * heads * tokens ** 2
                      + 2 * c * _split(v, t) + c * cfg.hidden_size
                      + cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim))
     return transient + scores + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
@@ -151,9 +166,12 @@ def activation_bytes(cfg, s: int, inp: PlanInput, micro_batch: int) -> int:
     """Residuals saved for the backward pass plus the logits of one micro-batch, per device."""
     t, tokens = inp.mesh["tensor"], inp.cutoff_len
     b = rows_per_device(micro_batch, inp.mesh)
-    split = (2 * cfg.q_dim + 2 * cfg.kv_dim + 4 * cfg.intermediate_size) / t
-    per_token = s * (6 * cfg.hidden_size + split) + _split(cfg.num_heads, t) * tokens * (4 + s)
-    return int(cfg.num_layers * b * tokens * per_token) + 4 * b * tokens * _split(cfg.vocab_size, t) * 4
+    h = cfg.num_heads
+    split = (2 * _on_tensor(cfg.q_dim, h, t) + 2 * _on_tensor(cfg.kv_dim, cfg.num_kv_heads, t)
+             + 4 * _on_tensor(cfg.intermediate_size, cfg.intermediate_size, t))
+    per_token = s * (6 * cfg.hidden_size + split) + _on_tensor(h, h, t) * tokens * (4 + s)
+    return (int(cfg.num_layers * b * tokens * per_token)
+            + logits_copies(t) * b * tokens * _split(cfg.vocab_size, t) * 4)
 
 
 def knowledge_bytes(inp: PlanInput, modules: tuple[str, ...], s: int) -> int:
