@@ -8,6 +8,9 @@ weight element (``--dtype``), ``b`` examples per micro-batch, ``T`` tokens (``--
 H*hd, kv`` of the student (training) or teacher (attribution), ``V`` vocabulary, ``t`` the size of the
 ``tensor`` axis, ``b'`` the rows of a micro-batch on one device (``b / (data x fsdp)`` when that divides ``b``; the
 batch rule splits a micro-batch only over the axes that divide it), ``K = L_S`` selected layers, ``N = N_f`` or ``N_a``.
+An activation dim made of heads counts ``/ t`` only when ``t`` divides the heads (``H`` for ``q`` and the
+attention scores, ``kv heads`` for ``kv``): a head is never cut, so XLA keeps all heads on every device otherwise,
+even where the weight's rows divide.
 
 Held throughout: teacher and student weights (rules), aligner ``W1 [d_T, d_T]``, ``W2 [d_S, d_T]`` per module
 (float32, rules), AdamW ``mu, nu`` (same), gradients x2 (the micro-batch gradient plus the running sum).
@@ -24,9 +27,12 @@ aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and th
 layers for the forward's delta adapter (``L = K`` by default; split like the knowledge; the student's weights are
 not copied: the deltas enter inside the products); residuals saved for the backward pass
 ``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]`` (layer input, 2 norms, attention and FFN outputs, residual; q and context, k, v; gate, up, silu(gate), their
-product; float32 attention probabilities and their cast); logits ``4 b' T V 4 / t`` (the logits, their copy without
-the last position that the next-token loss shifts out, the log-softmax and the cotangent); one FSDP-gathered
-layer of weights x2.
+product; float32 attention probabilities and their cast); logits ``c b' T V 4 / t`` with ``c = 4`` (the logits,
+their copy without the last position that the next-token loss shifts out, the log-softmax and the cotangent) or
+``c = 3`` when ``t > 1`` (:func:`logits_copies`); one FSDP-gathered layer of weights x2. The rows ``b'`` hold on
+meshes with ``fsdp`` because the model pins its activations to the batch layout inside a sharded step
+(:func:`pktjax.partition.constrain_batch`); unpinned, XLA followed the weights' ``fsdp``-split input dim and kept
+every row of the logits on each device.
 
 Peak = held + max(locate, training step). It fits when the peak is at most 90% of the device memory (the rest
 is XLA's workspace and fragmentation; on GPU set ``XLA_PYTHON_CLIENT_MEM_FRACTION=0.95``).
