@@ -26,11 +26,12 @@ Training step (one micro-batch, gradients through the student, no rematerialisat
 aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and the same again padded to all ``L``
 layers for the forward's delta adapter (``L = K`` by default; split like the knowledge; the student's weights are
 not copied: the deltas enter inside the products); residuals saved for the backward pass
-``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]`` (layer input, 2 norms, attention and FFN outputs, residual; q and context, k, v; gate, up, silu(gate), their
-product; float32 attention probabilities and their cast); logits ``c b' T V 4 / t`` with ``c = 4`` (the logits,
-their copy without the last position that the next-token loss shifts out, the log-softmax and the cotangent) or
-``c = 3`` when ``t > 1`` (:func:`logits_copies`); one FSDP-gathered layer of weights x2. The rows ``b'`` hold on
-meshes with ``fsdp`` because the model pins its activations to the batch layout inside a sharded step
+``L b' T [s (6 d + (2 q + 2 kv + 4 f) / t) + (H / t) T (4 + s)]`` (layer input, 2 norms, attention and FFN
+outputs, residual; q and context, k, v; gate, up, silu(gate), their product; float32 attention probabilities
+and their cast); logits ``c b' T V 4 / t`` with ``c = 4`` (the logits, their copy without the last position that
+the next-token loss shifts out, the log-softmax and the cotangent) or ``c = 3`` when ``t > 1``
+(:func:`logits_copies`); one FSDP-gathered layer of weights x2. The rows ``b'`` hold on meshes with ``fsdp``
+because the model pins its activations to the batch layout inside a sharded step
 (:func:`pktjax.partition.constrain_batch`); unpinned, XLA followed the weights' ``fsdp``-split input dim and kept
 every row of the logits on each device.
 
