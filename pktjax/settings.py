@@ -413,6 +413,9 @@ class LatenSettings:
     fuse_steps: str | tuple[int, ...] = setting("all", "aligner steps fused and evaluated: all, last or a list "
                                                        "of steps (0 is the first)", result=False)
     layers: int | None = inherit(AlignerTrainConfig, "layers")
+    # the batched locate holds every example's activations of a pass at once (E x the plan's one-example figure)
+    locate_batch: int = setting(32, "examples per batched locate pass (memory only: each example's scores are its "
+                                    "own)", ge=1, result=False)
 
     def validate(self, where: str = "") -> None:
         check_fields(self, where)

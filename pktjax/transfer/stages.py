@@ -45,9 +45,6 @@ from pktjax.workflows import (analyze_pair, check_semalign_pair, merge_adapter, 
                               train_semalign)
 
 
-LOCATE_BATCH = 32  # examples per batched locate pass: the paper's MBPP protocol (27 examples) in one
-
-
 @functools.cache
 def _mesh_of(spec: str | None):
     """The device mesh of a spec (``None``: one device, no sharding); one Mesh object per spec, so that the
@@ -253,7 +250,7 @@ def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
     tokenizer = load_tokenizer(student)
     for role, path in (("teacher", teacher), ("student", student)):
         model = _load(path, cfg)
-        locate_each(model.params, model.config, tokenizer, examples, layers=k, batch=LOCATE_BATCH,
+        locate_each(model.params, model.config, tokenizer, examples, layers=k, batch=cfg.laten.locate_batch,
                     cache=cfg.out / "attribution_cache" / role)
         del model
     _write_json(marker, {"examples": len(examples), "layers": k})
