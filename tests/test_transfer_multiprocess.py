@@ -13,6 +13,8 @@ import json
 import subprocess
 import sys
 
+import numpy as np
+
 from pktjax.cli import main
 from tests.test_sharding import ROOT, _env, _free_port, _report
 from tests.test_sharding_transfer import results
@@ -56,8 +58,6 @@ def test_two_processes_run_the_job_to_the_one_process_scores(tmp_path):
     assert len(want[0]) == 3 and all(len(v) == 4 for v in want[1].values())  # student, teacher, LaTen step 0
     assert rows == want[0] and verdicts == want[1]
     # the injected deltas' RMS sizes: float32 sums in another order (see tests/test_sharding_transfer.py)
-    import numpy as np
-
     got, ref = (np.array([x for row in t for x in row]) for t in (sizes, want[2]))
     assert got.size == ref.size > 0 and np.allclose(got, ref, rtol=1e-3, atol=0), (got, ref)
     two = json.loads((tmp_path / "two" / "transfer.json").read_text())
