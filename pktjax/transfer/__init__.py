@@ -28,7 +28,7 @@ Config (YAML or JSON; an unknown key anywhere is an error naming the allowed one
     student: PATH | registry:qwen2.5-coder/student | tiny:... | org/name
     task: gsm | mmlu | humaneval | mbpp        # LaTen splits (../shared/data/laten/<task>/)
     eval: {task, limit, max_new_tokens, batch_size, few_shot, prompt_format}
-    laten: {seeds, steps, rate, lr, cutoff_len, examples_per_step, micro_batch, fuse_steps, layers}
+    laten: {seeds, steps, rate, lr, cutoff_len, examples_per_step, micro_batch, fuse_steps, layers, locate_batch}
     seeking: {seeds, rank, alpha, dropout, lr, epochs, batch_size, micro_batch, cutoff_len, dtype, targets, data,
               limit, samples, seed_data, teacher_dtype}
     lora:  {seeds, rank, ..., targets, data, limit}   # the seeking keys up to limit
