@@ -273,3 +273,28 @@ def test_cache_keeps_options_apart_and_refuses_another_models_entry(trained_mode
     assert read_entry(tmp_path, model_fingerprint(params, cfg), ids, target, "reference", "last_key") is not None
     assert path.is_file() and not any(p.name.startswith(".") for p in tmp_path.iterdir())
     assert os.path.getsize(path) > 0
+
+
+def _numpy_checksum(x: np.ndarray) -> list[int]:
+    """The fingerprint's two sums over a leaf's flat bit patterns, in NumPy (uint64, reduced mod 2^32)."""
+    bits = np.ascontiguousarray(x).view({4: np.uint32, 2: np.uint16, 1: np.uint8}[x.dtype.itemsize])
+    bits = bits.reshape(-1).astype(np.uint64)
+    i = np.arange(bits.size, dtype=np.uint64)
+    m = np.uint64(0xFFFFFFFF)
+    first = (bits * ((i * np.uint64(2654435761) + np.uint64(1)) & m)) & m
+    second = ((bits ^ ((i * np.uint64(0x9E3779B9)) & m)) * np.uint64(0x85EBCA6B)) & m
+    return [int(first.sum() & m), int(second.sum() & m)]
+
+
+@pytest.mark.parametrize("shape,dtype", [((7, 5, 3), jnp.float32), ((64, 33), jnp.bfloat16), ((4096,), jnp.float32),
+                                         ((), jnp.float32)])
+def test_fingerprint_checksum_blocks_match_numpy(monkeypatch, shape, dtype):
+    """The per-block checksum (blocks of the leading axis, one call each) equals the formula over the flat leaf,
+    whatever the block size: a leaf's fingerprint does not depend on how it is cut."""
+    from pktjax import attribution_cache as ac
+
+    x = jax.random.normal(jax.random.key(3), shape, jnp.float32).astype(dtype)
+    want = _numpy_checksum(np.asarray(x))
+    for block in (1, 5, 16, 1 << 23):  # one row each, uneven, several rows, the whole leaf
+        monkeypatch.setattr(ac, "_CPU_BLOCK", block)
+        assert np.asarray(ac._leaf_checksum(x)).tolist() == want, block

@@ -2,6 +2,7 @@
 
 import json
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,12 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert second["total"] == pytest.approx(sum(v for k, v in second.items() if k != "total"))
     assert json.loads((out / "timings.json").read_text())["eval teacher"] == second["eval teacher"]
     assert not list(out.rglob("*.partial.jsonl"))  # finished evaluations leave no partial file
+    # a run folder kept without its aligner checkpoints (the small files only) still reports the fused step
+    shutil.rmtree(out / "laten" / "seed1" / "aligner")
+    stamp = (out / "laten" / "seed1" / "step0" / "eval.json").stat().st_mtime_ns
+    run_transfer(read_config(path))
+    assert json.loads((out / "scores.json").read_text())["rows"] == scores["rows"]
+    assert (out / "laten" / "seed1" / "step0" / "eval.json").stat().st_mtime_ns == stamp
 
 
 def test_vs_student_counts_each_example_against_the_base_student(tmp_path):

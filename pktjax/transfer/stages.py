@@ -14,7 +14,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
-from pktjax.checkpoint import Model, load_model, read_model_config
+from pktjax.checkpoint import Model, load_model, read_model_config, release_host_memory
 from pktjax.config import ModelConfig
 from pktjax.data import laten_split, read_jsonl
 from pktjax.errors import ConfigError
@@ -190,10 +190,13 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
                       mesh=_mesh(cfg), tracker=tracker.scoped(f"laten/{sub}seed{seed}"))
         if is_main_process():
             _write_json(folder / "trained.json", {"seconds": time.time() - t0})
-    steps = _fuse_steps(lt.fuse_steps, aligner_steps(folder / "aligner"))
-    # a step is done when its report and its fuse record both verify (a damaged one is removed and redone)
-    todo = [s for s in steps if read_result(folder / f"step{s}" / "eval.json", "evaluation report", _check_report)
-            is None or read_result(folder / f"step{s}" / INJECTION, "injection record") is None]
+    # a step is done when its report and its fuse record both verify (a damaged one is removed and redone); a done
+    # step counts even when its aligner checkpoint is gone (a run folder restored from its small files)
+    done = {int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit() and
+            read_result(p / "eval.json", "evaluation report", _check_report) is not None and
+            read_result(p / INJECTION, "injection record") is not None}
+    steps = _fuse_steps(lt.fuse_steps, sorted(done.union(aligner_steps(folder / "aligner"))))
+    todo = [s for s in steps if s not in done]
     if todo:
         read_run(folder / "aligner")  # a damaged run record is refused by name, as pktjax.fuse.fuse does
         pair = pair or prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers, mesh=_mesh(cfg),
@@ -443,6 +446,7 @@ def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callabl
     try:
         return fn(*args)
     finally:
+        release_host_memory()  # what the stage's models and activations left in malloc's arenas
         spent = read_result(path, "timings") or {}
         spent[key] = spent.get(key, 0.0) + time.time() - t
         timings[key] = spent[key]
