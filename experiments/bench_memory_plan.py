@@ -10,6 +10,9 @@ shapes, vocabulary 32000; ``tenth`` is ~1/10 of Llama-2 13B -> 7B in width with 
 
     XLA_FLAGS=--xla_force_host_platform_device_count=8 JAX_PLATFORMS=cpu \\
         python experiments/bench_memory_plan.py --size tiny tenth --mesh fsdp=8 fsdp=4,tensor=2 data=2,fsdp=2,tensor=2
+
+``--stage 'locate (teacher)' 'locate (student)'`` measures only those stages (each takes seconds to compile at
+``tenth``; the training steps take minutes).
 """
 
 from __future__ import annotations
@@ -140,6 +143,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--size", nargs="+", default=["tiny", "tenth"], choices=sorted(RUNS))
     p.add_argument("--mesh", nargs="+", default=["fsdp=1", "fsdp=8", "fsdp=4,tensor=2", "data=2,fsdp=2,tensor=2"])
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--stage", nargs="+", default=list(STAGES), choices=STAGES, metavar="STAGE",
+                   help=f"stages to measure (default all): {', '.join(repr(s) for s in STAGES)}")
     a = p.parse_args(argv)
     print(f"jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices, {a.dtype} weights")
     print("| size | mesh | stage | measured MiB | plan MiB | measured / plan |")
@@ -147,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     worst = 0.0
     for size in a.size:
         for spec in a.mesh:
-            for r in compare(size, spec, a.dtype):
+            for r in compare(size, spec, a.dtype, tuple(a.stage)):
                 worst = max(worst, abs(r["ratio"] - 1))
                 print(f"| {r['size']} | {r['mesh']} | {r['stage']} | {r['measured'] / 2**20:.2f} | "
                       f"{r['predicted'] / 2**20:.2f} | {r['ratio']:.3f} |", flush=True)

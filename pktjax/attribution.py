@@ -305,7 +305,10 @@ def _neuron_scores_batch(w_u: jax.Array, gamma: jax.Array, eps: float, base: jax
 
     def block(i: jax.Array) -> jax.Array:
         layer, start = layers[i // blocks], jnp.minimum((i % blocks) * c, n - c)
-        cols = jax.lax.dynamic_slice(w_out, (layer, 0, start), (1, d, c))[0].astype(jnp.float32)  # [d, c]
+        # The layer first, then its columns: on a mesh that splits ``n`` over ``tensor``, a block of columns that
+        # crosses the shards makes XLA gather what it slices, and a slice of the whole stack gathered all ``L``
+        # layers (a replicated copy of ``w_out`` held through the loop); a slice of one layer gathers one layer.
+        cols = jax.lax.dynamic_slice_in_dim(w_out[layer], start, c, axis=1).astype(jnp.float32)  # [d, c]
         m = jax.lax.dynamic_slice(coef, (layer, 0, start), (1, e, c))[0].astype(jnp.float32)  # [E, c]
         # The operand laid out as [c, d] before the product. Left to itself XLA folds the transpose into the
         # product (contracting the left operand's first axis), which its CPU backend runs on a generic dot instead

@@ -15,12 +15,20 @@ even where the weight's rows divide.
 Held throughout: teacher and student weights (rules), aligner ``W1 [d_T, d_T]``, ``W2 [d_S, d_T]`` per module
 (float32, rules), AdamW ``mu, nu`` (same), gradients x2 (the micro-batch gradient plus the running sum).
 
-Locate phase (per model, the larger counts): the last position's log-probabilities after every layer's attention
-and FFN ``2 L V 4 / t`` (only the last position is projected: the forward's ``[T, V]`` logits are never formed);
-attention scores and probabilities of one layer ``2 H T^2 4 / t``; one neuron block ``2 c V 4 / t`` (its logits and
-their exponentials) plus ``c d 4``, where ``c = ceil(n / ceil(n / chunk))`` for ``n = max(f, q)`` is the block
-the attribution actually cuts (``chunk`` only bounds it); the captured trace ``L (4 d + f + 2 q) 4``; the scores
-``L (f + q) 4``; one FSDP-gathered layer of weights x2 (when ``fsdp > 1``).
+Locate phase (per model, the larger counts). Held through both parts of a pass: ``[L, V]`` float32 arrays of the
+last position after every layer's attention and FFN, ``6 L V 4 / t`` (only the last position is projected: the
+forward's ``[T, V]`` logits are never formed): the two log-softmaxes, their copies in the layout the neuron loops
+read, and the two layer gains' logits, which XLA keeps through the loops (it schedules the layer gains'
+``logsumexp`` fallback after them: the buffer assignment of the ``tenth`` locate on ``fsdp=8`` and on
+``fsdp=4,tensor=2``); the captured trace ``L (4 d + f + 2 q) 4``; the scores ``L (f + q) 4``. Then the larger of
+the forward's buffers, attention scores and probabilities of one layer ``2 H T^2 4 / t`` plus one FSDP-gathered
+layer of weights x2 (when ``fsdp > 1``), and the neuron loops' (never live together): one neuron block
+``2 c V 4 / t`` (its logits and their exponentials, or on ``fsdp`` the partial products and their sum) plus
+``c d 4``, where ``c`` is the larger of the blocks the attribution actually cuts from the FFN and the attention
+neurons, ``ceil(n / ceil(n / chunk))`` for ``n = f`` and ``n = q`` (``chunk`` only bounds them; at 1/10 of
+Llama-2 13B, 462 FFN and 512 attention neurons). The weights a neuron block reads are sliced from one layer, so a
+mesh that splits ``f`` over ``tensor`` gathers one layer's columns, not the whole stack
+(:func:`pktjax.attribution._neuron_scores_batch`).
 
 Training step (one micro-batch, gradients through the student, no rematerialisation): knowledge ``K N d_T s``,
 aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and the same again padded to all ``L``
@@ -152,15 +160,17 @@ def block_size(n: int, chunk: int) -> int:
 
 
 def locate_bytes(cfg, dtype, inp: PlanInput) -> int:
-    """Transient bytes per device of one attribution pass (formula in the module docstring)."""
+    """Transient bytes per device of one attribution pass (formula in the module docstring): what both of its
+    parts hold, plus the larger of the forward's and the neuron loops' own buffers (never live together)."""
     t, tokens, v = inp.mesh["tensor"], inp.cutoff_len, cfg.vocab_size
     scores = tree_bytes(attribution_structs(cfg, dtype, tokens, inp.chunk), {"data": 1, "fsdp": 1, "tensor": 1})
-    c = block_size(max(cfg.intermediate_size, cfg.q_dim), inp.chunk)
+    c = max(block_size(cfg.intermediate_size, inp.chunk), block_size(cfg.q_dim, inp.chunk))  # the loops run apart
     heads = _on_tensor(cfg.num_heads, cfg.num_heads, t)
-    transient = 4 * (2 * cfg.num_layers * _split(v, t) + 2 * heads * tokens ** 2
-                     + 2 * c * _split(v, t) + c * cfg.hidden_size
-                     + cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim))
-    return transient + scores + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
+    shared = 4 * (6 * cfg.num_layers * _split(v, t)
+                  + cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim)) + scores
+    forward = 4 * 2 * heads * tokens ** 2 + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
+    loop = 4 * (2 * c * _split(v, t) + c * cfg.hidden_size)
+    return shared + max(forward, loop)
 
 
 def rows_per_device(rows: int, mesh: Mapping[str, int]) -> int:
