@@ -7,6 +7,7 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -28,6 +29,7 @@ from pktjax.memory import plan, render, transfer_input
 from pktjax.pair import check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.provenance import provenance
+from pktjax.remote import SYNC_FILE, pull, push
 from pktjax.runfolder import LOCK_FILE, lock, read_json, read_result
 from pktjax.seeking import task_file
 from pktjax.sharding import as_mesh, is_main_process
@@ -125,14 +127,14 @@ def _claim_output(cfg: TransferConfig) -> None:
 
 
 def _claim(cfg: TransferConfig) -> None:
-    marker = cfg.out / "transfer.json"
+    marker, where = cfg.out / "transfer.json", cfg.remote or cfg.out  # a URL's run is in its staging folder
     if marker.is_file():
         if not cfg.resumes(read_json(marker, "run marker")):
-            raise ConfigError(f"{cfg.out}: holds a run of another config; choose a new output folder "
+            raise ConfigError(f"{where}: holds a run of another config; choose a new output folder "
                               "(or rerun the same config to resume).")
         return
-    if cfg.out.exists() and any(p.name != LOCK_FILE for p in cfg.out.iterdir()):
-        raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
+    if cfg.out.exists() and any(p.name not in (LOCK_FILE, SYNC_FILE) for p in cfg.out.iterdir()):
+        raise ConfigError(f"{where}: folder exists and is not a pktjax transfer run; choose a new output folder.")
     _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
                          "provenance": provenance(cfg.raw, job_data_files(cfg))})
 
@@ -439,15 +441,33 @@ def _check_pair(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig)
 def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
     """Run one stage; its seconds add to those that earlier, interrupted runs spent on it (``timings.json``)."""
     path = cfg.out / "timings.json"
-    t = time.time()
+    t, done = time.time(), False
     try:
-        return fn(*args)
+        out = fn(*args)
+        done = True
+        return out
     finally:
         spent = read_result(path, "timings") or {}
         spent[key] = spent.get(key, 0.0) + time.time() - t
         timings[key] = spent[key]
         if is_main_process():
             _write_json(path, spent)
+        _push(cfg, failing=not done)
+
+
+def _push(cfg: TransferConfig, failing: bool = False) -> None:
+    """Upload what changed in the staging folder to the output URL (process 0, the writer of the shared files).
+    ``failing``: a stage is ending in an error; what it saved (checkpoints) is still uploaded, but a failed upload
+    is only said on stderr, so that the stage's error is the one raised."""
+    if cfg.remote is None or not is_main_process():
+        return
+    try:
+        push(cfg.out, cfg.remote)
+    except Exception as e:
+        if not failing:
+            raise
+        print(f"pktjax: warning: uploading {cfg.out} to {cfg.remote} failed too ({type(e).__name__}: {e})",
+              file=sys.stderr)
 
 
 def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
@@ -457,14 +477,21 @@ def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
 
 def run_transfer(cfg: TransferConfig) -> Path:
     """Run every stage of ``cfg`` (resuming finished ones) and return the report path. The mesh, the data, the
-    pair and whether the job fits its devices are checked before anything is written or loaded."""
+    pair and whether the job fits its devices are checked before anything is written or loaded. With an output
+    URL (``cfg.remote``) the job runs in the staging folder ``cfg.out``: every process first pulls the URL's run
+    folder into its own (process 0 first: a staging folder the processes share is filled once), and process 0
+    pushes it after every stage and at the end."""
     _mesh(cfg)
     _check_data(cfg)
     known = _check_models(cfg)
     with lock(cfg.out, "transfer run"):
+        if cfg.remote is not None:
+            _main_first(pull, cfg.remote, cfg.out)
         _claim_output(cfg)
         with open_tracker(cfg.tracking.tracker, cfg.out, config=cfg.raw) as tracker:
-            return _run_stages(cfg, known, tracker)
+            report = _run_stages(cfg, known, tracker)
+        _push(cfg)  # the report, and what the tracker wrote on closing
+        return report
 
 
 def score_tags(rows: list[dict[str, Any]]) -> dict[str, float]:
