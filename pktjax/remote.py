@@ -27,15 +27,18 @@ import hashlib
 import json
 import os
 import posixpath
+import random
 import re
 import uuid
 from pathlib import Path
 from typing import Any
 
 from pktjax.errors import ConfigError, DamagedFileError, PktjaxError, RemoteError
-from pktjax.runfolder import _TEMP, LOCK_FILE, _temp_path, fault_point, is_disk_full, read_json, write_json
+from pktjax.runfolder import (_TEMP, LOCK_FILE, _temp_path, atomic_write, fault_point, is_disk_full, read_json,
+                              write_json)
 
 SYNC_FILE = ".pktjax.sync.json"
+STAGING_FILE = ".pktjax.staging"  # a token process 0 leaves for the others: is this folder theirs too?
 _URL = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://")
 # the fields, in order of preference, that change when an object is rewritten (GCS, S3, local and memory)
 _STAMPS = ("generation", "ETag", "etag", "md5Hash", "mtime", "LastModified", "updated", "created")
@@ -73,6 +76,22 @@ def staging_folder(url: str, staging: str | os.PathLike | None = None) -> Path:
     return home() / "staging" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
+def mark_staging(local: str | os.PathLike) -> int:
+    """Leave a fresh random token in the staging folder ``local`` and return it (process 0 of a multi-process
+    job: a process that reads the same token back shares the folder)."""
+    token = random.randrange(1, 2**31)
+    atomic_write(Path(local) / STAGING_FILE, f"{token}\n")
+    return token
+
+
+def staging_token(local: str | os.PathLike) -> int | None:
+    """The token :func:`mark_staging` left in ``local`` (``None``: none, or not one)."""
+    try:
+        return int((Path(local) / STAGING_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _open(url: str):
     import fsspec
 
@@ -81,9 +100,9 @@ def _open(url: str):
 
 
 def _skipped(rel: str) -> bool:
-    """Never synced: our temporaries (any part of the path), the lock, the sync record."""
+    """Never synced: our temporaries (any part of the path), the lock, the sync record, the staging token."""
     parts = rel.split("/")
-    return parts[-1] in (LOCK_FILE, SYNC_FILE) or any(_TEMP.search(p) for p in parts)
+    return parts[-1] in (LOCK_FILE, SYNC_FILE, STAGING_FILE) or any(_TEMP.search(p) for p in parts)
 
 
 def _stamp(info: dict[str, Any]) -> str:
@@ -147,7 +166,7 @@ def pull(url: str, local: str | os.PathLike) -> list[str]:
     synced, or that changed at the URL since it was last synced, and remove the local files that were synced but
     are gone from the URL (unless changed here since). A file changed or removed here but not at the URL since the
     last sync is this folder's newer work (a run killed before its push): it is kept as it is, for the next push.
-    Returns the relative paths downloaded."""
+    Temporaries that a killed push left at the URL are removed. Returns the relative paths downloaded."""
     url = url.rstrip("/")
     local = Path(local)
     local.mkdir(parents=True, exist_ok=True)
@@ -158,12 +177,17 @@ def pull(url: str, local: str | os.PathLike) -> list[str]:
 def _pull(url: str, local: Path) -> list[str]:
     fs, root = _open(url)
     record = _read_record(local, url)
-    remote = {}
+    remote, leftovers = {}, []
     if fs.exists(root):
         for name, info in fs.find(root, detail=True).items():
             rel = posixpath.relpath(name, root)
-            if info.get("type", "file") == "file" and not _skipped(rel):
-                remote[rel] = _stamp(info)
+            if info.get("type", "file") == "file":
+                if not _skipped(rel):
+                    remote[rel] = _stamp(info)
+                elif _TEMP.search(posixpath.basename(rel)):
+                    leftovers.append(name)
+    for name in leftovers:  # uploads a killed push left (one job per URL: none is in progress)
+        fs.rm_file(name)
     fetched = []
     try:
         for rel, stamp in sorted(remote.items()):

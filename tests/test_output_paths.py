@@ -220,12 +220,71 @@ def test_an_upload_failing_after_a_stage_is_an_error_and_after_a_failed_stage_a_
     assert set(json.loads((cfg.out / "timings.json").read_text())) == {"eval student", "eval teacher"}
 
 
-def test_pull_ignores_temporaries_a_killed_upload_left(memory_url, tmp_path):
+def test_processes_that_do_not_share_the_staging_folder_are_refused(tmp_path, monkeypatch):
+    """Two processes of one job, played one after the other: process 0 leaves its token, process 1 looks for it
+    in its own staging folder (jax's collectives stand in for: the broadcast returns process 0's token, the
+    gather the two verdicts)."""
+    import types
+
+    import jax
+    import numpy as np
+    from jax.experimental import multihost_utils
+
+    import pktjax.transfer.stages as stages
+    from pktjax.remote import STAGING_FILE
+
+    shared, own = tmp_path / "shared", tmp_path / "own"
+    shared.mkdir(), own.mkdir()
+    token, verdicts = [], []
+    monkeypatch.setattr(jax, "process_count", lambda: 2)
+    monkeypatch.setattr(multihost_utils, "broadcast_one_to_all",
+                        lambda x: (token.append(int(x)) if not token else None, token[0])[1])
+    monkeypatch.setattr(multihost_utils, "process_allgather",
+                        lambda x: (verdicts.append(int(x)), np.array([1, verdicts[-1]]))[1])
+
+    def play(process: int, folder: Path) -> None:
+        monkeypatch.setattr(stages, "is_main_process", lambda: process == 0)
+        stages._check_shared_staging(types.SimpleNamespace(out=folder, remote="gs://b/run"))
+
+    play(0, shared)
+    assert int((shared / STAGING_FILE).read_text()) == token[0]
+    play(1, shared)  # the same folder: the token is there
+    with pytest.raises(ConfigError, match=r"own of the output gs://b/run is not one folder that all 2 processes.*"
+                                          r"--staging"):
+        play(1, own)
+    assert verdicts == [1, 1, 0]
+
+
+def test_pull_ignores_and_removes_temporaries_a_killed_upload_left(memory_url, tmp_path):
     fs, root = fsspec.core.url_to_fs(memory_url)
     fs.pipe_file(f"{root}/eval/student.json", b"{}")
     fs.pipe_file(f"{root}/eval/.student.json.tmp-1a2b3c4d", b"{")
     assert pull(memory_url, tmp_path / "stage") == ["eval/student.json"]
     assert sorted(_tree(tmp_path / "stage")) == ["eval/student.json"]
+    assert _remote(memory_url) == {"eval/student.json": b"{}"}
+
+
+def test_a_push_killed_between_upload_and_move_leaves_the_old_file(tmp_path):
+    """A real kill (SIGKILL) of a pushing process, right after the upload of a file to its temporary name."""
+    import signal
+    import subprocess
+    import sys
+
+    url, local = f"file://{tmp_path / 'bucket' / 'run'}", tmp_path / "stage"
+    local.mkdir()
+    (local / "scores.json").write_text('{"rows": [1]}')
+    push(local, url)
+    (local / "scores.json").write_text('{"rows": [1, 2]}')
+    env = {**os.environ, "PKTJAX_FAULT": "push:scores.json=kill"}
+    child = subprocess.run([sys.executable, "-c", f"from pktjax.remote import push; push({str(local)!r}, {url!r})"],
+                           env=env, cwd=Path(__file__).parents[1], capture_output=True, text=True)
+    assert child.returncode == -signal.SIGKILL, child.stderr
+    left = _remote(url)
+    assert left.pop("scores.json") == b'{"rows": [1]}'  # the old file, whole, at its name
+    assert list(left.values()) == [b'{"rows": [1, 2]}'] and ".scores.json.tmp-" in next(iter(left))
+    assert pull(url, local) == [] and (local / "scores.json").read_text() == '{"rows": [1, 2]}'  # not pushed: kept
+    assert push(local, url) == ["scores.json"]
+    assert _remote(url) == {"scores.json": b'{"rows": [1, 2]}'}  # the temporary removed by the pull
 
 
 def test_the_staging_folder_is_under_pktjax_home_unless_given(tmp_path, monkeypatch):

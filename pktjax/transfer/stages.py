@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pktjax.checkpoint import Model, load_model, read_model_config
 from pktjax.config import ModelConfig
@@ -29,7 +30,7 @@ from pktjax.memory import plan, render, transfer_input
 from pktjax.pair import check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.provenance import provenance
-from pktjax.remote import SYNC_FILE, pull, push
+from pktjax.remote import STAGING_FILE, SYNC_FILE, mark_staging, pull, push, staging_token
 from pktjax.runfolder import LOCK_FILE, lock, read_json, read_result
 from pktjax.seeking import task_file
 from pktjax.sharding import as_mesh, is_main_process
@@ -133,7 +134,7 @@ def _claim(cfg: TransferConfig) -> None:
             raise ConfigError(f"{where}: holds a run of another config; choose a new output folder "
                               "(or rerun the same config to resume).")
         return
-    if cfg.out.exists() and any(p.name not in (LOCK_FILE, SYNC_FILE) for p in cfg.out.iterdir()):
+    if cfg.out.exists() and any(p.name not in (LOCK_FILE, SYNC_FILE, STAGING_FILE) for p in cfg.out.iterdir()):
         raise ConfigError(f"{where}: folder exists and is not a pktjax transfer run; choose a new output folder.")
     _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
                          "provenance": provenance(cfg.raw, job_data_files(cfg))})
@@ -487,11 +488,29 @@ def run_transfer(cfg: TransferConfig) -> Path:
     with lock(cfg.out, "transfer run"):
         if cfg.remote is not None:
             _main_first(pull, cfg.remote, cfg.out)
+            _check_shared_staging(cfg)
         _claim_output(cfg)
         with open_tracker(cfg.tracking.tracker, cfg.out, config=cfg.raw) as tracker:
             report = _run_stages(cfg, known, tracker)
         _push(cfg)  # the report, and what the tracker wrote on closing
         return report
+
+
+def _check_shared_staging(cfg: TransferConfig) -> None:
+    """With an output URL and several processes, refuse staging folders the processes do not share: process 0
+    uploads its own, while every process writes its checkpoint shards into its own (orbax's multi-host saves need
+    one folder all hosts see, as a local run folder does)."""
+    if cfg.remote is None or jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(jnp.int32(mark_staging(cfg.out) if is_main_process() else 0)))
+    seen = multihost_utils.process_allgather(jnp.int32(staging_token(cfg.out) == token))
+    if not bool(np.all(np.asarray(seen))):
+        raise ConfigError(f"the staging folder {cfg.out} of the output {cfg.remote} is not one folder that all "
+                          f"{jax.process_count()} processes see (process 0 uploads it, and every process writes its "
+                          "checkpoint shards into it). Pass --staging a folder on a disk every host mounts (NFS, "
+                          "Filestore), the same path on every host.")
 
 
 def score_tags(rows: list[dict[str, Any]]) -> dict[str, float]:
