@@ -5,12 +5,16 @@ checksums, logs trimmed on resume), and that folder is mirrored to and from the 
 - :func:`check_url`: the URL's file system is known and its package installed (``gs://`` needs ``gcsfs``), checked
   before any work; a :class:`ConfigError` naming the package to install otherwise.
 - :func:`staging_folder`: where a URL's run is staged: ``$PKTJAX_HOME/staging/<sha256 of the URL>`` unless given.
-- :func:`pull`: download what the URL holds that the staging folder lacks or holds another version of (a run
-  resumes on a fresh machine from the bucket); each file lands by a rename, as :func:`runfolder.atomic_write` does.
+- :func:`pull`: download what the URL holds that the staging folder has not synced or that changed at the URL
+  since (a run resumes on a fresh machine from the bucket); each file lands by a rename, as
+  :func:`runfolder.atomic_write` does. Work of this folder not pushed yet (a run killed before its push) is kept.
 - :func:`push`: upload the files that changed since the last pull or push, each to a temporary name beside its
   own (``.NAME.tmp-XXXXXXXX``) then moved onto it, so a reader never sees a half-written file at a file's name;
   remote files that the staging folder dropped since they were synced (a finished evaluation's partial log, an
-  old checkpoint step) are removed. Temporaries and the lock are never uploaded.
+  old checkpoint step) are removed. Temporaries, locks and the sync record are never uploaded.
+- :func:`mark_staging` / :func:`staging_token`: whether the processes of one job share a staging folder.
+
+A file system's error (the network, permissions) is a :class:`RemoteError` (exit 2: rerun to resume).
 
 Change detection is cheap: ``.pktjax.sync.json`` in the staging folder records, for each file synced, its local
 size and mtime and the remote object's size and version stamp (GCS generation, S3 ETag, or a modification
@@ -24,7 +28,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import hashlib
-import json
 import os
 import posixpath
 import random

@@ -39,9 +39,9 @@ TOP_KEYS = ("teacher", "student", "task", "out", *DEVICE_KEYS, *TRACKING_KEYS, *
 class TransferConfig:
     """A checked transfer job: the models, the task, the output folder, the devices and weights' dtype
     (``device``: the top-level ``mesh``, ``dtype``, ``device_memory_gb``), the tracker (``tracking``: the
-    top-level ``tracker``) and one settings object per section (``None``: the section is absent). ``raw``: the config as written, with the command line's overrides.
-    ``remote``: the URL the run folder is mirrored to (:mod:`pktjax.remote`) when ``out`` is one; ``out`` is then
-    the local staging folder the job runs in."""
+    top-level ``tracker``) and one settings object per section (``None``: the section is absent). ``raw``: the
+    config as written, with the command line's overrides. ``remote``: the URL the run folder is mirrored to
+    (:mod:`pktjax.remote`) when the output is one; ``out`` is then the local staging folder the job runs in."""
 
     teacher: str
     student: str
@@ -136,7 +136,7 @@ def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequ
             except ConfigError as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
     if raw.get("out") is not None and not isinstance(raw["out"], str):
-        raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path (a string).")
+        raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path or a URL (a string).")
     target = out or raw.get("out")
     remote = target.rstrip("/") if target and is_url(target) else None
     if remote:
