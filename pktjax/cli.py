@@ -76,10 +76,14 @@ def enable_compilation_cache() -> str | None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "out", None) is not None:
+        from pktjax.remote import check_url, is_url
         from pktjax.runfolder import check_local
 
         try:  # before anything starts: no process group, no model, no folder
-            check_local(args.out)
+            if getattr(args, "out_url", False) and is_url(args.out):
+                check_url(args.out)
+            else:
+                check_local(args.out)
         except PktjaxError as e:
             print(f"pktjax: error: {e}", file=sys.stderr)
             return 2

@@ -27,3 +27,7 @@ class DamagedFileError(PktjaxError, ValueError):
 
 class LockedError(PktjaxError):
     """Another live job holds the output folder."""
+
+
+class RemoteError(PktjaxError, OSError):
+    """Mirroring a run folder to or from its output URL failed (the network, the bucket's permissions)."""

@@ -62,14 +62,17 @@ _URL = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 def check_local(path: str | os.PathLike, what: str = "--out") -> None:
-    """Refuse an output path that is a URL (``gs://…``, ``s3://…``, ``file://…``): the run folder's atomic writes
-    are renames within a local file system and its lock is ``fcntl``, neither of which an object store offers."""
+    """Refuse an output path that is a URL (``gs://…``, ``s3://…``, ``file://…``) for a command that writes its
+    outputs in place: the run folder's atomic writes are renames within a local file system and its lock is
+    ``fcntl``, neither of which an object store offers. (``pktjax transfer`` takes a URL: it stages the run
+    folder locally and mirrors it, :mod:`pktjax.remote`.)"""
     text = os.fspath(path)
     if _URL.match(text):
-        raise ConfigError(f"{what} {text!r} is a URL; outputs go to a local or mounted file system (the run folder "
-                          "writes by renaming and locks with fcntl). Mount the bucket, e.g. `gcsfuse BUCKET "
-                          "/mnt/BUCKET`, and pass the mounted path (--out /mnt/BUCKET/run); for file:// give the "
-                          "plain path.")
+        raise ConfigError(f"{what} {text!r} is a URL; this command writes to a local or mounted file system (the "
+                          "run folder writes by renaming and locks with fcntl). Mount the bucket, e.g. `gcsfuse "
+                          "BUCKET /mnt/BUCKET`, and pass the mounted path (--out /mnt/BUCKET/run); for file:// give "
+                          "the plain path. Only `pktjax transfer` writes to a URL (--out gs://BUCKET/run), through a "
+                          "local staging folder.")
 
 
 def fault_point(name: str) -> None:

@@ -16,7 +16,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("config", help="config file, e.g. experiments/configs/demo.yaml")
     p.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
                    help="override a setting of the config, e.g. laten.lr=3e-4 eval.limit=50 (values read as YAML)")
-    p.add_argument("--out", help="output folder (default: the config's `out`); rerun to resume")
+    p.add_argument("--out", help="output folder or URL, e.g. gs://BUCKET/run (default: the config's `out`); rerun "
+                                 "to resume")
+    p.add_argument("--staging", help="with an output URL: the local folder the run is staged in and mirrored from "
+                                     "(default: $PKTJAX_HOME/staging/<hash of the URL>)")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved config (every default filled in) and exit")
     # the config's top-level mesh and dtype, set from the command line (the same as mesh=... dtype=...)
@@ -28,7 +31,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     add_arguments(p, TrackingSettings, tracker={
         "default": None, "help": "also log training curves and scores to TensorBoard (OUT/tensorboard; needs "
                                  "tensorboardX) or W&B (needs wandb) (default: the config's `tracker`, else none)"})
-    p.set_defaults(func=_run)
+    p.set_defaults(func=_run, out_url=True)  # --out may be a URL (pktjax.remote), checked by pktjax.cli.main
 
 
 @contextlib.contextmanager
@@ -55,7 +58,7 @@ def _run(args: argparse.Namespace) -> int:
     from pktjax.transfer import read_config, run_transfer
 
     flags = [f"{key}={getattr(args, key)}" for key in ("mesh", "dtype", "tracker") if getattr(args, key) is not None]
-    cfg = read_config(args.config, args.out, [*args.overrides, *flags])
+    cfg = read_config(args.config, args.out, [*args.overrides, *flags], staging=args.staging)
     if args.print_config:
         import yaml
 
@@ -65,5 +68,5 @@ def _run(args: argparse.Namespace) -> int:
         report = run_transfer(cfg)
     if is_main_process():  # the process that wrote the report
         print(read_text(report, "report"))
-        print(f"report: {report}")
+        print(f"report: {report}" + (f" (uploaded to {cfg.remote}/{report.name})" if cfg.remote else ""))
     return 0

@@ -14,7 +14,7 @@ import yaml
 from pktjax import settings as S
 from pktjax.errors import ConfigError
 from pktjax.lora import check_targets
-from pktjax.runfolder import check_local
+from pktjax.remote import check_url, is_url, staging_folder
 from pktjax.settings import (DEFAULT_DTYPE, AnalysisSettings, DeviceSettings, EvalSettings, LatenSettings,
                              LoraSettings, LoraTrainConfig, SeekingSettings, SemalignSettings, TrackingSettings)
 from pktjax.tasks import data_name
@@ -39,7 +39,9 @@ TOP_KEYS = ("teacher", "student", "task", "out", *DEVICE_KEYS, *TRACKING_KEYS, *
 class TransferConfig:
     """A checked transfer job: the models, the task, the output folder, the devices and weights' dtype
     (``device``: the top-level ``mesh``, ``dtype``, ``device_memory_gb``), the tracker (``tracking``: the
-    top-level ``tracker``) and one settings object per section (``None``: the section is absent). ``raw``: the config as written, with the command line's overrides."""
+    top-level ``tracker``) and one settings object per section (``None``: the section is absent). ``raw``: the
+    config as written, with the command line's overrides. ``remote``: the URL the run folder is mirrored to
+    (:mod:`pktjax.remote`) when the output is one; ``out`` is then the local staging folder the job runs in."""
 
     teacher: str
     student: str
@@ -55,6 +57,7 @@ class TransferConfig:
     analysis: AnalysisSettings | None = None
     device: DeviceSettings = DeviceSettings()
     tracking: TrackingSettings = TrackingSettings()
+    remote: str | None = None
 
     @property
     def eval_task(self) -> str:
@@ -78,7 +81,7 @@ class TransferConfig:
 
     def resolved(self) -> dict[str, Any]:
         """Every setting with its defaults filled in (what ``--print-config`` shows)."""
-        out = {"teacher": self.teacher, "student": self.student, "task": self.task, "out": str(self.out),
+        out = {"teacher": self.teacher, "student": self.student, "task": self.task, "out": self.remote or str(self.out),
                **S.as_dict(self.device), **S.as_dict(self.tracking)}
         for name in SECTIONS:
             sec = getattr(self, name)
@@ -108,9 +111,12 @@ def _hash(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequence[str] = ()) -> TransferConfig:
+def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequence[str] = (),
+                staging: str | os.PathLike | None = None) -> TransferConfig:
     """Parse and check a transfer config (YAML or JSON); ``out`` overrides the config's output folder and
-    ``overrides`` its settings (``key=value``, dotted keys such as ``laten.lr=3e-4``, values read as YAML).
+    ``overrides`` its settings (``key=value``, dotted keys such as ``laten.lr=3e-4``, values read as YAML). An
+    output that is a URL (``gs://…``) is staged in the local folder ``staging`` (default:
+    :func:`pktjax.remote.staging_folder`) and mirrored to the URL.
     Every mistake a config can hold is a :class:`ConfigError` here, before any model is touched."""
     path = Path(path)
     raw = apply_overrides(_load_yaml(path), overrides)
@@ -130,8 +136,14 @@ def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequ
             except ConfigError as e:
                 raise ConfigError(f"{path}: {key}: {e}") from None
     if raw.get("out") is not None and not isinstance(raw["out"], str):
-        raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path (a string).")
-    check_local(out or raw.get("out") or "", f"{path}: out" if out is None else "--out")
+        raise ConfigError(f"{path}: out = {raw['out']!r}: must be a folder path or a URL (a string).")
+    target = out or raw.get("out")
+    remote = target.rstrip("/") if target and is_url(target) else None
+    if remote:
+        check_url(remote, f"{path}: out" if out is None else "--out")
+    elif staging is not None:
+        raise ConfigError(f"--staging {staging}: a staging folder is for an output URL (out: gs://...); the output "
+                          f"{target or 'runs/' + path.stem} is a local folder already.")
     try:
         device = S.build(DeviceSettings, {k: raw[k] for k in DEVICE_KEYS if k in raw})
         tracking = S.build(TrackingSettings, {k: raw[k] for k in TRACKING_KEYS if k in raw})
@@ -139,9 +151,9 @@ def read_config(path: str | os.PathLike, out: str | None = None, overrides: Sequ
         raise ConfigError(f"{path}: {e}") from None
     sections = {name: _section(path, raw, name, device.dtype) for name in SECTIONS
                 if name in raw or name in ("eval", "laten")}
-    out_dir = Path(out or raw.get("out") or Path("runs") / path.stem).expanduser()
+    out_dir = staging_folder(remote, staging) if remote else Path(target or Path("runs") / path.stem).expanduser()
     return TransferConfig(teacher=raw["teacher"], student=raw["student"], task=task, out=out_dir,
-                          raw=raw, device=device, tracking=tracking, **sections)
+                          raw=raw, device=device, tracking=tracking, remote=remote, **sections)
 
 
 def _load_yaml(path: Path) -> dict[str, Any]:

@@ -23,12 +23,13 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
     analysis figures and numbers when there is an ``analysis`` folder). Each trained model's row also gets
     ``vs_student``, its example-by-example comparison with the base student (:func:`vs_student`).
     ``scores.json`` carries the ``provenance`` of the report (:mod:`pktjax.provenance`): the config's hash and
-    the hashes of ``data_files``, the files the job read."""
+    the hashes of ``data_files``, the files the job read; with an output URL its rows' ``report`` name the
+    evaluations at that URL."""
     base = next((r["report"] for r in rows if r["method"] == "base student"), None)
     rows = [dict(r, vs_student=vs_student(base, r["report"])) if base and r["seed"] is not None else r
             for r in rows]
-    _write_json(cfg.out / "scores.json", {"rows": rows, "timings": timings,
-                                          "provenance": provenance(cfg.raw, data_files)})
+    _write_json(cfg.out / "scores.json", {"rows": [dict(r, report=_located(cfg, r["report"])) for r in rows],
+                                          "timings": timings, "provenance": provenance(cfg.raw, data_files)})
     curves = plot_aligner_curves(cfg.out)
     deltas = _plot_deltas(cfg.out, rows)
     lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",
@@ -54,6 +55,14 @@ def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[
     if analysis is not None:
         lines += ["", *_analysis_section(cfg.out, analysis)]
     return atomic_write(cfg.out / "report.md", "\n".join(lines) + "\n", checksum=True)
+
+
+def _located(cfg: TransferConfig, path: str) -> str:
+    """A file of the run where its readers find it: with an output URL (``cfg.remote``), the staging folder's
+    file at that URL (``gs://bucket/run/eval/student.json``); else the path itself."""
+    if cfg.remote is None or not Path(path).is_relative_to(cfg.out):
+        return path
+    return f"{cfg.remote}/{Path(path).relative_to(cfg.out).as_posix()}"
 
 
 def _relative(delta: dict[str, Any] | None, module: str) -> str:

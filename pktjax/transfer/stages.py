@@ -7,12 +7,14 @@ import json
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from pktjax.checkpoint import Model, load_model, read_model_config, release_host_memory
 from pktjax.config import ModelConfig
@@ -28,6 +30,7 @@ from pktjax.memory import plan, render, transfer_input
 from pktjax.pair import check_tokenizers, layer_count
 from pktjax.progress import progress_bar
 from pktjax.provenance import provenance
+from pktjax.remote import STAGING_FILE, SYNC_FILE, mark_staging, pull, push, staging_token
 from pktjax.runfolder import LOCK_FILE, lock, read_json, read_result
 from pktjax.seeking import task_file
 from pktjax.sharding import as_mesh, is_main_process
@@ -125,14 +128,14 @@ def _claim_output(cfg: TransferConfig) -> None:
 
 
 def _claim(cfg: TransferConfig) -> None:
-    marker = cfg.out / "transfer.json"
+    marker, where = cfg.out / "transfer.json", cfg.remote or cfg.out  # a URL's run is in its staging folder
     if marker.is_file():
         if not cfg.resumes(read_json(marker, "run marker")):
-            raise ConfigError(f"{cfg.out}: holds a run of another config; choose a new output folder "
+            raise ConfigError(f"{where}: holds a run of another config; choose a new output folder "
                               "(or rerun the same config to resume).")
         return
-    if cfg.out.exists() and any(p.name != LOCK_FILE for p in cfg.out.iterdir()):
-        raise ConfigError(f"{cfg.out}: folder exists and is not a pktjax transfer run; choose a new output folder.")
+    if cfg.out.exists() and any(p.name not in (LOCK_FILE, SYNC_FILE, STAGING_FILE) for p in cfg.out.iterdir()):
+        raise ConfigError(f"{where}: folder exists and is not a pktjax transfer run; choose a new output folder.")
     _write_json(marker, {"fingerprint": cfg.fingerprint(), "config": cfg.raw,
                          "provenance": provenance(cfg.raw, job_data_files(cfg))})
 
@@ -442,9 +445,11 @@ def _check_pair(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig)
 def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callable, *args) -> Any:
     """Run one stage; its seconds add to those that earlier, interrupted runs spent on it (``timings.json``)."""
     path = cfg.out / "timings.json"
-    t = time.time()
+    t, done = time.time(), False
     try:
-        return fn(*args)
+        out = fn(*args)
+        done = True
+        return out
     finally:
         release_host_memory()  # what the stage's models and activations left in malloc's arenas
         spent = read_result(path, "timings") or {}
@@ -452,6 +457,22 @@ def _timed(cfg: TransferConfig, timings: dict[str, float], key: str, fn: Callabl
         timings[key] = spent[key]
         if is_main_process():
             _write_json(path, spent)
+        _push(cfg, failing=not done)
+
+
+def _push(cfg: TransferConfig, failing: bool = False) -> None:
+    """Upload what changed in the staging folder to the output URL (process 0, the writer of the shared files).
+    ``failing``: a stage is ending in an error; what it saved (checkpoints) is still uploaded, but a failed upload
+    is only said on stderr, so that the stage's error is the one raised."""
+    if cfg.remote is None or not is_main_process():
+        return
+    try:
+        push(cfg.out, cfg.remote)
+    except Exception as e:
+        if not failing:
+            raise
+        print(f"pktjax: warning: uploading {cfg.out} to {cfg.remote} failed too ({type(e).__name__}: {e})",
+              file=sys.stderr)
 
 
 def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
@@ -461,14 +482,39 @@ def _base_row(cfg: TransferConfig, name: str, path: Path) -> dict[str, Any]:
 
 def run_transfer(cfg: TransferConfig) -> Path:
     """Run every stage of ``cfg`` (resuming finished ones) and return the report path. The mesh, the data, the
-    pair and whether the job fits its devices are checked before anything is written or loaded."""
+    pair and whether the job fits its devices are checked before anything is written or loaded. With an output
+    URL (``cfg.remote``) the job runs in the staging folder ``cfg.out``: every process first pulls the URL's run
+    folder into its own (process 0 first: a staging folder the processes share is filled once), and process 0
+    pushes it after every stage and at the end."""
     _mesh(cfg)
     _check_data(cfg)
     known = _check_models(cfg)
     with lock(cfg.out, "transfer run"):
+        if cfg.remote is not None:
+            _main_first(pull, cfg.remote, cfg.out)
+            _check_shared_staging(cfg)
         _claim_output(cfg)
         with open_tracker(cfg.tracking.tracker, cfg.out, config=cfg.raw) as tracker:
-            return _run_stages(cfg, known, tracker)
+            report = _run_stages(cfg, known, tracker)
+        _push(cfg)  # the report, and what the tracker wrote on closing
+        return report
+
+
+def _check_shared_staging(cfg: TransferConfig) -> None:
+    """With an output URL and several processes, refuse staging folders the processes do not share: process 0
+    uploads its own, while every process writes its checkpoint shards into its own (orbax's multi-host saves need
+    one folder all hosts see, as a local run folder does)."""
+    if cfg.remote is None or jax.process_count() == 1:
+        return
+    from jax.experimental import multihost_utils
+
+    token = int(multihost_utils.broadcast_one_to_all(jnp.int32(mark_staging(cfg.out) if is_main_process() else 0)))
+    seen = multihost_utils.process_allgather(jnp.int32(staging_token(cfg.out) == token))
+    if not bool(np.all(np.asarray(seen))):
+        raise ConfigError(f"the staging folder {cfg.out} of the output {cfg.remote} is not one folder that all "
+                          f"{jax.process_count()} processes see (process 0 uploads it, and every process writes its "
+                          "checkpoint shards into it). Pass --staging a folder on a disk every host mounts (NFS, "
+                          "Filestore), the same path on every host.")
 
 
 def score_tags(rows: list[dict[str, Any]]) -> dict[str, float]:
