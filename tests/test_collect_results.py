@@ -2,7 +2,7 @@
 
 import pytest
 
-from experiments.collect_results import collect
+from experiments.collect_results import collect, restore
 
 # a run folder's files and where each lands in the results folder (None: left out); each file holds its own path
 LAYOUT = {
@@ -49,3 +49,21 @@ def test_refuses_a_folder_that_is_not_a_run(tmp_path):
     with pytest.raises(SystemExit, match="no transfer.json"):
         collect(tmp_path, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_restore_puts_resumable_files_back_and_refuses_another_run(tmp_path):
+    collect(_run(tmp_path / "run"), tmp_path / "out")
+    (tmp_path / "run" / "laten" / "seed42" / "trained.json").write_text("laten/seed42/trained.json")
+    collect(tmp_path / "run", tmp_path / "out")
+    written = restore(tmp_path / "out", tmp_path / "back")
+    assert written == sorted(["transfer.json", "timings.json", "eval/student.json", "eval/teacher.json",
+                              "laten/seed42/step0/eval.json", "laten/seed42/step1/eval.json",
+                              "laten/seed43/step0/eval.json", "laten/seed42/step1/injection.json",
+                              "laten/lr3e-05/seed42/step0/eval.json", "laten/seed42/trained.json"])
+    for rel in written:  # each file is the run's own, back at its own path
+        assert (tmp_path / "back" / rel).read_text() == rel
+    assert restore(tmp_path / "out", tmp_path / "back") == []  # files already there are kept
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "transfer.json").write_text("another run")
+    with pytest.raises(SystemExit, match="holds another run"):
+        restore(tmp_path / "out", tmp_path / "other")

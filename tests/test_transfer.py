@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from experiments.collect_results import collect, restore
 from pktjax.checkpoint import load_model
 from pktjax.cli import main
 from pktjax.errors import CheckpointError, ConfigError, PairError
@@ -71,6 +72,21 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     run_transfer(read_config(path))
     assert json.loads((out / "scores.json").read_text())["rows"] == scores["rows"]
     assert (out / "laten" / "seed1" / "step0" / "eval.json").stat().st_mtime_ns == stamp
+    # a results folder restored on a machine that never held the run resumes it: nothing is evaluated again ...
+    collect(out, tmp_path / "results")
+    shutil.rmtree(out)
+    restore(tmp_path / "results", out)
+    stamps = {p: p.stat().st_mtime_ns for p in [*out.rglob("eval.json"), *(out / "eval").glob("*.json")]}
+    run_transfer(read_config(path))
+    assert json.loads((out / "scores.json").read_text())["rows"] == scores["rows"]
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    # ... and a fused step still to do, whose aligner checkpoint did not come back, trains the aligner again
+    shutil.rmtree(out / "laten" / "seed1" / "step0")
+    run_transfer(read_config(path))
+    rows = json.loads((out / "scores.json").read_text())["rows"]
+    assert rows[2]["score"] == scores["rows"][2]["score"]
+    assert rows[2]["delta"]["all"]["rms"] == pytest.approx(scores["rows"][2]["delta"]["all"]["rms"], rel=1e-5)
+    assert (out / "laten" / "seed1" / "aligner" / "log.jsonl").is_file()
 
 
 def test_vs_student_counts_each_example_against_the_base_student(tmp_path):

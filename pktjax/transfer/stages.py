@@ -184,20 +184,27 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
     tc = TrainConfig(lr=lr, rate=lt.rate, steps=lt.steps, examples_per_step=lt.examples_per_step,
                      cutoff_len=lt.cutoff_len, micro_batch=lt.micro_batch, seed=seed,
                      train_on_inputs=cfg.task == "mmlu", layers=lt.layers, dtype=cfg.device.dtype)
+    # a step is done when its report and its fuse record both verify (a damaged one is removed and redone); a done
+    # step counts even when its aligner checkpoint is gone (a run folder restored from its small files)
+    done = {int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit() and
+            read_result(p / "eval.json", "evaluation report", _check_report) is not None and
+            read_result(p / INJECTION, "injection record") is not None}
+    trained = read_result(folder / "trained.json", "stage marker") is not None
+    wanted = set(_fuse_steps(lt.fuse_steps, list(range(lt.steps))))
+    if trained and not aligner_steps(folder / "aligner") and not wanted <= done:
+        # a restored folder: the marker and some reports came back, the checkpoints of the steps still to fuse not
+        print(f"laten/{sub}seed{seed}: the aligner's checkpoints are gone and steps remain to be fused; training "
+              "it again", file=sys.stderr)
+        trained = False
     pair = None
     t0 = time.time()
-    if read_result(folder / "trained.json", "stage marker") is None:
+    if not trained:
         pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers, mesh=_mesh(cfg), dtype=tc.dtype)
         train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
                       folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache",
                       mesh=_mesh(cfg), tracker=tracker.scoped(f"laten/{sub}seed{seed}"))
         if is_main_process():
             _write_json(folder / "trained.json", {"seconds": time.time() - t0})
-    # a step is done when its report and its fuse record both verify (a damaged one is removed and redone); a done
-    # step counts even when its aligner checkpoint is gone (a run folder restored from its small files)
-    done = {int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit() and
-            read_result(p / "eval.json", "evaluation report", _check_report) is not None and
-            read_result(p / INJECTION, "injection record") is not None}
     steps = _fuse_steps(lt.fuse_steps, sorted(done.union(aligner_steps(folder / "aligner"))))
     todo = [s for s in steps if s not in done]
     if todo:
