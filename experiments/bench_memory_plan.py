@@ -1,7 +1,7 @@
 """Per-device memory of each sharded LaTen stage, measured from XLA's compiled programs, against `pktjax plan`.
 
 Each stage's step is lowered and compiled (never run) on a mesh of simulated CPU devices with the shardings the
-job uses: locate (the batched attribution of one example of ``cutoff_len`` tokens, teacher and student), the
+job uses: locate (the batched attribution of ``E`` examples of ``cutoff_len`` tokens, teacher and student), the
 aligner's micro-batch gradient (``aligner_loss`` through the student) and the AdamW update. The measured figure is
 XLA's ``memory_analysis()`` of the compiled SPMD program, per device: arguments + outputs + temporaries - the
 outputs aliased to donated arguments. The predicted figure is the sum of the plan's components that live in that
@@ -12,7 +12,8 @@ shapes, vocabulary 32000; ``tenth`` is ~1/10 of Llama-2 13B -> 7B in width with 
         python experiments/bench_memory_plan.py --size tiny tenth --mesh fsdp=8 fsdp=4,tensor=2 data=2,fsdp=2,tensor=2
 
 ``--stage 'locate (teacher)' 'locate (student)'`` measures only those stages (each takes seconds to compile at
-``tenth``; the training steps take minutes).
+``tenth``; the training steps take minutes). ``--locate-batch 1 4 8`` compiles the locate stages for passes of
+``E`` = 1, 4 and 8 examples (the plan's ``locate_batch``; default 1).
 """
 
 from __future__ import annotations
@@ -78,7 +79,8 @@ def measure(inp: M.PlanInput, mesh, stages: tuple[str, ...] = STAGES) -> dict[st
         params = _placed(params, S.param_shardings(params, mesh))
         i32 = lambda *shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=rep)  # noqa: E731
         layers = i32(cfg.num_layers)
-        lowered = _attribution_batch_jit.lower(params, cfg, i32(1, inp.cutoff_len), i32(1, inp.cutoff_len), i32(1),
+        e = M.locate_examples(inp)
+        lowered = _attribution_batch_jit.lower(params, cfg, i32(e, inp.cutoff_len), i32(e, inp.cutoff_len), i32(e),
                                                jax.ShapeDtypeStruct((), jnp.bool_, sharding=rep), layers, layers,
                                                rms=False, chunk=inp.chunk)
         out[f"locate ({name})"] = compiled_bytes(lowered)
@@ -121,21 +123,24 @@ def stage_predictions(inp: M.PlanInput) -> dict[str, int]:
     }
 
 
-def plan_input(size: str, mesh_sizes: Mapping[str, int], dtype: str = "float32") -> M.PlanInput:
+def plan_input(size: str, mesh_sizes: Mapping[str, int], dtype: str = "float32",
+               locate_batch: int = 1) -> M.PlanInput:
     teacher, student = pair_configs(size)
     cutoff, micro = RUNS[size]
     return M.PlanInput(teacher=teacher, student=student, mesh=dict(mesh_sizes), dtype=dtype, cutoff_len=cutoff,
-                       micro_batch=micro, p_examples=micro, chunk=DEFAULT_CHUNK)
+                       micro_batch=micro, p_examples=micro, chunk=DEFAULT_CHUNK, locate_batch=locate_batch)
 
 
-def compare(size: str, spec: str, dtype: str = "float32", stages: tuple[str, ...] = STAGES) -> list[dict[str, Any]]:
-    """Rows ``{size, mesh, stage, measured, predicted, ratio}`` for one size on the mesh ``spec``."""
+def compare(size: str, spec: str, dtype: str = "float32", stages: tuple[str, ...] = STAGES,
+            locate_batch: int = 1) -> list[dict[str, Any]]:
+    """Rows ``{size, mesh, stage, locate_batch, measured, predicted, ratio}`` for one size on the mesh ``spec``
+    (``locate_batch``: the examples ``E`` of a locate pass)."""
     n = S.spec_devices(spec)
     mesh = S.make_mesh(spec, jax.devices()[:n])
-    inp = plan_input(size, dict(mesh.shape), dtype)
+    inp = plan_input(size, dict(mesh.shape), dtype, locate_batch)
     got, want = measure(inp, mesh, stages), stage_predictions(inp)
-    return [{"size": size, "mesh": spec, "stage": k, "measured": got[k], "predicted": want[k],
-             "ratio": got[k] / want[k]} for k in got]
+    return [{"size": size, "mesh": spec, "stage": k, "locate_batch": locate_batch, "measured": got[k],
+             "predicted": want[k], "ratio": got[k] / want[k]} for k in got]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -145,17 +150,24 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--stage", nargs="+", default=list(STAGES), choices=STAGES, metavar="STAGE",
                    help=f"stages to measure (default all): {', '.join(repr(s) for s in STAGES)}")
+    p.add_argument("--locate-batch", nargs="+", type=int, default=[1], metavar="E",
+                   help="examples E of each locate pass measured (default 1; the training steps do not depend on it "
+                        "and are measured once, at the first)")
     a = p.parse_args(argv)
     print(f"jax {jax.__version__}, {len(jax.devices())} {jax.devices()[0].platform} devices, {a.dtype} weights")
-    print("| size | mesh | stage | measured MiB | plan MiB | measured / plan |")
-    print("|---|---|---|---:|---:|---:|")
+    print("| size | mesh | stage | E | measured MiB | plan MiB | measured / plan |")
+    print("|---|---|---|---:|---:|---:|---:|")
     worst = 0.0
     for size in a.size:
         for spec in a.mesh:
-            for r in compare(size, spec, a.dtype, tuple(a.stage)):
-                worst = max(worst, abs(r["ratio"] - 1))
-                print(f"| {r['size']} | {r['mesh']} | {r['stage']} | {r['measured'] / 2**20:.2f} | "
-                      f"{r['predicted'] / 2**20:.2f} | {r['ratio']:.3f} |", flush=True)
+            for i, e in enumerate(a.locate_batch):
+                stages = tuple(s for s in a.stage if i == 0 or s.startswith("locate"))
+                for r in compare(size, spec, a.dtype, stages, e):
+                    worst = max(worst, abs(r["ratio"] - 1))
+                    locates = r["stage"].startswith("locate")
+                    print(f"| {r['size']} | {r['mesh']} | {r['stage']} | {e if locates else '-'} | "
+                          f"{r['measured'] / 2**20:.2f} | {r['predicted'] / 2**20:.2f} | {r['ratio']:.3f} |",
+                          flush=True)
     print(f"largest gap: {worst:.1%}")
 
 

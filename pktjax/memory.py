@@ -65,7 +65,7 @@ from pktjax.errors import ConfigError
 from pktjax.extract import check_modules
 from pktjax.pair import check_laten_pair
 from pktjax.select import neuron_counts
-from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig
+from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig, LatenSettings
 from pktjax.train_aligner import OPTIMIZER
 
 USABLE = 0.9
@@ -87,6 +87,8 @@ class PlanInput:
     cutoff_len: int = AlignerTrainConfig.cutoff_len
     chunk: int = 512
     modules: tuple[str, ...] | None = None
+    locate_batch: int = LatenSettings.locate_batch
+    located: int | None = None
 
 
 # ------------------------------------------------------------------------------------------------ shapes and bytes
@@ -160,17 +162,22 @@ def block_size(n: int, chunk: int) -> int:
 
 
 def locate_bytes(cfg, dtype, inp: PlanInput) -> int:
-    """Transient bytes per device of one attribution pass (formula in the module docstring): what both of its
-    parts hold, plus the larger of the forward's and the neuron loops' own buffers (never live together)."""
-    t, tokens, v = inp.mesh["tensor"], inp.cutoff_len, cfg.vocab_size
+    """Transient bytes per device of one attribution pass of ``E`` examples (:func:`locate_examples`; formula in
+    the module docstring): the trace and the scores, held through the pass, plus the larger of the forward's
+    buffers and the neuron loops' (the ``[L, E, V]`` arrays are formed from the trace after the forward ends)."""
+    t, tokens, v, e = inp.mesh["tensor"], inp.cutoff_len, cfg.vocab_size, locate_examples(inp)
     scores = tree_bytes(attribution_structs(cfg, dtype, tokens, inp.chunk), {"data": 1, "fsdp": 1, "tensor": 1})
     c = max(block_size(cfg.intermediate_size, inp.chunk), block_size(cfg.q_dim, inp.chunk))  # the loops run apart
     heads = _on_tensor(cfg.num_heads, cfg.num_heads, t)
-    shared = 4 * (6 * cfg.num_layers * _split(v, t)
-                  + cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim)) + scores
-    forward = 4 * 2 * heads * tokens ** 2 + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
-    loop = 4 * (2 * c * _split(v, t) + c * cfg.hidden_size)
-    return shared + max(forward, loop)
+    trace = 4 * cfg.num_layers * (4 * cfg.hidden_size + cfg.intermediate_size + 2 * cfg.q_dim)
+    forward = 4 * 2 * heads * tokens ** 2 * e + gathered_layer(cfg, _itemsize(dtype), inp.mesh)
+    loop = 4 * (6 * cfg.num_layers + 1) * _split(v, t) * e + 4 * (2 * c * _split(v, t) + c * cfg.hidden_size)
+    return e * (trace + scores) + max(forward, loop)
+
+
+def locate_examples(inp: PlanInput) -> int:
+    """``E``: examples in one locate pass, ``locate_batch`` or the examples located when fewer (``located``)."""
+    return min(inp.locate_batch, inp.located) if inp.located else inp.locate_batch
 
 
 def rows_per_device(rows: int, mesh: Mapping[str, int]) -> int:
@@ -269,7 +276,7 @@ def render(inp: PlanInput, result: dict[str, Any], names: tuple[str, str] = ("te
             f"{inp.device_gib:g} GiB)")
     sizes = (f"modules {', '.join(result['modules'])}; K={inp.student.num_layers} layers, N_f={n_f}, N_a={n_a}; "
              f"P={inp.p_examples} examples in micro-batches of {inp.micro_batch} x {inp.cutoff_len} tokens; "
-             f"attribution chunk {inp.chunk}")
+             f"attribution chunk {inp.chunk}, locate passes of {locate_examples(inp)} example(s)")
     lines = [head, sizes, "", "| phase | component | GiB per device |", "|---|---|---:|"]
     for phase, part in (("held", result["held"]), ("locate", result["locate"]), ("train step", result["train"])):
         lines += [f"| {phase} | {name} | {_gib(v)} |" for name, v in part.items()]
@@ -289,6 +296,9 @@ def _verdict(inp: PlanInput, result: dict[str, Any]) -> str:
         return f"FITS: {share}; micro-batches of up to {best} fit.{note}"
     narrower = _narrower_dtype(inp)
     dtype = f"; it also fits with --dtype {narrower}" if narrower else ""
+    smaller = _smaller_locate_batch(inp, result)
+    if smaller:
+        return f"DOES NOT FIT: {share}; it fits with --locate-batch {smaller}{dtype}.{note}"
     if best:
         return f"DOES NOT FIT: {share}; it fits with --micro-batch {best}{dtype}.{note}"
     others = [m for m in alternatives(inp) if plan(dataclasses.replace(inp, mesh=m))["fits"]]
@@ -299,6 +309,18 @@ def _verdict(inp: PlanInput, result: dict[str, Any]) -> str:
     else:
         hint = ", even with --micro-batch 1, another mesh of these devices or bfloat16 weights: use more devices"
     return f"DOES NOT FIT: {share}{hint}.{note}"
+
+
+def _smaller_locate_batch(inp: PlanInput, result: dict[str, Any]) -> int | None:
+    """The largest of ``E/2, E/4, ..., 1`` examples per locate pass that fits, when locate sets the peak."""
+    if max(result["locate"].values()) <= sum(result["train"].values()):
+        return None
+    e = locate_examples(inp) // 2
+    while e >= 1:
+        if plan(dataclasses.replace(inp, locate_batch=e))["fits"]:
+            return e
+        e //= 2
+    return None
 
 
 def _narrower_dtype(inp: PlanInput) -> str | None:
@@ -334,14 +356,18 @@ def transfer_input(cfg, teacher, student, mesh: Mapping[str, int], device_gib: f
     """The plan of a transfer config's LaTen job (:class:`pktjax.transfer.config.TransferConfig`): the models'
     configs ``teacher``/``student``, the job's weights dtype and ``laten`` sizes, on a mesh of sizes ``mesh``."""
     lt = cfg.laten
+    # the job locates each seed's extract examples (one per step) and its fuse example: at most this many when
+    # the steps are given (without them, the extract split, which the plan does not read)
+    located = len(lt.seeds) * (lt.steps + 1) if lt.steps is not None and lt.seeds else None
     return PlanInput(teacher=teacher, student=student, mesh=dict(mesh), dtype=cfg.device.dtype,
                      device_gib=device_gib, rate=lt.rate, p_examples=lt.examples_per_step,
-                     micro_batch=lt.micro_batch, cutoff_len=lt.cutoff_len)
+                     micro_batch=lt.micro_batch, cutoff_len=lt.cutoff_len, locate_batch=lt.locate_batch,
+                     located=located)
 
 
 def check_input(inp: PlanInput) -> None:
     check_laten_pair(inp.teacher, inp.student, rate=inp.rate, modules=inp.modules)
-    for name in ("p_examples", "micro_batch", "cutoff_len", "chunk"):
+    for name in ("p_examples", "micro_batch", "cutoff_len", "chunk", "locate_batch"):
         if getattr(inp, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} must be a positive integer.")
     if inp.device_gib <= 0:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import argparse
 
-from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig, DeviceSettings, add_arguments
+from pktjax.settings import DEFAULT_DTYPE, AlignerTrainConfig, DeviceSettings, LatenSettings, add_arguments
 
 DEVICE_GIB = 80.0  # the device memory planned for without a config that says otherwise (an A100/H100 80 GB)
 
@@ -35,6 +35,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     custom["examples_per_step"]["flag"] = "--p-examples"
     add_arguments(p, AlignerTrainConfig, (*laten, "modules"), **custom,
                   modules={"help": "transferred modules (default: up,down,v,o; without v_proj for GQA)"})
+    add_arguments(p, LatenSettings, ("locate_batch",), locate_batch={
+        "default": None, "help": f"examples per batched locate pass (E; default: the config's laten.locate_batch, "
+                                 f"else {LatenSettings.locate_batch}; a config with laten.steps caps it at the "
+                                 f"examples its seeds locate)"})
     p.add_argument("--chunk", type=int, default=512, help="neurons per attribution block (default: %(default)s)")
     p.set_defaults(func=_plan)
 
@@ -65,7 +69,7 @@ def _plan(args: argparse.Namespace) -> int:
         names = (args.teacher, args.student)
     given = {"dtype": args.dtype, "rate": args.rate, "p_examples": args.examples_per_step,
              "micro_batch": args.micro_batch, "cutoff_len": args.cutoff_len, "chunk": args.chunk,
-             "modules": args.modules}
+             "modules": args.modules, "locate_batch": args.locate_batch}
     inp = dataclasses.replace(inp, **{k: v for k, v in given.items() if v is not None})
     check_input(inp)
     print(render(inp, plan(inp), names))

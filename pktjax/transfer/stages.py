@@ -92,7 +92,7 @@ def check_fits(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig) 
     if not result["fits"]:
         raise ConfigError(f"this job does not fit its devices (per `pktjax plan`):\n\n"
                           f"{render(inp, result, (cfg.teacher, cfg.student))}\n\nIn the config: --micro-batch is "
-                          "`laten: {micro_batch: N}`, --mesh is `mesh:` (or `pktjax transfer --mesh`), --dtype is "
+                          "`laten: {micro_batch: N}`, --locate-batch is `laten: {locate_batch: N}`, --mesh is `mesh:` (or `pktjax transfer --mesh`), --dtype is "
                           "`dtype:` (or `pktjax transfer --dtype`); `device_memory_gb:` sets the memory checked.")
 
 
