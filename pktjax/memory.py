@@ -15,20 +15,23 @@ even where the weight's rows divide.
 Held throughout: teacher and student weights (rules), aligner ``W1 [d_T, d_T]``, ``W2 [d_S, d_T]`` per module
 (float32, rules), AdamW ``mu, nu`` (same), gradients x2 (the micro-batch gradient plus the running sum).
 
-Locate phase (per model, the larger counts). Held through both parts of a pass: ``[L, V]`` float32 arrays of the
-last position after every layer's attention and FFN, ``6 L V 4 / t`` (only the last position is projected: the
-forward's ``[T, V]`` logits are never formed): the two log-softmaxes, their copies in the layout the neuron loops
-read, and the two layer gains' logits, which XLA keeps through the loops (it schedules the layer gains'
-``logsumexp`` fallback after them: the buffer assignment of the ``tenth`` locate on ``fsdp=8`` and on
-``fsdp=4,tensor=2``); the captured trace ``L (4 d + f + 2 q) 4``; the scores ``L (f + q) 4``. Then the larger of
-the forward's buffers, attention scores and probabilities of one layer ``2 H T^2 4 / t`` plus one FSDP-gathered
-layer of weights x2 (when ``fsdp > 1``), and the neuron loops' (never live together): one neuron block
-``2 c V 4 / t`` (its logits and their exponentials, or on ``fsdp`` the partial products and their sum) plus
-``c d 4``, where ``c`` is the larger of the blocks the attribution actually cuts from the FFN and the attention
-neurons, ``ceil(n / ceil(n / chunk))`` for ``n = f`` and ``n = q`` (``chunk`` only bounds them; at 1/10 of
-Llama-2 13B, 462 FFN and 512 attention neurons). The weights a neuron block reads are sliced from one layer, so a
-mesh that splits ``f`` over ``tensor`` gathers one layer's columns, not the whole stack
-(:func:`pktjax.attribution._neuron_scores_batch`).
+Locate phase (per model, the larger counts), one pass of ``E`` examples (:func:`locate_examples`:
+``locate_batch``, or the examples located when fewer). Held through the pass: each example's captured trace
+``L (4 d + f + 2 q) 4`` and scores ``L (f + q) 4``. Then the larger of the forward's buffers and the neuron
+loops' (never live together: the loops' arrays are formed from the trace after the forward ends). Forward:
+attention scores and probabilities of one layer ``2 E H T^2 4 / t`` plus one FSDP-gathered layer of weights x2
+(when ``fsdp > 1``). Loops: ``(6 L + 1) E V 4 / t``, six ``[L, E, V]`` float32 arrays of the last position after
+every layer's attention and FFN (only the last position is projected: the forward's ``[T, V]`` logits are never
+formed): the two log-softmaxes, their copies in the layout the neuron loops read, and the two layer gains'
+logits, which XLA keeps through the loops (it schedules the layer gains' ``logsumexp`` fallback after them: the
+buffer assignment of the ``tenth`` locate on ``fsdp=8`` and on ``fsdp=4,tensor=2``), and the ``[E, V]`` rows of
+the layer a block reads; plus one neuron block ``2 c V 4 / t`` (its logits and their exponentials, or on ``fsdp``
+the partial products and their sum) plus ``c d 4``, which does not grow with ``E`` (the examples are scored one
+at a time over it, a ``lax.map``), where ``c`` is the larger of the blocks the attribution actually cuts from the
+FFN and the attention neurons, ``ceil(n / ceil(n / chunk))`` for ``n = f`` and ``n = q`` (``chunk`` only bounds
+them; at 1/10 of Llama-2 13B, 462 FFN and 512 attention neurons). The weights a neuron block reads are sliced from
+one layer, so a mesh that splits ``f`` over ``tensor`` gathers one layer's columns, not the whole stack
+(:func:`pktjax.attribution._neuron_scores_batch`). Measured against XLA at ``E`` = 1, 4, 8: docs/scale.md.
 
 Training step (one micro-batch, gradients through the student, no rematerialisation): knowledge ``K N d_T s``,
 aligner hidden ``K N d_T 4``, deltas and their cotangents ``2 K N d_S 4`` and the same again padded to all ``L``

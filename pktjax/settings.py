@@ -413,7 +413,7 @@ class LatenSettings:
     fuse_steps: str | tuple[int, ...] = setting("all", "aligner steps fused and evaluated: all, last or a list "
                                                        "of steps (0 is the first)", result=False)
     layers: int | None = inherit(AlignerTrainConfig, "layers")
-    # the batched locate holds every example's activations of a pass at once (E x the plan's one-example figure)
+    # the batched locate holds every example's activations of a pass at once (`pktjax plan` counts E of them)
     locate_batch: int = setting(32, "examples per batched locate pass (memory only: each example's scores are its "
                                     "own)", ge=1, result=False)
 
