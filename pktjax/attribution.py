@@ -35,6 +35,7 @@ from pktjax.config import ModelConfig
 from pktjax.data import Tokenized, bucket_length, check_example, iter_chunks, pad_left, prompt_and_response
 from pktjax.errors import ConfigError, DataError
 from pktjax.model import Params, Trace, forward_trace, rms_norm
+from pktjax.progress import progress_bar
 from pktjax.select import Attribution
 from pktjax.settings import ATTENTION, MODES
 
@@ -556,7 +557,7 @@ def locate(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[dict[
 def locate_each(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[dict[str, Any]],
                 mode: str = "reference", attention: str = "last_key", chunk: int = DEFAULT_CHUNK,
                 bucket: int = 32, layers: int | None = None, batch: int = 16,
-                cache: str | os.PathLike | None = None) -> list[Attribution]:
+                cache: str | os.PathLike | None = None, progress: str | None = None) -> list[Attribution]:
     """Each example's own attribution (NumPy fields), for all of them in batched passes; what LaTen's steps,
     fuses and seeds select from.
 
@@ -564,7 +565,8 @@ def locate_each(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[
     of a batch's union; rows outside it are ``-inf``), so ``select(scores, K, ...)`` picks what it picks from the
     full scores. ``cache``: a folder for this model's scores (:mod:`pktjax.attribution_cache`); examples found
     there with the rows they need are read back, the rest scored and written. A folder written by another model
-    is a :class:`ConfigError`.
+    is a :class:`ConfigError`. ``progress``: a description to show progress under (one update per pass; a pass
+    of a large model at K = all layers can take many minutes), else silent.
     """
     items = _examples_or_error(tokenizer, examples, mode, attention, chunk, layers, cfg)
     k = cfg.num_layers if layers is None else layers
@@ -584,7 +586,9 @@ def locate_each(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[
         log.info("%s: %d of %d examples' attribution scores read from the cache, %d located",
                  cache, len(items) - len(todo), len(items), len(todo),
                  extra={"cache_folder": str(cache), "cache_read": len(items) - len(todo), "cache_total": len(items)})
+    bar = progress_bar(len(items), progress, unit="ex", enabled=progress is not None, initial=len(items) - len(todo))
     for g in _groups([items[i] for i in todo], _pad_id(tokenizer), bucket, batch):
+        bar.set_postfix(pass_examples=len(g.index), tokens=g.ids.shape[1])
         index = [todo[i] for i in g.index]
         ffn_rows, attn_rows = np.zeros((2, len(index), cfg.num_layers), bool)
         if k < cfg.num_layers:  # each example's own top layers, from the layer scores (one cheap forward)
@@ -609,6 +613,8 @@ def locate_each(params: Params, cfg: ModelConfig, tokenizer, examples: Sequence[
             found[i] = scored
             if cache is not None:
                 write_entry(cache, fingerprint, *items[i], mode, attention, scored)
+        bar.update(len(index))
+    bar.close()
     return [e.attr for e in found]
 
 

@@ -136,10 +136,12 @@ def test_one_example_batch_equals_per_example_route(trained_model, mode):
     _same_selection(jax.tree.map(lambda x: x[0], got), want, cfg.num_layers, 5, 3)
 
 
-def test_locate_each_gives_each_examples_scores_and_selection(trained_model, tiny_dir):
+def test_locate_each_gives_each_examples_scores_and_selection(trained_model, tiny_dir, capsys):
     model, tok = trained_model
     params, cfg = model.params, model.config
-    full = locate_each(params, cfg, tok, EXAMPLES, batch=3)  # two batches: 3 + 1 examples
+    full = locate_each(params, cfg, tok, EXAMPLES, batch=3, progress="locate tiny")  # two batches: 3 + 1 examples
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("locate tiny:")]
+    assert [x.split(",")[0] for x in lines] == ["locate tiny: 3/4 ex (75%)", "locate tiny: 4/4 ex (100%)"]
     k = cfg.num_layers - 1
     part = locate_each(params, cfg, tok, EXAMPLES, batch=3, layers=k)
     for i, ex in enumerate(EXAMPLES):

@@ -263,8 +263,10 @@ def _laten_locate(cfg: TransferConfig, teacher: Path, student: Path) -> None:
     tokenizer = load_tokenizer(student)
     for role, path in (("teacher", teacher), ("student", student)):
         model = _load(path, cfg)
+        print(f"laten locate ({role}): {len(examples)} examples, K = {k} layers, passes of up to "
+              f"{cfg.laten.locate_batch} examples", file=sys.stderr, flush=True)
         locate_each(model.params, model.config, tokenizer, examples, layers=k, batch=cfg.laten.locate_batch,
-                    cache=cfg.out / "attribution_cache" / role)
+                    cache=cfg.out / "attribution_cache" / role, progress=f"locate {role}")
         del model
     _write_json(marker, {"examples": len(examples), "layers": k})
 
