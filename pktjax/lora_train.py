@@ -332,8 +332,8 @@ def _fit_locked(trainable: Any, base: Params, cfg: ModelConfig, items: Sequence[
             origin = {}
             history.append(metrics)
             fault_point("lora:after-metrics")
-            bar.update(1)
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", tok_s=f"{metrics['tokens_per_s']:.0f}")  # before update,
+            bar.update(1)  # which prints a plain bar's line
             if (step + 1) % per_epoch == 0 or step + 1 == total or (tc.save_every and (step + 1) % tc.save_every == 0):
                 ckpt.save(int(state["step"]), state, meta={"metrics": history})
             if on_step is not None:

@@ -524,8 +524,9 @@ def _run_steps(run: _Run, state: dict[str, Any], start: int, store: _Store, bar,
         metrics.update(example=ex, align_examples=drawn)
         store.save(step, state["aligner"], state["opt_state"], metrics)
         tracker.log(metrics, step)
-        bar.update(1)
+        # the values first: a plain (non-terminal) bar prints its line on update
         bar.set_postfix(loss=f"{metrics['loss']:.4g}", ce=f"{metrics['ce']:.4g}", mse=f"{metrics['mse']:.3g}")
+        bar.update(1)
         if callback is not None:
             callback(step, metrics)
     return state

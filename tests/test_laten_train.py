@@ -135,7 +135,7 @@ def test_stopping_early_then_going_on_equals_running_through(pair, trained, tmp_
         [{k: v for k, v in r.items() if k not in drop} for r in read(full_dir)]
 
 
-def test_resume_after_crash_equals_uninterrupted(pair, trained, tmp_path):
+def test_resume_after_crash_equals_uninterrupted(pair, trained, tmp_path, capsys):
     def crash(step, metrics):
         if step == 0:
             raise KeyboardInterrupt
@@ -144,8 +144,14 @@ def test_resume_after_crash_equals_uninterrupted(pair, trained, tmp_path):
         pktjax.train_aligner(pair.teacher, pair.student, EXTRACT, ALIGN, tmp_path, CFG, tokenizer=pair.tokenizer,
                              callback=crash, progress=False)
     assert aligner_steps(tmp_path) == [0]
+    capsys.readouterr()
     final = pktjax.train_aligner(pair.teacher, pair.student, EXTRACT, ALIGN, tmp_path, CFG,
-                                 tokenizer=pair.tokenizer, progress=False)
+                                 tokenizer=pair.tokenizer, progress=True)
+    # off a terminal, progress is one line per step, carrying the loss of the step it counts
+    lines = [x for x in capsys.readouterr().err.splitlines() if x.startswith("aligner: ") and "loss=" in x]
+    log = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert [x.split(" (")[0] for x in lines] == ["aligner: 2/3 step", "aligner: 3/3 step"]
+    assert [x.split("loss=")[1].split(",")[0] for x in lines] == [f"{r['loss']:.4g}" for r in log[1:]]
     full_dir, full = trained
     assert _leaves_equal(final, full)
     for s in (0, 1, 2):
