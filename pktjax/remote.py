@@ -36,7 +36,12 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.registry import known_implementations
+
 from pktjax.errors import ConfigError, DamagedFileError, PktjaxError, RemoteError
+from pktjax.registry import home
 from pktjax.runfolder import (_TEMP, LOCK_FILE, _temp_path, atomic_write, fault_point, is_disk_full, read_json,
                               write_json)
 
@@ -54,9 +59,6 @@ def is_url(text: str | os.PathLike) -> bool:
 def check_url(url: str, what: str = "--out") -> None:
     """Refuse a URL whose file system fsspec does not know or whose package is missing (no network, no object
     made: only the file system's class is imported)."""
-    import fsspec
-    from fsspec.registry import known_implementations
-
     protocol = _URL.match(url).group(1).lower()
     try:
         fsspec.get_filesystem_class(protocol)
@@ -74,8 +76,6 @@ def staging_folder(url: str, staging: str | os.PathLike | None = None) -> Path:
     ``$PKTJAX_HOME/staging/<first 16 hex digits of the URL's sha256>``."""
     if staging is not None:
         return Path(staging).expanduser()
-    from pktjax.registry import home
-
     return home() / "staging" / hashlib.sha256(url.rstrip("/").encode()).hexdigest()[:16]
 
 
@@ -96,8 +96,6 @@ def staging_token(local: str | os.PathLike) -> int | None:
 
 
 def _open(url: str):
-    import fsspec
-
     fs, root = fsspec.core.url_to_fs(url)
     return fs, root.rstrip("/")
 
@@ -221,8 +219,6 @@ def _move(fs, src: str, dst: str) -> None:
     """Move the file ``src`` onto ``dst`` without expanding either as a glob (a run folder's names may hold
     ``[``): a rename on a local file system, else a copy inside the store (an object appears whole, as GCS and S3
     write it) and the source removed."""
-    from fsspec.implementations.local import LocalFileSystem
-
     if isinstance(fs, LocalFileSystem):
         os.replace(fs._strip_protocol(src), fs._strip_protocol(dst))
     else:
