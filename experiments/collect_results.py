@@ -72,12 +72,16 @@ def collect(run: str | os.PathLike, dest: str | os.PathLike) -> list[str]:
     run, dest = Path(run), Path(dest)
     files = plan(run)
     for rel, src in files.items():
-        target = dest / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(target.name + ".tmp")
-        shutil.copyfile(src, tmp)
-        os.replace(tmp, target)
+        _copy(src, dest / rel)
     return sorted(files)
+
+
+def _copy(src: Path, target: Path) -> None:
+    """``src`` onto ``target`` through a temporary beside it, so an interrupted copy leaves no half-written file."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
 
 
 # what a resumed run reads back (results-folder pattern, run-folder destination): see ``--restore``
@@ -109,10 +113,7 @@ def restore(results: str | os.PathLike, run: str | os.PathLike) -> list[str]:
             if m:
                 target = run / dest.format(**{k: v or "" for k, v in m.groupdict().items()})
                 if not target.exists():
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    tmp = target.with_name(target.name + ".tmp")
-                    shutil.copyfile(path, tmp)
-                    os.replace(tmp, target)
+                    _copy(path, target)
                     written.append(target.relative_to(run).as_posix())
                 break
     return written

@@ -139,7 +139,6 @@ def load_model(path: str | os.PathLike, dtype=jnp.float32, mesh=None, *, cache_g
 def read_model_config(path: str | os.PathLike) -> ModelConfig:
     """A checkpoint's config without its weights: ``config.json`` of a folder, or a ``.gguf`` file's metadata."""
     path = model_path(path)
-    release_host_memory()  # room for this model where a dropped one was
     if path.suffix == ".gguf" or _is_gguf(path):
         return load_gguf(path)[0]
     if not (path / "config.json").is_file():

@@ -15,6 +15,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.experimental import multihost_utils
 
 from pktjax.checkpoint import Model, load_model, read_model_config, release_host_memory
 from pktjax.config import ModelConfig
@@ -92,8 +93,9 @@ def check_fits(cfg: TransferConfig, teacher: ModelConfig, student: ModelConfig) 
     if not result["fits"]:
         raise ConfigError(f"this job does not fit its devices (per `pktjax plan`):\n\n"
                           f"{render(inp, result, (cfg.teacher, cfg.student))}\n\nIn the config: --micro-batch is "
-                          "`laten: {micro_batch: N}`, --locate-batch is `laten: {locate_batch: N}`, --mesh is `mesh:` (or `pktjax transfer --mesh`), --dtype is "
-                          "`dtype:` (or `pktjax transfer --dtype`); `device_memory_gb:` sets the memory checked.")
+                          "`laten: {micro_batch: N}`, --locate-batch is `laten: {locate_batch: N}`, --mesh is "
+                          "`mesh:` (or `pktjax transfer --mesh`), --dtype is `dtype:` (or `pktjax transfer --dtype`); "
+                          "`device_memory_gb:` sets the memory checked.")
 
 
 def _main_first(fn: Callable, *args) -> Any:
@@ -101,8 +103,6 @@ def _main_first(fn: Callable, *args) -> Any:
     written once, by process 0, and a host's own disk by that host."""
     if jax.process_count() == 1:
         return fn(*args)
-    from jax.experimental import multihost_utils
-
     out = fn(*args) if is_main_process() else None
     multihost_utils.sync_global_devices(f"pktjax {getattr(fn, '__name__', 'step')}")
     return out if is_main_process() else fn(*args)
@@ -118,8 +118,6 @@ def _claim_output(cfg: TransferConfig) -> None:
         except ConfigError as e:
             refusal = e
     if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
         refused = bool(multihost_utils.broadcast_one_to_all(jnp.int32(refusal is not None)))
         if refused and refusal is None:
             raise ConfigError(f"{cfg.out}: process 0 refused this output folder (its error says why).")
@@ -190,8 +188,8 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
             read_result(p / "eval.json", "evaluation report", _check_report) is not None and
             read_result(p / INJECTION, "injection record") is not None}
     trained = read_result(folder / "trained.json", "stage marker") is not None
-    wanted = set(_fuse_steps(lt.fuse_steps, list(range(lt.steps))))
-    if trained and not aligner_steps(folder / "aligner") and not wanted <= done:
+    if trained and not aligner_steps(folder / "aligner") and \
+            not set(_fuse_steps(lt.fuse_steps, list(range(_seed_steps(cfg))))) <= done:
         # a restored folder: the marker and some reports came back, the checkpoints of the steps still to fuse not
         print(f"laten/{sub}seed{seed}: the aligner's checkpoints are gone and steps remain to be fused; training "
               "it again", file=sys.stderr)
@@ -237,10 +235,15 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
     return rows
 
 
+def _seed_steps(cfg: TransferConfig) -> int:
+    """The aligner steps a seed runs: ``laten.steps``, else the whole extract split."""
+    return cfg.laten.steps or len(read_jsonl(laten_split(cfg.task, "extract")))
+
+
 def _laten_examples(cfg: TransferConfig) -> list[dict[str, Any]]:
     """Every example the LaTen seeds locate on: each seed's extract examples (its steps) and its fuse example."""
     extract, train = read_jsonl(laten_split(cfg.task, "extract")), read_jsonl(laten_split(cfg.task, "train"))
-    steps = cfg.laten.steps or len(extract)
+    steps = _seed_steps(cfg)
     seen, out = set(), []
     for seed in cfg.laten.seeds:
         for ex in [extract[int(i)] for i in step_order(len(extract), int(seed))[:steps]] + \
@@ -515,8 +518,6 @@ def _check_shared_staging(cfg: TransferConfig) -> None:
     one folder all hosts see, as a local run folder does)."""
     if cfg.remote is None or jax.process_count() == 1:
         return
-    from jax.experimental import multihost_utils
-
     token = int(multihost_utils.broadcast_one_to_all(jnp.int32(mark_staging(cfg.out) if is_main_process() else 0)))
     seen = multihost_utils.process_allgather(jnp.int32(staging_token(cfg.out) == token))
     if not bool(np.all(np.asarray(seen))):
