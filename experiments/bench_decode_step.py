@@ -136,7 +136,8 @@ def run(args) -> dict:
     key = jax.random.key(0)
 
     def stepper(params):
-        return lambda st: _decode(params, cfg, st, key, st["n"] + 1, jnp.bool_(False), jnp.int32(512), **consts)
+        return lambda st: _decode(params, cfg, st, key, st["n"] + 1, jnp.bool_(False), jnp.int32(512), **consts,
+                                  window=st["key_mask"].shape[1])  # the whole cache, as before windows
 
     states, steps, times, first = {}, {}, {name: [] for name in variants}, {}
     for name, params in variants.items():

@@ -58,6 +58,13 @@ def round_batch(b: int) -> int:
     return -(-b // 8) * 8
 
 
+def floor_batch(b: int) -> int:
+    """The largest batch bucket (:func:`round_batch`) that is at most ``b >= 1``."""
+    if b < 8:
+        return 1 << (b.bit_length() - 1)
+    return b // 8 * 8
+
+
 def round_length(n: int) -> int:
     """Prompt-length bucket: multiples of 64 up to 512, then multiples of 256."""
     step = 64 if n <= 512 else 256
@@ -156,12 +163,17 @@ def _prefill_last_logits(params: Params, cfg: ModelConfig, ids: jax.Array, posit
     return unembed(params, cfg, x[:, -1:]), kv
 
 
+_Q_BLOCK = 128  # prefill queries per attention block (pktjax.model.attention's q_block)
+
+
 def _prefill(params: Params, cfg: ModelConfig, ids: jax.Array, positions: jax.Array, key_mask: jax.Array,
              cache: dict) -> tuple[jax.Array, dict]:
-    """The last layer's output ``[B, P, d]`` over a prompt written into ``cache``, and the cache."""
+    """The last layer's output ``[B, P, d]`` over a prompt written into ``cache`` (a fresh one: ``index`` 0), and
+    the cache."""
     cos, sin = rope_cos_sin(cfg, positions)
     bias = attention_mask_bias(cfg, cache["index"] + jnp.arange(ids.shape[1]), key_mask)
-    x, _, kv = _run_layers(params, cfg, embed(params, ids), cos, sin, bias, capture=False, cache=cache)
+    x, _, kv = _run_layers(params, cfg, embed(params, ids), cos, sin, bias, capture=False, cache=cache,
+                           q_block=_Q_BLOCK)
     return x, {"k": kv["k"], "v": kv["v"], "index": cache["index"] + ids.shape[1]}
 
 
@@ -242,17 +254,20 @@ def _slot_bias(cfg: ModelConfig, index: jax.Array, key_mask: jax.Array) -> jax.A
     return jnp.where(ok, 0.0, _NEG)[:, None, None, :].astype(jnp.float32)
 
 
-@partial(jax.jit, static_argnames=("cfg", "top_k", "sample"), donate_argnames=("state",))
+@partial(jax.jit, static_argnames=("cfg", "top_k", "sample", "window"), donate_argnames=("state",))
 def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until: jax.Array, refill: jax.Array,
             max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *, top_k: int,
-            sample: bool) -> dict:
-    """Decode one token per running slot per step while ``n < until``, some slot runs and (``refill``: prompts
-    are waiting) no slot has stopped. ``params`` has stacked or per-layer layers (one program either way)."""
+            sample: bool, window: int) -> dict:
+    """Decode one token per running slot per step while ``n < until``, some slot runs, (``refill``: prompts
+    are waiting) no slot has stopped, and every running slot writes below cache position ``window`` (static: the
+    steps attend to the cache's first ``window`` positions only, see :func:`_window`). ``params`` has stacked or
+    per-layer layers (one program either way)."""
     slots = state["done"].shape[0]
     rows = jnp.arange(slots)
 
     def cond(s):
-        return (s["n"] < until) & ~jnp.all(s["done"]) & ~(refill & jnp.any(s["done"]))
+        full = jnp.any(~s["done"] & (s["cache"]["index"] >= window))
+        return (s["n"] < until) & ~jnp.all(s["done"]) & ~(refill & jnp.any(s["done"])) & ~full
 
     def body(s):
         run = ~s["done"]
@@ -260,7 +275,7 @@ def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until
         key_mask = s["key_mask"].at[rows, index].set(1)
         cos, sin = rope_cos_sin(cfg, s["pos"][:, None])
         x, _, kv = _run_layers(params, cfg, embed(params, s["tok"][:, None]), cos, sin,
-                               _slot_bias(cfg, index, key_mask), capture=False, cache=s["cache"])
+                               _slot_bias(cfg, index, key_mask[:, :window]), capture=False, cache=s["cache"])
         nxt = _choose(unembed(params, cfg, x[:, -1]), temperature, key, s["step"], s["row"], top_k, sample)
         out = s["out"].at[rows, jnp.where(run, s["step"], s["out"].shape[1])].set(nxt, mode="drop")
         stopped = jnp.any(nxt[:, None] == eos[None, :], axis=-1) | (s["step"] + 1 >= max_new)
@@ -270,6 +285,18 @@ def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until
                 "done": s["done"] | (run & stopped), "n": s["n"] + 1, "busy": s["busy"] + jnp.sum(inc)}
 
     return jax.lax.while_loop(cond, body, state)
+
+
+_WINDOW = 256  # decode windows are multiples of this: few programs, and at most this many idle positions read
+
+
+def _window(index: np.ndarray, running: np.ndarray, chunk: int, cache_len: int) -> int:
+    """The cache positions the next decode loop attends to: room for ``chunk`` more tokens in every running slot
+    (``index [S]``: next write positions), rounded up to a multiple of ``_WINDOW``, at most the cache. A step's
+    attention reads every position of its window in every slot, so a cache sized for the longest prompt and the
+    whole token budget would cost every step of a short prompt as much as the longest one's."""
+    need = int(index[running].max(initial=0)) + chunk
+    return min(cache_len, -(-need // _WINDOW) * _WINDOW)
 
 
 # ----------------------------------------------------------------------------------------------- reference path
@@ -332,8 +359,10 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     admitted in their order, and a stopped row's slot takes the next prompt at once. A prompt's tokens do not
     depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called as prompts finish, with
     their indices and a :class:`Generation` of those rows (e.g. to save completions as they come). ``stats``: a
-    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` and
-    ``occupancy`` (running slot-steps / all slot-steps); it waits for the device after each program to time it.
+    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots``,
+    ``occupancy`` (running slot-steps / all slot-steps), ``prefills`` (prefill calls), ``prefill_tokens`` (prompt
+    and draft tokens prefilled) and ``prefill_positions`` (the same with the length buckets' padding); it waits for
+    the device after each program to time it.
     ``unstack``: decode from per-layer copies of the layer weights (:func:`pktjax.model.unstack_layers`, held for
     the call: as much memory again as the layer stacks) instead of slicing them out of the stacks at every step,
     which copies every weight once per step on CPU; ``False`` saves the memory at the cost of a slower step.
@@ -468,9 +497,11 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
     compiled = dict(top_k=top_k, sample=sample)
     clock = _Clock(stats, n_slots)
     while True:
-        free = np.flatnonzero(owner < 0)
-        if waiting and free.size:
-            take = [waiting.pop() for _ in range(min(free.size, len(waiting)))]
+        # Free slots take waiting prompts in groups of a batch bucket's size (3 free slots: a group of 2, then one
+        # of 1), so that no prefill computes padding rows; a group of n prompts of similar length costs about n
+        # prompts' products either way.
+        while waiting and (free := np.flatnonzero(owner < 0)).size:
+            take = [waiting.pop() for _ in range(floor_batch(min(free.size, len(waiting))))]
             group = _admission(ids, mask, lengths, take, free, n_slots, consts, drafts, row_ids)
             if drafts is None:
                 state = _admit(params, cfg, state, key, *group, max_new_j, **consts, **compiled)
@@ -479,13 +510,15 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
                 state = _admit_drafts(params, cfg, state, *group[:4], group[-1], jnp.float32(DRAFT_MARGIN),
                                       max_new_j, consts["eos"], consts["pad_id"], window=window)
             clock.lap("prefill_s", state)
+            clock.count(prefills=1, prefill_tokens=int(lengths[take].sum()), prefill_positions=group[1].size)
             owner[free[:len(take)]] = take
         if (owner < 0).all():
             clock.close(state)
             return
         until = int(state["n"]) + (chunk if stop else n_new)
+        window = _window(np.asarray(state["cache"]["index"]), owner >= 0, chunk, cache_len)
         state = _decode(step_params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j,
-                        **consts, **compiled)
+                        **consts, **compiled, window=window)
         clock.lap("decode_s", state)
         done, out, step = np.array(state["done"]), np.asarray(state["out"]), np.asarray(state["step"])
         if stop:
@@ -509,7 +542,13 @@ class _Clock:
     def __init__(self, stats: dict | None, slots: int):
         self.stats, self.t = stats, time.perf_counter()
         if stats is not None:
-            stats.update(prefill_s=0.0, decode_s=0.0, host_s=0.0, slots=slots)
+            stats.update(prefill_s=0.0, decode_s=0.0, host_s=0.0, slots=slots, prefills=0, prefill_tokens=0,
+                         prefill_positions=0)
+
+    def count(self, **added: int) -> None:
+        if self.stats is not None:
+            for name, n in added.items():
+                self.stats[name] += n
 
     def lap(self, name: str, state: dict | None) -> None:
         if self.stats is None:

@@ -177,12 +177,16 @@ def _layer_lora(lora: dict | None, name: str) -> dict | None:
 
 def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: jax.Array, bias: jax.Array,
               cache: tuple[jax.Array, jax.Array, jax.Array, jax.Array] | None = None,
-              lora: dict | None = None, spec: LoraSpec | None = None):
+              lora: dict | None = None, spec: LoraSpec | None = None, q_block: int = 0):
     """Self-attention of one layer. ``x [B, T, d]``; ``cache = (k [L, B, KV, S, hd], v [L, B, KV, hd, S], index,
-    layer)``: the whole KV cache, written at slots ``index`` (``[]`` or per row ``[B]``) of layer ``layer``.
-    Returns ``(out [B, T, d], ctx [B, T, H, hd], probs [B, H, T, S], v [B, KV, hd, S], new_cache (k, v) or
-    None)``. Keys and values are laid out as the two products read them (the summed axis last), so that a
-    layer's cache enters them without a transposed copy."""
+    layer)``: the whole KV cache, written at slots ``index`` (``[]`` or per row ``[B]``) of layer ``layer``; a
+    ``bias [B, 1, T, W]`` narrower than the cache attends to its first ``W`` slots only (a decode step reads no
+    more of the cache than its rows have reached). ``q_block > 0`` (static; a prompt's prefill into a fresh cache,
+    whose query ``i`` sits at slot ``i``): queries in blocks of ``q_block``, each attending only to the slots up to
+    its last query, which the causal mask allows; then ``probs`` is None. Returns ``(out [B, T, d], ctx [B, T, H,
+    hd], probs [B, H, T, S], v [B, KV, hd, S], new_cache (k, v) or None)``. Keys and values are laid out as the
+    two products read them (the summed axis last), so that a layer's cache enters them without a transposed
+    copy."""
     b, t, _ = x.shape
     hd, n_kv, group = cfg.head_dim, cfg.num_kv_heads, cfg.num_heads // cfg.num_kv_heads
 
@@ -196,18 +200,33 @@ def attention(lp: Params, cfg: ModelConfig, x: jax.Array, cos: jax.Array, sin: j
     if cache is not None:  # the whole stack: only the new positions are written, in place
         k_all, v_all, index, layer = cache
         k_all, v_all = _write_cache(k_all, k, index, layer, 2), _write_cache(v_all, v, index, layer, 3)
-        k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)
-        v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)
+        w = bias.shape[-1]
+        k = jax.lax.dynamic_index_in_dim(k_all, layer, keepdims=False)[:, :, :w]
+        v = jax.lax.dynamic_index_in_dim(v_all, layer, keepdims=False)[..., :w]
         new_cache = (k_all, v_all)
     else:
         k, v = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 3, 1)
     qg = q.reshape(b, t, n_kv, group, hd)
-    scores = _dot("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * (hd ** -0.5)
-    scores = scores + bias[:, :, None]
-    probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-    ctx = _dot("bkgts,bkds->btkgd", probs, v).reshape(b, t, cfg.num_heads, hd)
+    if 0 < q_block < t:
+        # causal blocks: the scores of a long prompt are [t, t] per head, and on CPU their softmax passes over
+        # memory cost as much as the products; a block's scores stay in cache, and the masked half is never made
+        ends = [min(a + q_block, t) for a in range(0, t, q_block)]
+        ctx = jnp.concatenate([_attend(qg[:, a:e], k[:, :, :e], v[..., :e], bias[:, :, a:e, :e], x.dtype)[0]
+                               for a, e in zip([0] + ends[:-1], ends)], axis=1)
+        probs = None
+    else:
+        ctx, probs = _attend(qg, k, v, bias, x.dtype)
+    ctx = ctx.reshape(b, t, cfg.num_heads, hd)
     out = linear(ctx.reshape(b, t, cfg.q_dim), lp["o_proj"], lora=_layer_lora(lora, "o_proj"), spec=spec, salt=4)
-    return out, ctx, probs.reshape(b, cfg.num_heads, t, -1), v, new_cache
+    return out, ctx, None if probs is None else probs.reshape(b, cfg.num_heads, t, -1), v, new_cache
+
+
+def _attend(qg: jax.Array, k: jax.Array, v: jax.Array, bias: jax.Array, dtype) -> tuple[jax.Array, jax.Array]:
+    """``qg [B, T, KV, G, hd]`` over keys ``k [B, KV, S, hd]``, values ``v [B, KV, hd, S]``, ``bias [B, 1, T, S]``:
+    ``(ctx [B, T, KV, G, hd], probs [B, KV, G, T, S])``."""
+    scores = _dot("btkgd,bksd->bkgts", qg, k).astype(jnp.float32) * (qg.shape[-1] ** -0.5)
+    probs = jax.nn.softmax(scores + bias[:, :, None], axis=-1).astype(dtype)
+    return _dot("bkgts,bkds->btkgd", probs, v), probs
 
 
 def _write_cache(buf: jax.Array, new: jax.Array, index: jax.Array, layer: jax.Array, axis: int) -> jax.Array:
@@ -244,7 +263,7 @@ MODULE_OUTPUTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj"
 
 def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, *, capture: bool,
                 cache: dict | None = None, lora: dict | None = None, spec: LoraSpec | None = None,
-                modules: tuple[str, ...] = (), shifts: jax.Array | None = None):
+                modules: tuple[str, ...] = (), shifts: jax.Array | None = None, q_block: int = 0):
     """The layers in order; returns ``(x, per-layer capture or None, new kv cache or None)``.
 
     Stacked layer weights (``params["layers"]`` a dict of ``[L, ...]``) run as a ``lax.scan``: one compiled layer,
@@ -254,7 +273,8 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
 
     ``modules`` names module outputs to collect at every position (``capture`` holds them under ``"modules"``).
     ``shifts [L, B, T, d]`` is added to each layer's output (zeros: the gradient with respect to them is the
-    gradient with respect to the layer outputs).
+    gradient with respect to the layer outputs). ``q_block``: :func:`attention`'s causal blocks (a prefill into a
+    fresh cache, without ``capture``).
     """
     layer_lora = None if lora is None else lora.get("layers")
     per_layer = isinstance(params["layers"], (list, tuple))
@@ -272,7 +292,7 @@ def _run_layers(params: Params, cfg: ModelConfig, x: jax.Array, cos, sin, bias, 
         ll = {"layers": inp["lora"]} if "lora" in inp else None
         kv = (*kv_all, cache["index"], inp["i"]) if cache is not None else None
         normed = rms_norm(h, lp["input_norm"], cfg.rms_norm_eps)
-        a, ctx, probs, v, new_kv = attention(lp, cfg, normed, cos, sin, bias, kv, ll, lspec)
+        a, ctx, probs, v, new_kv = attention(lp, cfg, normed, cos, sin, bias, kv, ll, lspec, q_block)
         r = h + a
         f, coeff = mlp(lp, rms_norm(r, lp["post_attn_norm"], cfg.rms_norm_eps), ll, lspec)
         out = r + f

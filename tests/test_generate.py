@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import pktjax
-from pktjax.generate import _admit, _decode, generate
+from pktjax.generate import _admit, _decode, floor_batch, generate, round_length
 from pktjax.model import forward, forward_cached, forward_trace, init_cache, unstack_layers
 from pktjax.tokenizer import load_tokenizer
 from tests.tiny import FAMILIES, VOCAB, torch_model
@@ -74,10 +74,13 @@ def test_eos_stops_each_row_like_transformers(tiny_dir):
 
 
 def test_one_compile_per_bucket(tiny_dir):
+    """Calls whose prefill groups (a batch bucket of prompts, a length bucket) and caches fall into buckets already
+    met compile nothing new: three prompts fill four slots as a group of 2 and one of 1, four as one group."""
     model = pktjax.load_model(tiny_dir("llama2"))
-    generate(model.params, model.config, *_prompts(), NEW, eos_ids=(EOS,), pad_id=PAD)
+    for lengths in ((200, 150, 210), (230, 199, 256, 210)):
+        generate(model.params, model.config, *_prompts(lengths), NEW, eos_ids=(EOS,), pad_id=PAD)
     sizes = (_admit._cache_size(), _decode._cache_size())
-    for lengths, new in (((230, 199, 256, 210), 40), ((250,) * 3, 17), ((220, 201, 199), 64)):  # same buckets
+    for lengths, new in (((240, 255, 193, 201), 40), ((250,) * 3, 17), ((220, 201, 199), 64)):  # same buckets
         generate(model.params, model.config, *_prompts(lengths, seed=len(lengths)), new, eos_ids=(EOS,),
                  pad_id=PAD)
     assert (_admit._cache_size(), _decode._cache_size()) == sizes
@@ -151,6 +154,37 @@ def test_continuous_batching_equals_one_batch_and_transformers(tiny_dir):
         assert toks == slotted.tokens[r].tolist()
     whole = generate(model.params, model.config, ids, mask, NEW, eos_ids=(stop_tok,), pad_id=PAD)
     np.testing.assert_array_equal(whole.tokens, ref)
+
+
+def test_free_slots_are_filled_without_padding_rows(tiny_dir):
+    """Three free slots take a group of 2 prompts, then a group of 1 (batch buckets, no padding row), and the
+    prefill counts say so; every row's tokens are still those of one batch."""
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts((200, 37, 150), seed=5)
+    stats = {}
+    slotted = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, slots=3, stats=stats)
+    assert [floor_batch(b) for b in (1, 2, 3, 7, 8, 9, 17)] == [1, 2, 2, 4, 8, 8, 16]
+    assert stats["prefills"] == 2 and stats["prefill_tokens"] == 200 + 37 + 150
+    assert stats["prefill_positions"] == 2 * round_length(200) + round_length(150)  # not 4 rows of 256
+    whole = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
+    np.testing.assert_array_equal(slotted.tokens, whole.tokens)
+
+
+def test_decode_windows_grow_with_the_rows(tiny_dir):
+    """A short prompt in a cache sized for a long one decodes in windows of the cache (its steps attend to the
+    first 256 positions, then 512): the tokens are those of one batch over the whole cache, and of the uncached
+    reference, greedy and sampled; the sliding window (Mistral) still applies."""
+    model = pktjax.load_model(tiny_dir("mistral"))
+    ids, mask = _prompts((37, 300), seed=9)
+    new = 250  # the short prompt's bucket (64) + 250 tokens cross position 256
+    for kw in (dict(eos_ids=(), pad_id=PAD), dict(eos_ids=(), pad_id=PAD, temperature=1.5, key=jax.random.key(5))):
+        before = _decode._cache_size()
+        windowed = generate(model.params, model.config, ids, mask, new, slots=1, **kw)
+        assert _decode._cache_size() - before >= 2  # more than one window was compiled and run
+        whole = generate(model.params, model.config, ids, mask, new, **kw)  # both rows at 320: the whole cache
+        np.testing.assert_array_equal(windowed.tokens, whole.tokens)
+        ref = generate(model.params, model.config, ids, mask, new, use_cache=False, **kw)
+        np.testing.assert_array_equal(windowed.tokens, ref.tokens)
 
 
 def test_sampling_does_not_depend_on_slots(tiny_dir):
@@ -236,6 +270,33 @@ def test_forward_reads_per_layer_weights_like_the_stacks(tiny_dir):
     for a, b in zip(jax.tree.leaves(got_trace), jax.tree.leaves(trace)):
         assert a.shape == b.shape
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["llama2", "mistral"])
+def test_prefill_in_causal_blocks_equals_one_block(tiny_dir, family):
+    """A prompt's prefill with its queries in causal blocks of 64 (each block reads the keys up to its last query)
+    writes the same cache and the same outputs as one block over all keys: the skipped keys are masked, so only
+    the order of a few float32 sums can differ (a few ulps of O(1) values); Mistral's sliding window included."""
+    from pktjax.model import _run_layers, attention_mask_bias, embed, rope_cos_sin
+
+    model = pktjax.load_model(tiny_dir(family))
+    cfg, params = model.config, model.params
+    ids, mask = _prompts((200, 131, 37), seed=10)
+    positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
+    cos, sin = rope_cos_sin(cfg, positions)
+    bias = attention_mask_bias(cfg, np.arange(ids.shape[1]), mask)
+    outs = [_run_layers(params, cfg, embed(params, ids), cos, sin, bias, capture=False,
+                        cache=init_cache(cfg, 3, ids.shape[1]), q_block=q) for q in (0, 64)]
+    (x0, _, kv0), (x1, _, kv1) = outs
+    # float32 roundoff of sums over up to 200 keys and d features, through the layers: tens of ulps of the largest
+    # value (measured: at most 30 ulps on this CPU); a wrong mask or block bound is off by O(1) of it
+    x0, x1 = np.asarray(x0)[mask > 0], np.asarray(x1)[mask > 0]
+    tol = 128 * np.finfo(np.float32).eps * np.abs(x0).max()
+    np.testing.assert_allclose(x1, x0, rtol=0, atol=tol)
+    real = mask > 0  # a padding query attends to nothing real, and its garbage is never read: compare the rest
+    for name, axis in (("k", 3), ("v", 4)):  # k [L, B, KV, S, hd], v [L, B, KV, hd, S]
+        a, b = (np.moveaxis(np.asarray(c[name]), (1, axis), (0, 1))[real] for c in (kv1, kv0))
+        np.testing.assert_allclose(a, b, rtol=0, atol=128 * np.finfo(np.float32).eps * np.abs(b).max())
 
 
 @pytest.mark.parametrize("per_layer", [False, True])
