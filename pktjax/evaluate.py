@@ -28,10 +28,11 @@ from pktjax import sandbox
 from pktjax.checkpoint import Model, load_model
 from pktjax.errors import DataError, PktjaxError
 from pktjax.generate import generate_text, round_batch, round_length
-from pktjax.model import hidden_states, unembed
+from pktjax.model import hidden_states, unembed, with_matmul_dtype
 from pktjax.provenance import provenance
 from pktjax.runfolder import append_jsonl, fault_point, read_json, read_jsonl, sha256_bytes, write_json
 from pktjax.samples import has_samples, pass_at_ks, read_samples, samples_path, write_samples
+from pktjax.settings import DTYPES
 from pktjax.tasks import get_task
 from pktjax.tasks.common import PROMPT_FORMATS, chat_prompt, chat_template_prompt, wilson_interval
 from pktjax.tokenizer import load_tokenizer
@@ -47,7 +48,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
              add_special_tokens: bool = True, progress: Progress | None = None,
              resume: str | os.PathLike | None = None, num_samples: int = 0, temperature: float = 0.8,
              pass_k: Sequence[int] = (1, 10), seed: int = 0, prompt_format: str = "paper",
-             drafts: Mapping[str, str] | str | os.PathLike | None = None) -> dict[str, Any]:
+             drafts: Mapping[str, str] | str | os.PathLike | None = None,
+             matmul_dtype: str | None = None) -> dict[str, Any]:
     """Evaluate a model on ``task`` (``gsm8k``, ``mmlu``, ``humaneval``, ``mbpp``) and return the report.
 
     ``model_or_path``: a :class:`~pktjax.checkpoint.Model` or a checkpoint path (its tokenizer is read from the
@@ -74,6 +76,11 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     it). Each prompt's guess is checked by the prefill and decoding goes on after the part the model confirms
     (:func:`pktjax.generate.generate`'s ``drafts``): the completions are the model's own, only cheaper to make
     when the guesses are close. The report's settings name the drafts and how many of their tokens were kept.
+
+    ``matmul_dtype`` (``"bfloat16"``): multiply by bfloat16 copies of the weight matrices, activations, sums, norms
+    and logits staying float32 (:func:`pktjax.model.with_matmul_dtype`): half the bytes per decode step, and the
+    CPU's bfloat16 units where it has them (AMX, AVX512-BF16); the scores are not float32's. Recorded in the
+    report's settings. Default: the weights' own dtype.
     """
     start = time.time()
     mod = get_task(task)
@@ -84,12 +91,16 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
                           "greedy completion is already scored as pass@1.")
     if drafts is not None and mod.KIND == "choice":
         raise PktjaxError(f"{task} is scored from logits; drafts apply to generation tasks.")
+    if matmul_dtype is not None and matmul_dtype not in DTYPES:
+        raise PktjaxError(f"matmul_dtype {matmul_dtype!r}: choose one of {', '.join(DTYPES)}.")
     if prompt_format not in PROMPT_FORMATS:
         raise PktjaxError(f"prompt_format {prompt_format!r}: choose one of {', '.join(PROMPT_FORMATS)}.")
     examples = mod.load(limit, hub=hub)
     if not examples:
         raise PktjaxError(f"{task}: no examples to evaluate (limit={limit}).")
     model, tok = _resolve_model(model_or_path, tokenizer, generator)
+    if matmul_dtype is not None and model is not None:
+        model = model.replace(params=with_matmul_dtype(model.params, matmul_dtype))
     render = chat_prompt
     if prompt_format == "chat_template":
         if tok is None:
@@ -99,6 +110,8 @@ def evaluate(model_or_path: Model | str | os.PathLike | None, task: str, limit: 
     settings = {"task": task, "model": _model_name(model_or_path), "limit": limit, "few_shot": few_shot,
                 "batch_size": batch_size, "hub": hub, "add_special_tokens": add_special_tokens, "decoding": "greedy",
                 "prompt_format": prompt_format}
+    if matmul_dtype is not None:
+        settings["matmul_dtype"] = matmul_dtype
     if drafts is not None:
         settings["drafts"] = "given" if isinstance(drafts, Mapping) else str(drafts)
     progress = progress or (lambda n: None)

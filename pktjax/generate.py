@@ -27,8 +27,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from pktjax.config import ModelConfig
-from pktjax.model import (_NEG, _run_layers, attention_mask_bias, embed, hidden_states, init_cache, rope_cos_sin,
-                          unembed, unstack_layers)
+from pktjax.model import (_NEG, _run_layers, activation_dtype, attention_mask_bias, embed, hidden_states,
+                          init_cache, rope_cos_sin, unembed, unstack_layers, with_matmul_dtype)
 
 Params = dict
 
@@ -128,7 +128,8 @@ def _admit(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, ids: j
     marks a dummy row, dropped) and pick each one's first token; ``rows [n]`` are the prompts' indices."""
     n, p = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    logits, kv = _prefill_last_logits(params, cfg, ids, positions, mask, init_cache(cfg, n, p, params["embed"].dtype))
+    cache = init_cache(cfg, n, p, activation_dtype(params))
+    logits, kv = _prefill_last_logits(params, cfg, ids, positions, mask, cache)
     first = _choose(logits[:, -1], temperature, key, jnp.zeros((n,), jnp.int32), rows, top_k, sample)
     done = jnp.any(first[:, None] == eos[None, :], axis=-1) | (max_new <= 1)
     out_rows = jnp.full((n, state["out"].shape[1]), pad_id, jnp.int32).at[:, 0].set(first)
@@ -212,7 +213,7 @@ def _admit_drafts(params: Params, cfg: ModelConfig, state: dict, ids: jax.Array,
     ``window`` (static, >= max(drafted) + 1, a multiple of ``_VERIFY_CHUNK``): positions checked at the end."""
     n, p = ids.shape
     positions = jnp.maximum(jnp.cumsum(mask, axis=-1) - 1, 0)
-    x, kv = _prefill(params, cfg, ids, positions, mask, init_cache(cfg, n, p, params["embed"].dtype))
+    x, kv = _prefill(params, cfg, ids, positions, mask, init_cache(cfg, n, p, activation_dtype(params)))
     best, margin = _top2(params, cfg, x[:, p - window:])  # position w predicts the token at w + 1
     w = jnp.arange(window)
     start = window - 1 - drafted  # [n]: the position that predicts the draft's first token
@@ -344,7 +345,7 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
              on_done: Callable[[list[int], Generation], None] | None = None,
              stats: dict | None = None, unstack: bool = True,
              drafts: Sequence[Sequence[int] | None] | None = None,
-             sample_ids: Sequence[int] | None = None) -> Generation:
+             sample_ids: Sequence[int] | None = None, matmul_dtype=None) -> Generation:
     """Greedy (``temperature == 0``) or sampled decoding of up to ``max_new_tokens`` tokens per prompt.
 
     ``input_ids, attention_mask [B, T]``: left-padded prompts (mask 0 on padding). A row stops at its first token
@@ -370,9 +371,13 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     ``None``; the prefill keeps the longest prefix the model confirms and decoding goes on from there, so the tokens
     are the same as without drafts (near-ties are left to the decode step: ``DRAFT_MARGIN``) at a fraction of the
     decode steps when the guesses are good (``stats`` then counts ``draft_tokens`` and ``draft_agreed``).
+    ``matmul_dtype`` (e.g. ``"bfloat16"``): multiply by copies of the weight matrices in that dtype, activations
+    and sums staying in theirs (:func:`pktjax.model.with_matmul_dtype`; the per-layer copies are then in it too).
     Returns a :class:`Generation` (``tokens [B, max_new_tokens]``, ``lengths``, ``finish``, ``texts``).
     """
     ids, mask = _check_inputs(input_ids, attention_mask, max_new_tokens)
+    if matmul_dtype is not None:
+        params = with_matmul_dtype(params, matmul_dtype)
     stop = [s for s in ([stop] if isinstance(stop, str) else list(stop)) if s]
     if stop and tokenizer is None:
         raise ValueError("generate: stop strings need a tokenizer to decode the new text (pass tokenizer=...).")
@@ -490,7 +495,7 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
     b = ids.shape[0]
     lengths = mask.sum(axis=1) + (np.array([d.size for d in drafts]) if drafts is not None else 0)
     cache_len = round_length(int(lengths.max())) + n_new
-    state = _empty_slots(cfg, n_slots, cache_len, n_new, params["embed"].dtype, int(consts["pad_id"]))
+    state = _empty_slots(cfg, n_slots, cache_len, n_new, activation_dtype(params), int(consts["pad_id"]))
     waiting = list(range(b))[::-1]  # popped from the end: prompts are admitted in their order
     owner = np.full(n_slots, -1)
     max_new_j = jnp.int32(max_new)

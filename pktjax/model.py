@@ -78,9 +78,50 @@ class Adapter:
     spec: LoraSpec | None = None
 
 
+@struct.dataclass
+class InOut:
+    """A weight matrix stored transposed, ``w [..., in, out]`` (:func:`with_matmul_dtype`): the layout XLA's CPU
+    kernels for bfloat16 products read as it is. Given ``[out, in]`` inside a loop, they transpose a copy of every
+    matrix on each call of the decode loop."""
+
+    w: jax.Array
+
+
 def _dot(eq: str, a: jax.Array, b: jax.Array) -> jax.Array:
-    precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
-    return jnp.einsum(eq, a, b, precision=precision)
+    """``einsum(eq, a, b)`` in ``a``'s dtype (``a``: activations, ``b``: weights). Operands of two dtypes (float32
+    activations, bfloat16 matrices: :func:`with_matmul_dtype`) multiply in the narrower one and sum in float32,
+    which is what bfloat16 matrix units (and XLA's CPU kernels for them) do natively."""
+    if a.dtype == b.dtype:
+        precision = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+        return jnp.einsum(eq, a, b, precision=precision)
+    low = min(a.dtype, b.dtype, key=lambda t: jnp.dtype(t).itemsize)
+    return jnp.einsum(eq, a.astype(low), b.astype(low), preferred_element_type=jnp.float32).astype(a.dtype)
+
+
+def activation_dtype(params: Params) -> jnp.dtype:
+    """The dtype the residual stream (and a KV cache) is kept in: the norms' (the embedding's without them)."""
+    return params.get("final_norm", params["embed"]).dtype
+
+
+def with_matmul_dtype(params: Params, dtype) -> Params:
+    """``params`` whose linear layers and LM head multiply in ``dtype`` (:func:`_dot`), activations keeping theirs:
+    float32 activations times bfloat16 matrices read half the bytes per decode step. Where ``dtype`` is not the
+    matrices' own, they become :class:`InOut` copies in ``dtype`` (a tied model gets its head as ``lm_head``); the
+    norms, biases and the embedding table (a lookup, not a product) are left as they are. The layer stacks or the
+    per-layer lists of :func:`unstack_layers` alike."""
+    dtype = jnp.dtype(dtype)
+    if params["embed"].dtype == dtype:
+        return params
+
+    def matrix(w):
+        return w if isinstance(w, InOut) else InOut(jnp.swapaxes(w, -1, -2).astype(dtype))
+
+    def layer(d: dict) -> dict:
+        return {k: matrix(v) if k in LINEAR_NAMES else v for k, v in d.items()}
+
+    layers = params["layers"]
+    return {**params, "layers": [layer(d) for d in layers] if isinstance(layers, (list, tuple)) else layer(layers),
+            "lm_head": matrix(params.get("lm_head", params["embed"]))}
 
 
 def rms_norm(x: jax.Array, weight: jax.Array, eps: float) -> jax.Array:
@@ -122,7 +163,7 @@ def linear(x: jax.Array, w: jax.Array, bias: jax.Array | None = None, lora: dict
            spec: LoraSpec | None = None, salt: int = 0) -> jax.Array:
     """``x [..., in] @ w[out, in].T (+ bias) (+ scale * B A dropout(x))``, or with a sparse delta adapter
     (``lora = {"rows" | "cols": [N], "delta": ...}``) the output of ``w`` with those rows / columns changed."""
-    y = _dot("...i,oi->...o", x, w)
+    y = _dot("...i,io->...o", x, w.w) if isinstance(w, InOut) else _dot("...i,oi->...o", x, w)
     if bias is not None:
         y = y + bias
     if lora is not None and "delta" in lora:
@@ -143,7 +184,7 @@ def _add_sparse_delta(x: jax.Array, y: jax.Array, adapter: dict) -> jax.Array:
 
 
 def embed(params: Params, input_ids: jax.Array, lora: dict | None = None, spec: LoraSpec | None = None) -> jax.Array:
-    x = jnp.take(params["embed"], input_ids, axis=0)
+    x = jnp.take(params["embed"], input_ids, axis=0).astype(activation_dtype(params))
     if lora is not None and "embed" in lora:
         a = jnp.take(lora["embed"]["a"].T, input_ids, axis=0).astype(x.dtype)  # [B, T, r]
         x = x + (spec.scale if spec else 1.0) * _dot("...r,or->...o", a, lora["embed"]["b"].astype(x.dtype))
@@ -154,7 +195,7 @@ def unembed(params: Params, cfg: ModelConfig, x: jax.Array, lora: dict | None = 
             spec: LoraSpec | None = None) -> jax.Array:
     """Final norm then vocabulary projection: ``x [..., d] -> logits [..., V]`` in float32."""
     x = rms_norm(x, params["final_norm"], cfg.rms_norm_eps)
-    w = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    w = params["lm_head"] if "lm_head" in params else params["embed"]  # a tied model has none (but see InOut)
     head_lora = lora.get("lm_head") if lora is not None else None
     return constrain_batch(linear(x, w, lora=head_lora, spec=spec, salt=10_000).astype(jnp.float32), TENSOR)
 

@@ -385,6 +385,11 @@ class EvalSettings:
     few_shot: int = setting(0, "exemplars in each prompt (MMLU: 0 or 5)", ge=0)
     prompt_format: str = setting("paper", "the paper's <|user|> chat format, or the model's own chat template "
                                           "(tokenizer or GGUF)", choices=PROMPT_FORMATS)
+    # bfloat16 products give other completions than float32 ones: part of a run's identity when set
+    matmul_dtype: str | None = setting(None, "multiply by copies of the weight matrices in this dtype, activations, "
+                                             "sums and logits staying float32 (bfloat16: half the bytes per decode "
+                                             "step; fast on CPUs with AMX or AVX512-BF16; default: the weights' "
+                                             "own dtype)", choices=DTYPES)
 
     def validate(self, where: str = "") -> None:
         check_fields(self, where)

@@ -240,3 +240,22 @@ def test_drafts_from_an_earlier_report_keep_the_completions(tiny_dir, tmp_path, 
                      "--batch-size", "4", "--drafts", str(tmp_path / "a.json"), "--out", str(tmp_path / "b.json")]) == 0
     assert [r["output"] for r in json.loads((tmp_path / "b.json").read_text())["records"]] == \
         [r["output"] for r in plain_b["records"]]
+
+
+def test_evaluate_with_bfloat16_matrices(tiny_dir, tmp_path):
+    """``matmul_dtype``: recorded in the report's settings, given to every product of a generation and a choice
+    task (MMLU's answer probabilities move, within bfloat16's rounding), and checked before any model is read."""
+    folder = tiny_dir("llama2")
+    kw = dict(limit=3, max_new_tokens=24, batch_size=4)
+    rep = evaluate(str(folder), "gsm8k", matmul_dtype="bfloat16", out=tmp_path / "gsm.json", **kw)
+    assert rep["n"] == 3 and json.loads((tmp_path / "gsm.json").read_text())["settings"]["matmul_dtype"] == "bfloat16"
+    assert "matmul_dtype" not in evaluate(str(folder), "gsm8k", **kw)["settings"]
+    p32, p16 = ([r["probs"] for r in evaluate(str(folder), "mmlu", limit=4, batch_size=4, **x)["records"]]
+                for x in ({}, {"matmul_dtype": "bfloat16"}))
+    diff = max(abs(a[k] - b[k]) for a, b in zip(p32, p16) for k in a)
+    assert 0 < diff < 0.05, diff
+    with pytest.raises(PktjaxError, match="matmul_dtype 'float16'"):
+        evaluate(str(tmp_path / "no-model"), "gsm8k", matmul_dtype="float16")
+    assert cli_main(["eval", "--model", str(folder), "--task", "mmlu", "--limit", "2", "--batch-size", "4",
+                     "--matmul-dtype", "bfloat16", "--out", str(tmp_path / "cli.json")]) == 0
+    assert json.loads((tmp_path / "cli.json").read_text())["settings"]["matmul_dtype"] == "bfloat16"

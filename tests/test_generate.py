@@ -321,3 +321,62 @@ def test_forward_cached_in_pieces_equals_forward(tiny_dir, per_layer):
     # be ordered differently, so a few ulps of O(1) logits differ
     np.testing.assert_allclose(np.concatenate(pieces, axis=1)[mask > 0], np.asarray(want)[mask > 0],
                                rtol=1e-5, atol=1e-5)
+
+
+def test_mixed_dtype_products_multiply_in_bfloat16_and_sum_in_float32():
+    """float32 activations times bfloat16 weights: the product of the two operands rounded to bfloat16, summed in
+    float32 (every product of two bfloat16 numbers is exact in float32), against NumPy in float64; the result is
+    float32. The bound is float32's for a sum of ``n`` terms, ``n·eps·Σ|a b|``; rounding the activations or not
+    at all would miss it by far (bfloat16 keeps 8 bits)."""
+    import jax.numpy as jnp
+
+    from pktjax.model import _dot
+
+    rng = np.random.RandomState(0)
+    a = rng.randn(5, 96).astype(np.float32)
+    w = jnp.asarray(rng.randn(40, 96).astype(np.float32)).astype(jnp.bfloat16)
+    got = _dot("bi,oi->bo", jnp.asarray(a), w)
+    assert got.dtype == jnp.float32
+    a16 = np.asarray(jnp.asarray(a).astype(jnp.bfloat16).astype(jnp.float32), np.float64)
+    w64 = np.asarray(w.astype(jnp.float32), np.float64)
+    want, size = a16 @ w64.T, np.abs(a16) @ np.abs(w64).T
+    bound = a.shape[1] * np.finfo(np.float32).eps * size
+    assert np.all(np.abs(np.asarray(got, np.float64) - want) <= bound)
+    unrounded = np.asarray(a, np.float64) @ w64.T  # the activations not rounded: outside the bound somewhere
+    assert np.any(np.abs(unrounded - want) > bound)
+
+
+def test_bfloat16_matrices_decode_like_their_reference(tiny_dir):
+    """``matmul_dtype="bfloat16"``: transposed bfloat16 copies of the linear layers and the head only (norms,
+    biases and the embedding table stay float32, and so do the KV cache and the logits); continuous batching gives
+    the tokens of the uncached reference with the same matrices, greedy and sampled; float32 changes nothing."""
+    import jax.numpy as jnp
+
+    from pktjax.model import InOut, activation_dtype, with_matmul_dtype
+
+    model = pktjax.load_model(tiny_dir("qwen2"))  # tied embeddings; attention biases stay float32
+    params = with_matmul_dtype(model.params, "bfloat16")
+    q, head = params["layers"]["q_proj"], params["lm_head"]
+    assert isinstance(q, InOut) and q.w.dtype == head.w.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(q.w[1].T, np.float32),
+                                  np.asarray(model.params["layers"]["q_proj"][1].astype(jnp.bfloat16), np.float32))
+    np.testing.assert_array_equal(np.asarray(head.w.T, np.float32),
+                                  np.asarray(model.params["embed"].astype(jnp.bfloat16), np.float32))
+    assert params["embed"] is model.params["embed"] and params["layers"]["q_bias"].dtype == jnp.float32
+    assert activation_dtype(params) == jnp.float32
+    split = with_matmul_dtype(unstack_layers(model.params), "bfloat16")
+    assert all(isinstance(lp["down_proj"], InOut) and lp["input_norm"].dtype == jnp.float32
+               for lp in split["layers"])
+    assert with_matmul_dtype(model.params, "float32") is model.params
+    ids, mask = _prompts((200, 37, 150, 64, 100), seed=11)
+    for kw in (dict(eos_ids=(), pad_id=PAD), dict(eos_ids=(), pad_id=PAD, temperature=1.5, key=jax.random.key(4))):
+        got = generate(model.params, model.config, ids, mask, NEW, slots=2, matmul_dtype="bfloat16", **kw)
+        ref = generate(model.params, model.config, ids, mask, NEW, use_cache=False, matmul_dtype="bfloat16", **kw)
+        np.testing.assert_array_equal(got.tokens, ref.tokens)
+    f32 = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD)
+    again = generate(model.params, model.config, ids, mask, NEW, eos_ids=(), pad_id=PAD, matmul_dtype="float32")
+    np.testing.assert_array_equal(again.tokens, f32.tokens)
+    logits32 = np.asarray(forward(model.params, model.config, ids, mask))[mask > 0]
+    logits16 = forward(params, model.config, ids, mask)
+    assert logits16.dtype == jnp.float32
+    assert 0 < np.abs(np.asarray(logits16)[mask > 0] - logits32).max() < 0.1 * np.abs(logits32).max()

@@ -17,7 +17,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="score this human-eval / EvalPlus samples file (JSONL of task_id + completion or solution) "
                         "instead of a model (humaneval, mbpp)")
     # the settings of a transfer config's `eval:` section, as flags
-    add_arguments(p, EvalSettings, ("limit", "few_shot", "batch_size", "prompt_format", "max_new_tokens"))
+    add_arguments(p, EvalSettings, ("limit", "few_shot", "batch_size", "prompt_format", "max_new_tokens",
+                                     "matmul_dtype"))
     p.add_argument("--num-samples", type=int, default=0, metavar="N",
                    help="also draw N completions per problem at --temperature and report pass@k (0: greedy only)")
     p.add_argument("--temperature", type=float, default=0.8, help="sampling temperature for --num-samples")
@@ -58,7 +59,8 @@ def _eval(args: argparse.Namespace) -> int:
                               max_new_tokens=e.max_new_tokens, hub=args.hub, timeout=args.timeout,
                               progress=bar.update, num_samples=args.num_samples,
                               temperature=args.temperature, pass_k=args.pass_k, seed=args.seed,
-                              prompt_format=e.prompt_format, drafts=args.drafts)
+                              prompt_format=e.prompt_format, drafts=args.drafts,
+                              matmul_dtype=e.matmul_dtype)
     S.main_print(format_table(report))
     if args.out:
         S.main_print(f"report: {args.out}")

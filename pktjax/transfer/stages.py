@@ -156,7 +156,7 @@ def _evaluate(model, cfg: TransferConfig, out: Path, tokenizer=None, drafts: boo
     with progress_bar(total, f"eval {label}", "ex", enabled=is_main_process()) as bar:
         evaluate(model, cfg.eval_task, limit=e.limit, few_shot=e.few_shot, batch_size=e.batch_size,
                  max_new_tokens=e.max_new_tokens, out=out if is_main_process() else None, tokenizer=tokenizer,
-                 progress=bar.update, prompt_format=e.prompt_format, drafts=guesses,
+                 progress=bar.update, prompt_format=e.prompt_format, drafts=guesses, matmul_dtype=e.matmul_dtype,
                  resume=partial if jax.process_count() == 1 else None)  # hosts must decode the same batches
     partial.unlink(missing_ok=True)
 
