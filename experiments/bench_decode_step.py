@@ -1,17 +1,19 @@
-"""One decode step, old against new, in one process: the scan over the stacked layer weights against the loop over
-per-layer weight copies (:func:`pktjax.model.unstack_layers`), on the same decode state (the current cache layout
-for both), timed alternately.
+"""One decode step, two ways, in one process, on the same decode state, timed alternately: by default the scan over
+the stacked layer weights against the loop over per-layer weight copies (:func:`pktjax.model.unstack_layers`);
+``--variants per_layer,bfloat16`` the per-layer float32 weights against per-layer bfloat16 copies of the matrices
+(:func:`pktjax.model.with_matmul_dtype`, ``pktjax eval --matmul-dtype bfloat16``).
 
 The state is ``--slots`` running slots over a KV cache of ``--cache`` positions, ``--filled`` of them written
 (random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process CPU
 seconds), then the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of
-XLA's pool count) are reported with their medians and the old / new ratio, beside the step's floors timed in the
-same run: one pass over every weight, and the step's matrix products alone at batch ``--slots``. ``--profile`` adds
-the time per kind of compiled operation (JAX's profiler; e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out
-of its stack).
+XLA's pool count) are reported with their medians and the first / second ratio, beside the step's floors timed in
+the same run (float32): one pass over every weight, and the step's matrix products alone at batch ``--slots``.
+``--profile`` adds the milliseconds per step of each kind of compiled operation (JAX's profiler), a fusion that
+holds a matrix product named by the product's output shape (``dot f32[16,4864]``: a gate or up projection at 16
+slots), others by their fusion kind (e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out of its stack).
 
     .venv/bin/python experiments/bench_decode_step.py --gguf ~/.cache/pktjax/qwen2.5-coder-0.5b-instruct-q4.gguf \
-        --slots 16 --cache 832 --filled 300 [--profile] [--json out.json]
+        --slots 16 --cache 832 --filled 300 [--variants per_layer,bfloat16] [--profile] [--json out.json]
     .venv/bin/python experiments/bench_decode_step.py --size mid     # a random 8-layer model, no download
 """
 
@@ -99,8 +101,22 @@ def _state(cfg, slots: int, cache_len: int, filled: int, n_new: int) -> dict:
             "tok": 100 + jnp.arange(slots, dtype=jnp.int32)}
 
 
-def _op_groups(step, state, trace_dir: str, steps: int = 2) -> tuple[dict, object]:
-    """Milliseconds per step of each kind of compiled operation (numbered copies merged), from JAX's profiler."""
+def _dot_fusions(hlo: str) -> dict[str, str]:
+    """``{fusion instruction: "dot <output shape>"}`` for the fusions of a compiled module that hold a product."""
+    called = dict(re.findall(r"%([\w.\-]+) = [^\n]*? fusion\([^\n]*?calls=%([\w.\-]+)", hlo))
+    dots, current = {}, None
+    for line in hlo.splitlines():
+        if not line.startswith(" ") and line.rstrip().endswith("{"):
+            current = (re.match(r"(?:ENTRY )?%([\w.\-]+)", line) or [None, None])[1]
+        elif current and (m := re.search(r"= (\w+\[[\d,]*\])\S* dot\(", line)):
+            dots[current] = f"dot {m[1]}"
+    return {inst: dots[comp] for inst, comp in called.items() if comp in dots}
+
+
+def _op_groups(step, state, hlo: str, trace_dir: str, steps: int = 2) -> tuple[dict, object]:
+    """Milliseconds per step of each kind of compiled operation, from JAX's profiler: fusions holding a product
+    by the product's output shape (:func:`_dot_fusions` of the step's compiled ``hlo``), the rest by name with
+    the numbering dropped."""
     from jax.profiler import ProfileData
 
     jax.profiler.start_trace(trace_dir)
@@ -108,6 +124,7 @@ def _op_groups(step, state, trace_dir: str, steps: int = 2) -> tuple[dict, objec
         state = jax.block_until_ready(step(state))
     jax.profiler.stop_trace()
     data = ProfileData.from_file(sorted(glob.glob(f"{trace_dir}/**/*.xplane.pb", recursive=True))[-1])
+    dots = _dot_fusions(hlo)
     groups: collections.Counter = collections.Counter()
     for plane in data.planes:
         for line in plane.lines:
@@ -115,13 +132,13 @@ def _op_groups(step, state, trace_dir: str, steps: int = 2) -> tuple[dict, objec
                 continue
             for ev in line.events:
                 if not ev.name.startswith(("ThunkExecutor", "end: ", "SlinkyThreadPool", "ThreadpoolListener")):
-                    groups[re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns / 1e6 / steps
-    return {k: round(v, 1) for k, v in groups.most_common(8)}, state
+                    groups[dots.get(ev.name) or re.sub(r"[._]\d+$", "", ev.name)] += ev.duration_ns / 1e6 / steps
+    return {k: round(v, 1) for k, v in groups.most_common(10)}, state
 
 
 def run(args) -> dict:
     from pktjax.generate import _decode, _eos_array
-    from pktjax.model import unstack_layers
+    from pktjax.model import unstack_layers, with_matmul_dtype
 
     load_s, _, model = _clock(lambda: _model(args))
     cfg, stacked = model.config, model.params
@@ -131,13 +148,17 @@ def run(args) -> dict:
     floors = _floors(stacked, cfg, args.slots, args.reps)
     res.update({k: round(v, 4) for k, v in floors.items()})
     print(json.dumps(res), flush=True)
-    variants = {"old_stacked": stacked, "new_per_layer": unstack_layers(stacked)}
+    make = {"stacked": lambda: stacked, "per_layer": lambda: unstack_layers(stacked),
+            "bfloat16": lambda: with_matmul_dtype(unstack_layers(stacked), "bfloat16")}
+    variants = {name: make[name]() for name in args.variants}
     consts = dict(eos=_eos_array(()), pad_id=jnp.int32(0), temperature=jnp.float32(1e-6), top_k=0, sample=False)
     key = jax.random.key(0)
 
-    def stepper(params):
-        return lambda st: _decode(params, cfg, st, key, st["n"] + 1, jnp.bool_(False), jnp.int32(512), **consts,
-                                  window=st["key_mask"].shape[1])  # the whole cache, as before windows
+    def call(params, st):
+        return (params, cfg, st, key, st["n"] + 1, jnp.bool_(False), jnp.int32(512))
+
+    def stepper(params):  # the whole cache attended, as before decode windows
+        return lambda st: _decode(*call(params, st), **consts, window=st["key_mask"].shape[1])
 
     states, steps, times, first = {}, {}, {name: [] for name in variants}, {}
     for name, params in variants.items():
@@ -156,15 +177,18 @@ def run(args) -> dict:
     for name in variants:  # the first call compiled, then stepped once
         res[f"{name}_compile_wall_s"] = round(first[name][0] - med[f"{name}_w"], 2)
         res[f"{name}_compile_cpu_s"] = round(first[name][1] - med[f"{name}_c"], 2)
-    res["ratio_old_over_new_wall"] = round(med["old_stacked_w"] / med["new_per_layer_w"], 2)
-    res["ratio_old_over_new_cpu"] = round(med["old_stacked_c"] / med["new_per_layer_c"], 2)
+    a, b = args.variants
+    res[f"ratio_{a}_over_{b}_wall"] = round(med[f"{a}_w"] / med[f"{b}_w"], 2)
+    res[f"ratio_{a}_over_{b}_cpu"] = round(med[f"{a}_c"] / med[f"{b}_c"], 2)
     for name in variants:
         for floor in ("stream", "matmul"):
             res[f"{name}_over_{floor}_floor_cpu"] = round(med[f"{name}_c"] / max(floors[f"{floor}_cpu_s"], 1e-9), 2)
-    res["same_tokens"] = bool(np.array_equal(states["old_stacked"]["out"], states["new_per_layer"]["out"]))
+    res["same_tokens"] = bool(np.array_equal(states[a]["out"], states[b]["out"]))
     if args.profile:
-        for name in variants:
-            res[f"{name}_ms_per_op_kind"], states[name] = _op_groups(steps[name], states[name],
+        for name, params in variants.items():
+            hlo = _decode.lower(*call(params, states[name]), **consts,
+                                window=states[name]["key_mask"].shape[1]).compile().as_text()
+            res[f"{name}_ms_per_op_kind"], states[name] = _op_groups(steps[name], states[name], hlo,
                                                                      tempfile.mkdtemp(prefix=f"prof-{name}-"))
     return res
 
@@ -177,9 +201,13 @@ def main() -> None:
     ap.add_argument("--cache", type=int, default=832, help="cache positions (prompt bucket + new-token bucket)")
     ap.add_argument("--filled", type=int, default=300, help="positions already written")
     ap.add_argument("--reps", type=int, default=4)
+    ap.add_argument("--variants", default="stacked,per_layer", type=lambda v: tuple(v.split(",")),
+                    help="the two steps compared: two of stacked, per_layer, bfloat16 (default: stacked,per_layer)")
     ap.add_argument("--profile", action="store_true")
     ap.add_argument("--json", type=Path)
     args = ap.parse_args()
+    if len(set(args.variants)) != 2 or not set(args.variants) <= {"stacked", "per_layer", "bfloat16"}:
+        ap.error(f"--variants {','.join(args.variants)}: name two of stacked, per_layer, bfloat16")
     res = run(args)
     print(json.dumps(res, indent=1))
     if args.json:

@@ -8,7 +8,8 @@ steps, slot occupancy and new tokens. ``--compare REPORT`` counts the completion
 
     PKTJAX_DATA=../shared/data .venv/bin/python experiments/bench_eval.py \\
         --model ~/.cache/pktjax/qwen2.5-coder-0.5b-instruct-q4.gguf --task humaneval --slots 16 \\
-        --out /tmp/student.json --compare experiments/results/humaneval_protocol/eval/student.json
+        --out /tmp/student.json --compare experiments/results/humaneval_protocol/eval/student.json \\
+        [--matmul-dtype bfloat16]
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=16, help="decode slots (pktjax eval --batch-size)")
     ap.add_argument("--limit", type=int, default=None)
     ap.add_argument("--drafts", help="an earlier report whose completions are the drafts")
+    ap.add_argument("--matmul-dtype", choices=("float32", "bfloat16"), help="pktjax eval --matmul-dtype")
     ap.add_argument("--out", type=Path, required=True, help="the evaluation report (JSON)")
     ap.add_argument("--compare", type=Path, help="count the completions equal to this report's")
     args = ap.parse_args()
@@ -51,10 +53,10 @@ def main() -> None:
 
     ev.generate_text = timed
     report = ev.evaluate(args.model, args.task, limit=args.limit, batch_size=args.slots, out=args.out,
-                         drafts=args.drafts)
+                         drafts=args.drafts, matmul_dtype=args.matmul_dtype)
     clock["stats"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in clock.get("stats", {}).items()}
     res = {"wall_s": round(time.perf_counter() - START, 1), "score": report["score"], "n": report["n"],
-           "slots": args.slots, **clock,
+           "slots": args.slots, "matmul_dtype": args.matmul_dtype, **clock,
            "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     if args.compare:
         old = {r["prompt"]: r["output"] for r in json.loads(args.compare.read_text())["records"]}
