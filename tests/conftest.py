@@ -33,6 +33,20 @@ def tiny_dir(tmp_path_factory):
     return make
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop every compiled program after each test module. An XLA:CPU executable holds a few memory maps and jit
+    caches keep them alive; the whole suite in one process compiles enough of them to pass the kernel's limit of
+    65,530 maps per process (vm.max_map_count), after which allocations fail and XLA aborts the process."""
+    yield
+    import gc
+
+    import jax
+
+    jax.clear_caches()
+    gc.collect()
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _private_pktjax_home(tmp_path_factory):
     """Caches the tests write (tokenizers built from GGUF files) go to a temporary folder, not the user's."""
