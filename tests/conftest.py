@@ -7,10 +7,9 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-# The CLI keeps compiled programs on disk by default. Tests compile small programs that gain nothing from it, and
-# jaxlib's CPU serialization of an executable can abort the whole process (seen once in CI, in a test process that
-# had run 300 tests while a child process compiled for 8 devices), so tests turn it off unless told otherwise;
-# test_compile_cache checks the setting and the cache itself in a child process.
+# The CLI keeps compiled programs on disk by default; tests compile small programs that gain nothing from it and
+# should not depend on what an earlier run left there, so they turn it off unless told otherwise (test_compile_cache
+# checks the setting, and the cache itself in child processes).
 os.environ.setdefault("PKTJAX_COMPILE_CACHE", "0")
 
 import pytest  # noqa: E402
