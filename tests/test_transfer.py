@@ -372,7 +372,7 @@ def test_overrides_and_print_config(tmp_path, capsys):
     printed = yaml.safe_load(capsys.readouterr().out)
     assert printed["laten"]["lr"] == 3e-4 and printed["laten"]["seeds"] == [4, 5]
     assert printed["eval"] == {"task": None, "limit": 3, "max_new_tokens": None, "batch_size": 6, "few_shot": 0,
-                               "prompt_format": "paper"}
+                               "prompt_format": "paper", "matmul_dtype": None}
     assert printed["laten"]["rate"] == LatenSettings.rate == AlignerTrainConfig.rate  # one default, filled in
     assert not (tmp_path / "run").exists()
     cfg = read_config(path, overrides=["laten.lr=3e-4"])
