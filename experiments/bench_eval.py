@@ -3,8 +3,8 @@
 Runs one evaluation as ``pktjax eval`` does (the persistent compilation cache on), and prints its wall time from
 the start of the process (imports, load, tokenization, decoding, sandbox) beside the decoder's split: prefill,
 decode and host seconds, prefill calls, prompt tokens against the padded positions the prefills computed, decode
-steps, slot occupancy and new tokens. ``--compare REPORT`` counts the completions equal to an earlier report's
-(the same greedy outputs before and after a change to the decoder).
+steps, slot occupancy and new tokens; examples done are reported as they finish. ``--compare REPORT`` counts the
+completions equal to an earlier report's (the same greedy outputs before and after a change to the decoder).
 
     PKTJAX_DATA=../shared/data .venv/bin/python experiments/bench_eval.py \\
         --model ~/.cache/pktjax/qwen2.5-coder-0.5b-instruct-q4.gguf --task humaneval --slots 16 \\
@@ -52,8 +52,13 @@ def main() -> None:
         return gen
 
     ev.generate_text = timed
-    report = ev.evaluate(args.model, args.task, limit=args.limit, batch_size=args.slots, out=args.out,
-                         drafts=args.drafts, matmul_dtype=args.matmul_dtype)
+    from pktjax.progress import progress_bar
+    from pktjax.tasks import get_task
+
+    total = len(get_task(args.task).load(args.limit))
+    with progress_bar(total, args.task, "ex") as bar:  # a line per tenth or per minute when logged to a file
+        report = ev.evaluate(args.model, args.task, limit=args.limit, batch_size=args.slots, out=args.out,
+                             drafts=args.drafts, matmul_dtype=args.matmul_dtype, progress=bar.update)
     clock["stats"] = {k: round(v, 2) if isinstance(v, float) else v for k, v in clock.get("stats", {}).items()}
     res = {"wall_s": round(time.perf_counter() - START, 1), "score": report["score"], "n": report["n"],
            "slots": args.slots, "matmul_dtype": args.matmul_dtype, **clock,
