@@ -7,7 +7,8 @@ The state is ``--slots`` running slots over a KV cache of ``--cache`` positions,
 (random keys and values), greedy. Each variant is compiled once (its first call less a step: wall and process CPU
 seconds), then the two steps alternate ``--reps`` times; per-step wall and process CPU seconds (both threads of
 XLA's pool count) are reported with their medians and the first / second ratio, beside the step's floors timed in
-the same run (float32): one pass over every weight, and the step's matrix products alone at batch ``--slots``.
+the same run: one pass over every matrix, and the step's matrix products alone at batch ``--slots``, in float32
+(keys ``stream_*``, ``matmul_*``) and, for the bfloat16 variant, with bfloat16 matrices (``*_bfloat16``).
 ``--profile`` adds the milliseconds per step of each kind of compiled operation (JAX's profiler), a fusion that
 holds a matrix product named by the product's output shape (``dot f32[16,4864]``: a gate or up projection at 16
 slots), others by their fusion kind (e.g. ``dynamic-slice_bitcast_fusion``: a weight sliced out of its stack).
@@ -65,23 +66,35 @@ def _model(args):
     return load_model(folder)
 
 
-def _floors(params, cfg, slots: int, reps: int) -> dict:
-    """Best-of-``reps`` wall and CPU seconds of one pass over every weight (a sum) and of the step's matrix
-    products alone (every linear layer and the vocabulary projection at batch ``slots``)."""
+def _floors(params, cfg, slots: int, reps: int, dtype=jnp.float32) -> dict:
+    """Best-of-``reps`` wall and CPU seconds of one pass over every matrix the step multiplies by (a sum) and of
+    the step's matrix products alone (every linear layer and the vocabulary projection at batch ``slots``), with
+    the matrices in ``dtype``: bfloat16 ones transposed to ``[in, out]`` and multiplied with float32 sums, as
+    :func:`pktjax.model.with_matmul_dtype` stores and :func:`pktjax.model._dot` multiplies them."""
+    low = jnp.dtype(dtype) != jnp.float32
     lin = {k: v for k, v in params["layers"].items() if v.ndim == 3}
     head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
+    if low:
+        lin = {k: jnp.swapaxes(v, -1, -2).astype(dtype) for k, v in lin.items()}
+        head = jnp.swapaxes(head, -1, -2).astype(dtype)
     x, xf = jnp.ones((slots, cfg.hidden_size)), jnp.ones((slots, cfg.intermediate_size))
 
+    def prod(eq, a, w):
+        if not low:
+            return jnp.einsum(eq, a, w, precision=jax.lax.Precision.HIGHEST)
+        return jnp.einsum(eq, a.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
     def matmuls(lin, head, x, xf):
-        total = jnp.sum(jnp.einsum("bi,vi->bv", x, head))
+        total = jnp.sum(prod("bi,iv->bv" if low else "bi,vi->bv", x, head))
         for w in lin.values():
-            total += jnp.sum(jnp.einsum("bi,loi->lbo", xf if w.shape[-1] == cfg.intermediate_size else x, w))
+            wide = w.shape[-2 if low else -1] == cfg.intermediate_size
+            total += jnp.sum(prod("bi,lio->lbo" if low else "bi,loi->lbo", xf if wide else x, w))
         return total
 
-    stream = jax.jit(lambda p: sum(jnp.sum(a) for a in jax.tree.leaves(p)))
+    stream = jax.jit(lambda p: sum(jnp.sum(a, dtype=jnp.float32) for a in jax.tree.leaves(p)))
     mm = jax.jit(matmuls)
     out = {}
-    for name, fn in (("stream", lambda: stream(params)), ("matmul", lambda: mm(lin, head, x, xf))):
+    for name, fn in (("stream", lambda: stream((lin, head))), ("matmul", lambda: mm(lin, head, x, xf))):
         _clock(fn)
         runs = [_clock(fn)[:2] for _ in range(reps)]
         out[f"{name}_wall_s"], out[f"{name}_cpu_s"] = min(w for w, _ in runs), min(c for _, c in runs)
@@ -145,8 +158,10 @@ def run(args) -> dict:
     res = {"model": str(args.gguf or args.size), "slots": args.slots, "cache": args.cache, "filled": args.filled,
            "load_s": round(load_s, 1), "machine": f"{platform.machine()}, {os.cpu_count()} cores",
            "jax_device": str(jax.devices()[0]), "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
-    floors = _floors(stacked, cfg, args.slots, args.reps)
-    res.update({k: round(v, 4) for k, v in floors.items()})
+    floors = {"float32": _floors(stacked, cfg, args.slots, args.reps)}
+    if "bfloat16" in args.variants:
+        floors["bfloat16"] = _floors(stacked, cfg, args.slots, args.reps, jnp.bfloat16)
+    res.update({f"{k}_{dt}" if dt != "float32" else k: round(v, 4) for dt, f in floors.items() for k, v in f.items()})
     print(json.dumps(res), flush=True)
     make = {"stacked": lambda: stacked, "per_layer": lambda: unstack_layers(stacked),
             "bfloat16": lambda: with_matmul_dtype(unstack_layers(stacked), "bfloat16")}
@@ -180,9 +195,10 @@ def run(args) -> dict:
     a, b = args.variants
     res[f"ratio_{a}_over_{b}_wall"] = round(med[f"{a}_w"] / med[f"{b}_w"], 2)
     res[f"ratio_{a}_over_{b}_cpu"] = round(med[f"{a}_c"] / med[f"{b}_c"], 2)
-    for name in variants:
+    for name in variants:  # each against the floors of its own matrices' dtype
+        own = floors["bfloat16" if name == "bfloat16" else "float32"]
         for floor in ("stream", "matmul"):
-            res[f"{name}_over_{floor}_floor_cpu"] = round(med[f"{name}_c"] / max(floors[f"{floor}_cpu_s"], 1e-9), 2)
+            res[f"{name}_over_{floor}_floor_cpu"] = round(med[f"{name}_c"] / max(own[f"{floor}_cpu_s"], 1e-9), 2)
     res["same_tokens"] = bool(np.array_equal(states[a]["out"], states[b]["out"]))
     if args.profile:
         for name, params in variants.items():
