@@ -103,3 +103,35 @@ def test_bad_drafts_are_refused(tiny_dir):
                  key=__import__("jax").random.key(0))
     with pytest.raises(ValueError, match="one per prompt"):
         generate(model.params, model.config, ids, mask, 4, drafts=[[5]])
+
+
+@pytest.mark.parametrize("n, window", [(1, 64), (2, 128), (8, 64), (24, 64)])
+def test_verify_choice_and_margin_match_numpy(tiny_dir, n, window):
+    """The prefill's check of a draft: at every position the argmax of the logits and its margin over the
+    runner-up, against NumPy's sort of the same logits; ties (a repeated largest logit) give margin 0."""
+    model = pktjax.load_model(tiny_dir("qwen2"))
+    assert window % G._verify_chunk(n) == 0
+    x = np.random.RandomState(n).normal(size=(n, window, model.config.hidden_size)).astype(np.float32)
+    x[0, 3] = x[0, 2]  # two equal positions: the same choice and margin
+    best, margin = (np.asarray(a) for a in G._top2(model.params, model.config, x))
+    # reference in float64: the final norm, the head, NumPy's sort; float32 rounds each logit by at most
+    # d * eps * sum |x_i w_i| (the products' sums), so a margin by twice that
+    p, eps = model.params, np.finfo(np.float32).eps
+    x64 = x.astype(np.float64)
+    xn = x64 / np.sqrt((x64 ** 2).mean(-1, keepdims=True) + model.config.rms_norm_eps) * np.asarray(p["final_norm"])
+    head = np.asarray(p.get("lm_head", p["embed"]), np.float64)
+    logits, bound = xn @ head.T, 2 * x.shape[-1] * eps * (np.abs(xn) @ np.abs(head).T).max()
+    top2 = np.sort(logits, axis=-1)[..., -2:]
+    clear = top2[..., 1] - top2[..., 0] > bound  # no near-tie that float32 rounding could reorder
+    assert clear.mean() > 0.9
+    np.testing.assert_array_equal(best[clear], logits.argmax(-1)[clear])
+    np.testing.assert_allclose(margin, top2[..., 1] - top2[..., 0], rtol=0, atol=bound)
+    assert best[0, 2] == best[0, 3] and margin[0, 2] == margin[0, 3]
+
+    tied = model.params | {"final_norm": np.ones_like(model.params["final_norm"])}
+    head = np.asarray(tied.get("lm_head", tied["embed"])).copy()
+    head[5] = head[9]  # tokens 5 and 9 now have equal logits everywhere
+    tied = tied | ({"lm_head": head} if "lm_head" in tied else {"embed": head})
+    x0 = np.repeat(head[9][None, None] * 50.0, n, axis=0).repeat(window, axis=1)  # makes 5 and 9 the largest
+    best, margin = (np.asarray(a) for a in G._top2(tied, model.config, x0))
+    assert (best == 5).all() and (margin == 0).all()  # the first of the tied (argmax), and no margin
