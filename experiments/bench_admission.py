@@ -37,8 +37,10 @@ def _best_ms(fn, reps: int) -> float:
     return best * 1000
 
 
-def _top2_sorted(params, cfg, x, unembed):
+def _top2_sorted(params, cfg, x):
     """The check as ``lax.top_k(logits, 2)``, 16 positions at a time (the decoder's form before)."""
+    from pktjax.model import unembed
+
     n, w, d = x.shape
     chunks = x.reshape(n, w // 16, 16, d).transpose(1, 0, 2, 3)
 
@@ -57,7 +59,7 @@ def main() -> None:
     args = ap.parse_args()
     import pktjax
     from pktjax.cli import enable_compilation_cache
-    from pktjax.model import init_cache, unembed
+    from pktjax.model import init_cache
 
     enable_compilation_cache()
     G = importlib.import_module("pktjax.generate")  # the module (pktjax.generate is also the function's name)
@@ -66,7 +68,7 @@ def main() -> None:
     eos, pad = G._eos_array(tuple(cfg.eos_ids)), jnp.int32(0)
     prefill = jax.jit(G._prefill, static_argnames=("cfg",))
     check = jax.jit(G._top2, static_argnames=("cfg",))
-    check_sorted = jax.jit(lambda p, x: _top2_sorted(p, cfg, x, unembed))
+    check_sorted = jax.jit(_top2_sorted, static_argnames=("cfg",))
     rng = np.random.RandomState(0)
     print(f"{args.gguf.name}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", flush=True)
     for n, p, drafted in SHAPES:
@@ -89,7 +91,7 @@ def main() -> None:
         parts = {"prefill": _best_ms(lambda: prefill(params, cfg, ids, pos, mask,
                                                      init_cache(cfg, n, p, jnp.float32))[0], args.reps),
                  "check": _best_ms(lambda: check(params, cfg, x[:, p - window:]), args.reps),
-                 "check with top_k": _best_ms(lambda: check_sorted(params, x[:, p - window:]), args.reps)}
+                 "check with top_k": _best_ms(lambda: check_sorted(params, cfg, x[:, p - window:]), args.reps)}
         print(f"draft admission  n={n} P={p} draft={drafted} window={window}: {ms:.0f} ms; "
               + ", ".join(f"{k} {v:.0f} ms" for k, v in parts.items())
               + f" (top_k / reductions {parts['check with top_k'] / parts['check']:.1f}x)", flush=True)

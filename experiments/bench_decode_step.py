@@ -71,12 +71,16 @@ def _floors(params, cfg, slots: int, reps: int, dtype=jnp.float32) -> dict:
     the step's matrix products alone (every linear layer and the vocabulary projection at batch ``slots``), with
     the matrices in ``dtype``: bfloat16 ones transposed to ``[in, out]`` and multiplied with float32 sums, as
     :func:`pktjax.model.with_matmul_dtype` stores and :func:`pktjax.model._dot` multiplies them."""
+    from pktjax.model import InOut, with_matmul_dtype
+
     low = jnp.dtype(dtype) != jnp.float32
-    lin = {k: v for k, v in params["layers"].items() if v.ndim == 3}
-    head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-    if low:
-        lin = {k: jnp.swapaxes(v, -1, -2).astype(dtype) for k, v in lin.items()}
-        head = jnp.swapaxes(head, -1, -2).astype(dtype)
+    if low:  # the decoder's own copies: [in, out] matrices in dtype
+        cast = with_matmul_dtype(params, dtype)
+        lin = {k: v.w for k, v in cast["layers"].items() if isinstance(v, InOut)}
+        head = cast["lm_head"].w
+    else:
+        lin = {k: v for k, v in params["layers"].items() if v.ndim == 3}
+        head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
     x, xf = jnp.ones((slots, cfg.hidden_size)), jnp.ones((slots, cfg.intermediate_size))
 
     def prod(eq, a, w):
