@@ -20,16 +20,15 @@ $COMMON_HELP
 HELP
 }
 
-while [[ $# -gt 0 ]]; do
-  common_option "$@"
-  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+script_option() {
   case "$1" in
-    --workers) WORKERS="${2:?--workers needs a value}"; shift 2 ;;
-    --results) RESULTS="${2:?--results needs a value}"; shift 2 ;;
-    --out) OUT="${2:?--out needs a value}"; shift 2 ;;
-    *) die "unknown option $1; see --help" ;;
+    --workers) WORKERS="${2:?--workers needs a value}"; SHIFT=2 ;;
+    --results) RESULTS="${2:?--results needs a value}"; SHIFT=2 ;;
+    --out) OUT="${2:?--out needs a value}"; SHIFT=2 ;;
   esac
-done
+}
+
+parse_options "$@"
 require_target
 [[ "$WORKERS" =~ ^[1-9][0-9]*$ ]] || die "--workers must be a positive integer"
 OUT="${OUT:-./tpu-results/$TPU_NAME}"

@@ -34,17 +34,16 @@ default_version() {
   esac
 }
 
-while [[ $# -gt 0 ]]; do
-  common_option "$@"
-  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+script_option() {
   case "$1" in
-    --type) TYPE="${2:?--type needs a value}"; shift 2 ;;
-    --version) VERSION="${2:?--version needs a value}"; shift 2 ;;
-    --spot) SPOT=1; shift ;;
-    --scopes) SCOPES="${2:?--scopes needs a value}"; shift 2 ;;
-    *) die "unknown option $1; see --help" ;;
+    --type) TYPE="${2:?--type needs a value}"; SHIFT=2 ;;
+    --version) VERSION="${2:?--version needs a value}"; SHIFT=2 ;;
+    --spot) SPOT=1; SHIFT=1 ;;
+    --scopes) SCOPES="${2:?--scopes needs a value}"; SHIFT=2 ;;
   esac
-done
+}
+
+parse_options "$@"
 require_target
 
 TYPE="${TYPE/#v5e-/v5litepod-}"

@@ -20,16 +20,15 @@ $COMMON_HELP
 HELP
 }
 
-while [[ $# -gt 0 ]]; do
-  common_option "$@"
-  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+script_option() {
   case "$1" in
-    --mode) MODE="${2:?--mode needs a value}"; shift 2 ;;
-    --src) SRC="${2:?--src needs a value}"; shift 2 ;;
-    --dest) DEST="${2:?--dest needs a value}"; shift 2 ;;
-    *) die "unknown option $1; see --help" ;;
+    --mode) MODE="${2:?--mode needs a value}"; SHIFT=2 ;;
+    --src) SRC="${2:?--src needs a value}"; SHIFT=2 ;;
+    --dest) DEST="${2:?--dest needs a value}"; SHIFT=2 ;;
   esac
-done
+}
+
+parse_options "$@"
 [[ -n "$SRC" && -n "$DEST" ]] || die "--src and --dest are required; see --help"
 
 gcs_path() {

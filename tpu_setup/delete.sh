@@ -15,14 +15,13 @@ $COMMON_HELP
 HELP
 }
 
-while [[ $# -gt 0 ]]; do
-  common_option "$@"
-  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+script_option() {
   case "$1" in
-    --yes) YES=1; shift ;;
-    *) die "unknown option $1; see --help" ;;
+    --yes) YES=1; SHIFT=1 ;;
   esac
-done
+}
+
+parse_options "$@"
 require_target
 [[ "$YES" == 1 || "$DRY_RUN" == 1 ]] || die "deleting $TPU_NAME loses its disks; pass --yes to confirm"
 tpu_vm delete "$TPU_NAME" --quiet

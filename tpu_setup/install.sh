@@ -21,15 +21,14 @@ $COMMON_HELP
 HELP
 }
 
-while [[ $# -gt 0 ]]; do
-  common_option "$@"
-  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+script_option() {
   case "$1" in
-    --source) SOURCE="${2:?--source needs a value}"; shift 2 ;;
-    --python) PYTHON="${2:?--python needs a value}"; shift 2 ;;
-    *) die "unknown option $1; see --help" ;;
+    --source) SOURCE="${2:?--source needs a value}"; SHIFT=2 ;;
+    --python) PYTHON="${2:?--python needs a value}"; SHIFT=2 ;;
   esac
-done
+}
+
+parse_options "$@"
 require_target
 [[ -f "$SOURCE/pyproject.toml" ]] || die "$SOURCE is not a pktjax checkout (no pyproject.toml)"
 

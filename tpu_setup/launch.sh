@@ -7,6 +7,7 @@ source "$(dirname "${BASH_SOURCE[0]}")/lib.sh"
 WORKERS="all"
 LOG="run"
 BACKGROUND=0
+TAKES_COMMAND=1  # the words after -- are the command
 ENVS=()
 
 usage() {
@@ -28,18 +29,17 @@ example: launch.sh --name pkt --zone us-central2-b --log laten -- pktjax laten t
 HELP
 }
 
-while [[ $# -gt 0 ]]; do
-  common_option "$@"
-  if [[ "$SHIFT" -gt 0 ]]; then shift "$SHIFT"; continue; fi
+script_option() {
   case "$1" in
-    --log) LOG="${2:?--log needs a value}"; shift 2 ;;
-    --env) ENVS+=("${2:?--env needs KEY=VALUE}"); shift 2 ;;
-    --worker) WORKERS="${2:?--worker needs a value}"; shift 2 ;;
-    --background) BACKGROUND=1; shift ;;
-    --) shift; break ;;
-    *) die "unknown option $1 (put the command after --); see --help" ;;
+    --log) LOG="${2:?--log needs a value}"; SHIFT=2 ;;
+    --env) ENVS+=("${2:?--env needs KEY=VALUE}"); SHIFT=2 ;;
+    --worker) WORKERS="${2:?--worker needs a value}"; SHIFT=2 ;;
+    --background) BACKGROUND=1; SHIFT=1 ;;
   esac
-done
+}
+
+parse_options "$@"
+set -- "${REST[@]}"
 require_target
 [[ $# -gt 0 ]] || die "no command given; put it after --"
 [[ "$LOG" =~ ^[A-Za-z0-9_.-]+$ ]] || die "--log must be a plain file name"

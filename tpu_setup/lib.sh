@@ -2,7 +2,7 @@
 # Helpers shared by the tpu_setup scripts (sourced, not run): the common options and `run`, which prints each
 # command exactly as it runs (shell-quoted) and runs it unless --dry-run was given.
 
-# shellcheck disable=SC2034  # SHIFT and COMMON_HELP are read by the scripts that source this file
+# shellcheck disable=SC2034  # SHIFT, REST and COMMON_HELP are read by the scripts that source this file
 DRY_RUN=0
 TPU_NAME="${TPU_NAME:-}"
 ZONE="${TPU_ZONE:-}"
@@ -53,6 +53,26 @@ common_option() {
     --dry-run) DRY_RUN=1; SHIFT=1 ;;
     -h | --help) usage; exit 0 ;;
   esac
+}
+
+# Parse the command line: the common options here, the script's own through the `script_option` function it
+# defines (same contract as common_option). Words after `--` land in REST; only a script that sets
+# TAKES_COMMAND=1 accepts them.
+parse_options() {
+  REST=()
+  while [[ $# -gt 0 ]]; do
+    if [[ "$1" == "--" && "${TAKES_COMMAND:-0}" == 1 ]]; then
+      shift
+      REST=("$@")
+      return
+    fi
+    common_option "$@"
+    if [[ "$SHIFT" == 0 ]]; then
+      script_option "$@"
+    fi
+    [[ "$SHIFT" -gt 0 ]] || die "unknown option $1; see --help"
+    shift "$SHIFT"
+  done
 }
 
 require_target() {
