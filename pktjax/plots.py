@@ -126,33 +126,43 @@ def plot_score_vs_delta(points, stem: str | Path, references: dict[str, float] |
     """Score against the relative size of the injected deltas, one point per fused LaTen student.
 
     ``points``: ``(group, seed, step, relative size, score)`` tuples (group: e.g. the method with its learning
-    rate; one colour each, one marker per seed, the aligner step written beside each point); ``references``:
-    ``{label: score}`` drawn as horizontal lines (the base student and teacher). The x axis is logarithmic.
-    Writes ``stem.png`` and ``stem.pdf`` and returns their paths.
+    rate; one colour each, one marker per seed, the aligner step written beside each point), optionally with a
+    sixth entry, the fraction of the student's outputs unlike the base student's (``None`` where unknown): then a
+    second panel below, on the same x axis, shows that fraction, which says at what size the student starts to
+    differ at all. ``references``: ``{label: score}`` drawn as horizontal lines (the base student and teacher).
+    The x axis is logarithmic. Writes ``stem.png`` and ``stem.pdf`` and returns their paths.
     """
-    points = list(points)
+    points = [tuple(p) + (None,) * (6 - len(p)) for p in points]
     if not points or any(p[3] <= 0 for p in points):
         raise ValueError("plot_score_vs_delta needs at least one point, each with a positive relative size.")
-    fig = _figure(6.4, 4.2)
-    ax = fig.subplots()
+    changed = any(p[5] is not None for p in points)
+    fig = _figure(6.4, 6.4 if changed else 4.2)
+    axes = fig.subplots(2, 1, sharex=True, height_ratios=(3, 2)) if changed else [fig.subplots()]
     groups = list(dict.fromkeys(p[0] for p in points))
     seeds = list(dict.fromkeys(p[1] for p in points))
     for colour, group in zip(_INIT_COLOURS * len(groups), groups):
         for marker, seed in zip(_SEED_MARKERS * len(seeds), seeds):
             mine = sorted((p for p in points if p[0] == group and p[1] == seed), key=lambda p: p[2])
-            if mine:
-                ax.plot([p[3] for p in mine], [p[4] for p in mine], ls=":", lw=0.8, color=colour, marker=marker,
-                        ms=5, label=f"{group}, seed {seed}")
-                for p in mine:
-                    ax.annotate(str(p[2]), (p[3], p[4]), textcoords="offset points", xytext=(3, 3), fontsize=7,
+            for ax, y in zip(axes, (4, 5)):
+                shown = [p for p in mine if p[y] is not None]
+                if not shown:
+                    continue
+                ax.plot([p[3] for p in shown], [p[y] for p in shown], ls=":", lw=0.8, color=colour, marker=marker,
+                        ms=5, label=f"{group}, seed {seed}" if y == 4 else None)
+                for p in shown:
+                    ax.annotate(str(p[2]), (p[3], p[y]), textcoords="offset points", xytext=(3, 3), fontsize=7,
                                 color=colour)
     for (label, score), style in zip((references or {}).items(), ("--", "-.", ":")):
-        ax.axhline(score, color="0.35", ls=style, lw=1.0, label=f"{label} ({score:.3f})")
-    ax.set_xscale("log")
-    ax.set(xlabel="RMS of injected deltas / RMS of the weights they change", ylabel="score",
-           title="LaTen students: score against delta size (numbers: aligner step)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18), ncols=2, frameon=False)
+        axes[0].axhline(score, color="0.35", ls=style, lw=1.0, label=f"{label} ({score:.3f})")
+    axes[0].set_xscale("log")
+    axes[0].set(ylabel="score", title="LaTen students: score against delta size (numbers: aligner step)")
+    if changed:
+        axes[1].set(ylabel="outputs unlike\nthe base student's", ylim=(-0.03, 1.03))
+    axes[-1].set(xlabel="RMS of injected deltas / RMS of the weights they change")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[-1].legend(*axes[0].get_legend_handles_labels(), fontsize=7, loc="upper center",
+                    bbox_to_anchor=(0.5, -0.25 if changed else -0.18), ncols=2, frameon=False)
     return _save(fig, stem, dpi)
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.image import imread
 
 from experiments.collect_results import collect, restore
 from pktjax.checkpoint import load_model
@@ -49,7 +50,8 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     delta = scores["rows"][2]["delta"]
     assert delta == json.loads((out / "laten" / "seed1" / "step0" / "injection.json").read_text())["delta"]
     assert f"| {delta['all']['relative']:.2e} |" in text and "## Size of the injected deltas" in text
-    assert (out / "delta_vs_score.png").stat().st_size > 0
+    # two panels (6.4 inches tall at 110 dpi): the score, and the share of outputs unlike the base student's
+    assert imread(out / "delta_vs_score.png").shape[0] == round(6.4 * 110)
     base, laten = scores["rows"][0], scores["rows"][2]  # the paired comparison agrees with the scores
     v = laten["vs_student"]
     assert v["n"] == 6 and v["gained"] - v["lost"] == round(6 * (laten["score"] - base["score"]))

@@ -90,11 +90,13 @@ def _delta_section(rows: list[dict[str, Any]], figure: Path | None) -> list[str]
 
 
 def _plot_deltas(out: Path, rows: list[dict[str, Any]]) -> Path | None:
-    """``delta_vs_score.png``: each LaTen student's score against its pooled relative delta size."""
+    """``delta_vs_score.png``: each LaTen student's score, and the share of its outputs unlike the base student's,
+    against its pooled relative delta size."""
     from pktjax.plots import plot_score_vs_delta
 
-    points = [(r["method"], r["seed"], r["step"], r["delta"]["all"]["relative"], r["score"]) for r in rows
-              if r.get("delta") and r["delta"]["all"].get("relative")]
+    points = [(r["method"], r["seed"], r["step"], r["delta"]["all"]["relative"], r["score"],
+               r["vs_student"]["changed"] / r["vs_student"]["n"] if r.get("vs_student") else None)
+              for r in rows if r.get("delta") and r["delta"]["all"].get("relative")]
     if not points:
         return None
     refs = {r["method"]: r["score"] for r in rows if r["method"] in ("base student", "base teacher")}
