@@ -16,6 +16,10 @@ pass (164 prompts) including the load.
 
     .venv/bin/python experiments/bench_generate.py --gguf ~/.cache/pktjax/qwen2.5-coder-0.5b-instruct-q4.gguf \
         --prompts 8 --new 384 --slots 8 [--no-torch] [--json out.json]
+
+``--matmul-dtype bfloat16`` has pktjax multiply by bfloat16 copies of the weight matrices (what ``pktjax eval
+--matmul-dtype`` does; converted once, before the runs), ``--torch-dtype bfloat16`` loads transformers' model in
+bfloat16: each library at its fastest on a CPU with bfloat16 units, against both at float32 by default.
 """
 
 from __future__ import annotations
@@ -117,11 +121,11 @@ def _pktjax_run(model, tok, prompts, new, slots, stop) -> dict:
     return {"wall_s": wall, "tokens": int(gen.lengths.sum()), "texts": gen.texts, **stats}
 
 
-def _torch_run(folder: Path, tok, prompts, new, stop) -> dict:
+def _torch_run(folder: Path, tok, prompts, new, stop, dtype: str = "float32") -> dict:
     import torch
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=getattr(torch, dtype)).eval()
     tok.padding_side = "left"
     enc = tok(list(prompts), return_tensors="pt", padding=True)
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
@@ -170,11 +174,13 @@ def _floors(model, slots: int, reps: int = 3) -> dict:
     return out
 
 
-def run_gguf(path: Path, n_prompts: int, new: int, slots: int, with_torch: bool) -> dict:
+def run_gguf(path: Path, n_prompts: int, new: int, slots: int, with_torch: bool, matmul_dtype: str | None = None,
+             torch_dtype: str = "float32") -> dict:
     import platform
 
     from pktjax.checkpoint import copy_tokenizer, load_model, save_model
     from pktjax.gguf_io import gguf_cache_key
+    from pktjax.model import with_matmul_dtype
     from pktjax.registry import home
     from pktjax.tasks import get_task
     from pktjax.tokenizer import load_tokenizer
@@ -189,10 +195,12 @@ def run_gguf(path: Path, n_prompts: int, new: int, slots: int, with_torch: bool)
     stop = list(task.STOP)
     res = {"gguf": str(path), "prompts": len(prompts), "new": new, "slots": slots, "load_s": load_s,
            "load_from_cache": cached, "tokenize_s": tokenize_s, "prompt_tokens": [len(x) for x in ids],
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "jax_device": str(jax.devices()[0])}
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "jax_device": str(jax.devices()[0]),
+           "matmul_dtype": matmul_dtype or "float32", "torch_dtype": torch_dtype}
     print(json.dumps({k: v for k, v in res.items() if k != "prompt_tokens"}), flush=True)
-    runs = {"pktjax_cold": _pktjax_run(model, tok, prompts, new, slots, stop)}
-    runs["pktjax_warm1"] = _pktjax_run(model, tok, prompts, new, slots, stop)
+    fast = model if matmul_dtype is None else model.replace(params=with_matmul_dtype(model.params, matmul_dtype))
+    runs = {"pktjax_cold": _pktjax_run(fast, tok, prompts, new, slots, stop)}
+    runs["pktjax_warm1"] = _pktjax_run(fast, tok, prompts, new, slots, stop)
     _show(runs)
     from pktjax import sandbox
 
@@ -203,9 +211,9 @@ def run_gguf(path: Path, n_prompts: int, new: int, slots: int, with_torch: bool)
         folder = Path(tempfile.mkdtemp(prefix="bench-hf-")) / "model"
         res["hf_export_s"] = _timed(save_model, model, folder)[0]
         copy_tokenizer(str(path), folder)
-        runs["torch"] = _torch_run(folder, load_tokenizer(folder), prompts, new, stop)
+        runs["torch"] = _torch_run(folder, load_tokenizer(folder), prompts, new, stop, torch_dtype)
         _show(runs)
-        runs["pktjax_warm2"] = _pktjax_run(model, tok, prompts, new, slots, stop)
+        runs["pktjax_warm2"] = _pktjax_run(fast, tok, prompts, new, slots, stop)
         _show(runs)
     warm = [runs[k] for k in ("pktjax_warm1", "pktjax_warm2") if k in runs]
     tokens = warm[0]["tokens"]
@@ -240,9 +248,13 @@ def main() -> None:
     ap.add_argument("--slots", type=int, default=8, help="--gguf: pktjax decode slots")
     ap.add_argument("--no-torch", action="store_true", help="--gguf: skip transformers")
     ap.add_argument("--json", type=Path, help="--gguf: write the figures there")
+    ap.add_argument("--matmul-dtype", choices=["bfloat16"], help="--gguf: pktjax's weight matrices in this dtype")
+    ap.add_argument("--torch-dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="--gguf: transformers' model in this dtype")
     args = ap.parse_args()
     if args.gguf is not None:
-        res = run_gguf(args.gguf.expanduser(), args.prompts, args.new, args.slots, not args.no_torch)
+        res = run_gguf(args.gguf.expanduser(), args.prompts, args.new, args.slots, not args.no_torch,
+                       args.matmul_dtype, args.torch_dtype)
         print(json.dumps({k: v for k, v in res.items() if k != "runs"}, indent=1))
         if args.json:
             args.json.write_text(json.dumps(res, indent=1))
