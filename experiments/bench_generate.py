@@ -143,34 +143,17 @@ def _torch_run(folder: Path, tok, prompts, new, stop, dtype: str = "float32") ->
 
 
 def _floors(model, slots: int, reps: int = 3) -> dict:
-    """Seconds for one pass over every weight (a sum), and for the decode step's matrix products alone at batch
-    ``slots`` (every linear layer and the vocabulary projection), in float32 and bfloat16."""
+    """Best wall seconds of one pass over the matrices the decode step multiplies by, and of the step's matrix
+    products alone at batch ``slots``, with float32 matrices and with the decoder's bfloat16 copies
+    (``experiments/bench_decode_step.py``'s floors)."""
     import jax.numpy as jnp
+
+    from experiments.bench_decode_step import _floors as step_floors
 
     out = {}
     for dtype in (jnp.float32, jnp.bfloat16):
-        params = jax.tree.map(lambda x: x.astype(dtype), model.params)
-        cfg = model.config
-        lin = {k: v for k, v in params["layers"].items() if v.ndim == 3}
-        head = params["embed"] if cfg.tie_word_embeddings else params["lm_head"]
-        stream = jax.jit(lambda p: sum(jnp.sum(x.astype(jnp.float32)) for x in jax.tree.leaves(p)))
-        x = jnp.ones((slots, cfg.hidden_size), dtype)
-        xf = jnp.ones((slots, cfg.intermediate_size), dtype)
-
-        def matmuls(lin, head, x, xf):
-            total = jnp.sum(jnp.einsum("bi,vi->bv", x, head).astype(jnp.float32))
-            for w in lin.values():
-                inp = xf if w.shape[-1] == cfg.intermediate_size else x
-                total += jnp.sum(jnp.einsum("bi,loi->lbo", inp, w).astype(jnp.float32))
-            return total
-
-        mm = jax.jit(matmuls)
-        name = jnp.dtype(dtype).name
-        for label, fn, args in (("stream", stream, (params,)), ("matmul", mm, (lin, head, x, xf))):
-            jax.block_until_ready(fn(*args))
-            best = min(_timed(lambda: jax.block_until_ready(fn(*args)))[0] for _ in range(reps))
-            out[f"{label}_{name}_s"] = best
-        del params
+        f, name = step_floors(model.params, model.config, slots, reps, dtype), jnp.dtype(dtype).name
+        out[f"stream_{name}_s"], out[f"matmul_{name}_s"] = f["stream_wall_s"], f["matmul_wall_s"]
     return out
 
 
