@@ -46,6 +46,7 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert (out / "aligner_curves.png").stat().st_size > 0
     text = (out / "report.md").read_text()
     assert "| LaTen | 1 | 0 |" in text
+    assert "Interim report" not in text and "left" not in scores  # the finished run's report
     # the injected deltas' size: recorded by the fuse, next to the score, in its own section and in a figure
     delta = scores["rows"][2]["delta"]
     assert delta == json.loads((out / "laten" / "seed1" / "step0" / "injection.json").read_text())["delta"]
@@ -82,6 +83,8 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     run_transfer(read_config(path))
     assert json.loads((out / "scores.json").read_text())["rows"] == scores["rows"]
     assert all(p.stat().st_mtime_ns == t for p, t in stamps.items())
+    # (no seed has a step left, so neither model was located again)
+    assert not (out / "attribution_cache").exists() and not (out / "laten" / "located.json").exists()
     # ... and a fused step still to do, whose aligner checkpoint did not come back, trains the aligner again
     shutil.rmtree(out / "laten" / "seed1" / "step0")
     run_transfer(read_config(path))
@@ -89,6 +92,7 @@ def test_transfer_runs_reports_and_resumes(tmp_path):
     assert rows[2]["score"] == scores["rows"][2]["score"]
     assert rows[2]["delta"]["all"]["rms"] == pytest.approx(scores["rows"][2]["delta"]["all"]["rms"], rel=1e-5)
     assert (out / "laten" / "seed1" / "aligner" / "log.jsonl").is_file()
+    assert (out / "laten" / "located.json").is_file()
 
 
 def test_vs_student_counts_each_example_against_the_base_student(tmp_path):
@@ -171,7 +175,7 @@ def _without_paths(rows):
     return [{k: v for k, v in r.items() if k != "report"} for r in rows]
 
 
-def test_seeking_lora_pissa_analysis_reproduce_and_resume(tmp_path):
+def test_seeking_lora_pissa_analysis_reproduce_and_resume(tmp_path, monkeypatch):
     path = _config(tmp_path, **ALL_METHODS)
     assert main(["transfer", str(path)]) == 0
     out = tmp_path / "run"
@@ -208,6 +212,29 @@ def test_seeking_lora_pissa_analysis_reproduce_and_resume(tmp_path):
     assert (out / "analysis" / "analysis.json").stat().st_mtime_ns == stamp
     changed = {p for p, t in evals.items() if not p.is_file() or p.stat().st_mtime_ns != t}
     assert changed == {out / "pissa" / "seed1" / "eval.json"}
+
+    # a run stopped between stages (here in the analysis) leaves a report of the stages it finished, marked interim
+    from pktjax.transfer import stages
+
+    (out / "pissa" / "seed1" / "eval.json").unlink()
+    (out / "report.md").unlink()
+
+    def stop(*args):
+        raise SystemExit(143)
+
+    monkeypatch.setattr(stages, "_analysis", stop)
+    with pytest.raises(SystemExit):
+        run_transfer(read_config(path))
+    interim = json.loads((out / "scores.json").read_text())
+    assert interim["rows"] == rows and interim["left"] == ["analysis"]
+    text = (out / "report.md").read_text()
+    assert "**Interim report**: the run has stages left (analysis)" in text and "| PiSSA | 1 | — |" in text
+    assert "### Parametric similarity" not in text
+    monkeypatch.undo()
+    run_transfer(read_config(path))  # the rerun finishes it: the full report, no stage left
+    final = json.loads((out / "scores.json").read_text())
+    assert final["rows"] == rows and "left" not in final
+    assert "Interim report" not in (out / "report.md").read_text()
 
 
 def test_bad_sections_and_models_fail_early(tmp_path, monkeypatch):

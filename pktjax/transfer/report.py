@@ -18,22 +18,25 @@ def _write_json(path: Path, obj: Any) -> None:
 
 
 def write_report(cfg: TransferConfig, rows: list[dict[str, Any]], timings: dict[str, float],
-                 analysis: Path | None = None, data_files: Sequence[str | os.PathLike] = ()) -> Path:
+                 analysis: Path | None = None, data_files: Sequence[str | os.PathLike] = (),
+                 left: Sequence[str] = ()) -> Path:
     """``scores.json``, ``aligner_curves.png`` and ``report.md`` (scores with CIs, the spread over seeds, the
     analysis figures and numbers when there is an ``analysis`` folder). Each trained model's row also gets
     ``vs_student``, its example-by-example comparison with the base student (:func:`vs_student`).
     ``scores.json`` carries the ``provenance`` of the report (:mod:`pktjax.provenance`): the config's hash and
     the hashes of ``data_files``, the files the job read; with an output URL its rows' ``report`` name the
-    evaluations at that URL."""
+    evaluations at that URL. ``left``: the stages still to run, for an interim report written between stages
+    (said at its top and in ``scores.json``'s ``left``); the finished run's report has none."""
     base = next((r["report"] for r in rows if r["method"] == "base student"), None)
     rows = [dict(r, vs_student=vs_student(base, r["report"])) if base and r["seed"] is not None else r
             for r in rows]
     _write_json(cfg.out / "scores.json", {"rows": [dict(r, report=_located(cfg, r["report"])) for r in rows],
-                                          "timings": timings, "provenance": provenance(cfg.raw, data_files)})
+                                          "timings": timings, "provenance": provenance(cfg.raw, data_files),
+                                          **({"left": list(left)} if left else {})})
     curves = plot_aligner_curves(cfg.out)
     deltas = _plot_deltas(cfg.out, rows)
     lines = [f"# Transfer report: {cfg.task} ({cfg.eval_task})", "",
-             f"teacher `{cfg.teacher}` → student `{cfg.student}`", "", *_weights_note(cfg),
+             f"teacher `{cfg.teacher}` → student `{cfg.student}`", "", *_interim_note(left), *_weights_note(cfg),
              "Δ/W: root mean square of a LaTen student's injected deltas over that of the student weights they "
              "are added to (all modules pooled; per module below).", "",
              "| method | seed | aligner step | score | 95% CI | n | Δ/W |", "|---|---|---|---|---|---|---|"]
@@ -101,6 +104,12 @@ def _plot_deltas(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         return None
     refs = {r["method"]: r["score"] for r in rows if r["method"] in ("base student", "base teacher")}
     return plot_score_vs_delta(points, out / "delta_vs_score", refs)[0]
+
+
+def _interim_note(left: Sequence[str]) -> list[str]:
+    if not left:
+        return []
+    return [f"**Interim report**: the run has stages left ({', '.join(left)}); rerun its command to go on.", ""]
 
 
 def _weights_note(cfg: TransferConfig) -> list[str]:

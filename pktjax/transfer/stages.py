@@ -178,25 +178,21 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
     :func:`_laten_locate`). The fuse example is located and the teacher's knowledge extracted once, then each
     step's fused student is evaluated from its parameters in memory (no checkpoint written); its fuse record
     (``injection.json``, as :func:`pktjax.fuse.fuse` writes one) lands beside the step's ``eval.json``."""
-    lt, folder = cfg.laten, cfg.out / "laten" / f"{sub}seed{seed}"
+    lt, folder = cfg.laten, _seed_folder(cfg, sub, seed)
     tc = TrainConfig(lr=lr, rate=lt.rate, steps=lt.steps, examples_per_step=lt.examples_per_step,
                      cutoff_len=lt.cutoff_len, micro_batch=lt.micro_batch, seed=seed,
                      train_on_inputs=cfg.task == "mmlu", layers=lt.layers, dtype=cfg.device.dtype)
-    # a step is done when its report and its fuse record both verify (a damaged one is removed and redone); a done
-    # step counts even when its aligner checkpoint is gone (a run folder restored from its small files)
-    done = {int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit() and
-            read_result(p / "eval.json", "evaluation report", _check_report) is not None and
-            read_result(p / INJECTION, "injection record") is not None}
+    done = _done_steps(folder)
+    pending = _pending(cfg, done)
     trained = read_result(folder / "trained.json", "stage marker") is not None
-    if trained and not aligner_steps(folder / "aligner") and \
-            not set(_fuse_steps(lt.fuse_steps, list(range(_seed_steps(cfg))))) <= done:
+    if trained and pending and not aligner_steps(folder / "aligner"):
         # a restored folder: the marker and some reports came back, the checkpoints of the steps still to fuse not
         print(f"laten/{sub}seed{seed}: the aligner's checkpoints are gone and steps remain to be fused; training "
               "it again", file=sys.stderr)
         trained = False
     pair = None
     t0 = time.time()
-    if not trained:
+    if pending and not trained:  # a seed with every chosen step scored is not trained again, marker or not
         pair = prepare_pair(teacher, student, rate=lt.rate, layers=lt.layers, mesh=_mesh(cfg), dtype=tc.dtype)
         train_aligner(pair.teacher, pair.student, laten_split(cfg.task, "extract"), laten_split(cfg.task, "align"),
                       folder / "aligner", tc, tokenizer=pair.tokenizer, cache=cfg.out / "attribution_cache",
@@ -233,6 +229,24 @@ def _laten_seed(cfg: TransferConfig, teacher: Path, student: Path, seed: int, lr
         rows.append({"method": method, "seed": seed, "step": step, "lr": lr, **_score(report_path),
                      "delta": delta})
     return rows
+
+
+def _seed_folder(cfg: TransferConfig, sub: str, seed: int) -> Path:
+    return cfg.out / "laten" / f"{sub}seed{seed}"
+
+
+def _done_steps(folder: Path) -> set[int]:
+    """The fused steps of a seed folder whose report and fuse record both verify (a damaged one is removed and
+    redone); a done step counts even when its aligner checkpoint is gone (a run folder restored from its small
+    files)."""
+    return {int(p.name[4:]) for p in folder.glob("step*") if p.name[4:].isdigit() and
+            read_result(p / "eval.json", "evaluation report", _check_report) is not None and
+            read_result(p / INJECTION, "injection record") is not None}
+
+
+def _pending(cfg: TransferConfig, done: set[int]) -> bool:
+    """Whether a seed with fused steps ``done`` has steps of ``laten.fuse_steps`` still to fuse and score."""
+    return not set(_fuse_steps(cfg.laten.fuse_steps, list(range(_seed_steps(cfg))))) <= done
 
 
 def _seed_steps(cfg: TransferConfig) -> int:
@@ -552,19 +566,22 @@ def _run_stages(cfg: TransferConfig, known: bool, tracker: Tracker) -> Path:
         check_tokenizers(load_tokenizer(teacher), load_tokenizer(student))
     rows = [_timed(cfg, timings, f"eval {name}", _base_row, cfg, name, path)
             for name, path in (("student", student), ("teacher", teacher))]
-    if cfg.laten.seeds:
+    if any(_pending(cfg, _done_steps(_seed_folder(cfg, sub, int(seed))))
+           for _, sub in laten_rates(cfg) for seed in cfg.laten.seeds):  # a finished LaTen needs no locating
         _timed(cfg, timings, "laten locate", _laten_locate, cfg, teacher, student)
-    for lr, sub in laten_rates(cfg):
-        for seed in cfg.laten.seeds:
-            key = f"laten {'lr ' + format(lr, 'g') + ' ' if sub else ''}seed {seed}"
-            rows += _timed(cfg, timings, key, _laten_seed, cfg, teacher, student, int(seed), lr, sub, tracker)
-    for name in POSTPKT:
-        for seed in getattr(getattr(cfg, name), "seeds", ()):
-            rows.append(_timed(cfg, timings, f"{name} seed {seed}", _postpkt_seed, cfg, name, teacher, student,
-                               int(seed), tracker))
-    for seed in getattr(cfg.semalign, "seeds", ()):
-        rows.append(_timed(cfg, timings, f"semalign seed {seed}", _semalign_seed, cfg, teacher, student, int(seed),
-                           tracker))
+    stages = [(f"laten {'lr ' + format(lr, 'g') + ' ' if sub else ''}seed {seed}", _laten_seed,
+               (cfg, teacher, student, int(seed), lr, sub, tracker))
+              for lr, sub in laten_rates(cfg) for seed in cfg.laten.seeds]
+    stages += [(f"{name} seed {seed}", _postpkt_seed, (cfg, name, teacher, student, int(seed), tracker))
+               for name in POSTPKT for seed in getattr(getattr(cfg, name), "seeds", ())]
+    stages += [(f"semalign seed {seed}", _semalign_seed, (cfg, teacher, student, int(seed), tracker))
+               for seed in getattr(cfg.semalign, "seeds", ())]
+    for i, (key, fn, args) in enumerate(stages):
+        out = _timed(cfg, timings, key, fn, *args)
+        rows += out if isinstance(out, list) else [out]
+        left = [k for k, _, _ in stages[i + 1:]] + (["analysis"] if cfg.analysis is not None else [])
+        if left and is_main_process():  # a run stopped between stages still has a report of what it finished
+            write_report(cfg, rows, timings, data_files=job_data_files(cfg), left=left)
     analysis = None if cfg.analysis is None else _timed(cfg, timings, "analysis", _analysis, cfg, teacher, student)
     timings["total"] = sum(timings.values())
     if not is_main_process():  # process 0 writes the report
