@@ -269,18 +269,19 @@ def _slot_bias(cfg: ModelConfig, index: jax.Array, key_mask: jax.Array) -> jax.A
 
 @partial(jax.jit, static_argnames=("cfg", "top_k", "sample", "window"), donate_argnames=("state",))
 def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until: jax.Array, refill: jax.Array,
-            max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, *, top_k: int,
-            sample: bool, window: int) -> dict:
+            max_new: jax.Array, eos: jax.Array, pad_id: jax.Array, temperature: jax.Array, shrink_at: jax.Array = 0,
+            *, top_k: int, sample: bool, window: int) -> dict:
     """Decode one token per running slot per step while ``n < until``, some slot runs, (``refill``: prompts
-    are waiting) no slot has stopped, and every running slot writes below cache position ``window`` (static: the
-    steps attend to the cache's first ``window`` positions only, see :func:`_window`). ``params`` has stacked or
-    per-layer layers (one program either way)."""
+    are waiting) no slot has stopped, (else) more than ``shrink_at`` slots run, and every running slot writes below
+    cache position ``window`` (static: the steps attend to the cache's first ``window`` positions only, see
+    :func:`_window`). ``params`` has stacked or per-layer layers (one program either way)."""
     slots = state["done"].shape[0]
     rows = jnp.arange(slots)
 
     def cond(s):
         full = jnp.any(~s["done"] & (s["cache"]["index"] >= window))
-        return (s["n"] < until) & ~jnp.all(s["done"]) & ~(refill & jnp.any(s["done"])) & ~full
+        few = ~refill & (jnp.sum(~s["done"]) <= shrink_at)  # the host moves the last rows to fewer slots
+        return (s["n"] < until) & ~jnp.all(s["done"]) & ~(refill & jnp.any(s["done"])) & ~full & ~few
 
     def body(s):
         run = ~s["done"]
@@ -298,6 +299,26 @@ def _decode(params: Params, cfg: ModelConfig, state: dict, key: jax.Array, until
                 "done": s["done"] | (run & stopped), "n": s["n"] + 1, "busy": s["busy"] + jnp.sum(inc)}
 
     return jax.lax.while_loop(cond, body, state)
+
+
+_SHRINK = 4  # the slots shrink once no prompt waits and the running rows fit in a quarter of them (few new sizes:
+# each compiles the decode loop once; a step's products at 2 rows cost a fraction of those at 32)
+
+
+def _shrink_at(slots: int) -> int:
+    """The most running rows that move to fewer slots: those whose batch bucket is at most a ``_SHRINK``-th of
+    ``slots`` (0: none)."""
+    return floor_batch(slots // _SHRINK) if slots >= _SHRINK else 0
+
+
+@jax.jit
+def _keep_slots(state: dict, keep: jax.Array) -> dict:
+    """``state`` with only its decode slots ``keep [S']``, in that order (the cache's slot axis is its second)."""
+    cache = state["cache"]
+    take = partial(jnp.take, indices=keep)
+    return {**state, "cache": {"k": take(cache["k"], axis=1), "v": take(cache["v"], axis=1),
+                               "index": take(cache["index"], axis=0)},
+            **{name: take(state[name], axis=0) for name in ("key_mask", "out", "tok", "pos", "step", "row", "done")}}
 
 
 _WINDOW = 256  # decode windows are multiples of this: few programs, and at most this many idle positions read
@@ -369,10 +390,12 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     draws it lacks and gets the ones an uninterrupted run would have).
 
     ``slots``: how many prompts decode at once (default: all of them, rounded to a batch bucket); prompts are
-    admitted in their order, and a stopped row's slot takes the next prompt at once. A prompt's tokens do not
-    depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called as prompts finish, with
+    admitted in their order, and a stopped row's slot takes the next prompt at once; once no prompt waits, the
+    last rows move to fewer slots (a quarter or less), so that they do not decode in a step sized for all. A
+    prompt's tokens do not depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called as prompts finish, with
     their indices and a :class:`Generation` of those rows (e.g. to save completions as they come). ``stats``: a
-    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots``,
+    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` (at the
+    start), ``shrinks`` (the slot counts the tail shrank to), ``slot_steps`` (decode steps times their slots),
     ``occupancy`` (running slot-steps / all slot-steps), ``prefills`` (prefill calls), ``prefill_tokens`` (prompt
     and draft tokens prefilled) and ``prefill_positions`` (the same with the length buckets' padding); it waits for
     the device after each program to time it.
@@ -501,7 +524,8 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
                row_ids: np.ndarray | None = None) -> None:
     """Continuous batching over ``n_slots`` decode slots: admit waiting prompts (each with its draft, if any) into
     free slots, decode until a slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand
-    finished rows to ``harvest(rows, tokens [n, N])``, repeat until every prompt is done. Prefills read ``params``
+    finished rows to ``harvest(rows, tokens [n, N])``, repeat until every prompt is done; once none waits, the
+    slots shrink to the running rows' batch bucket whenever that is a ``_SHRINK``-th of them. Prefills read ``params``
     (stacked layers: a long prompt's products dwarf the slicing, and one compiled layer compiles fast), the
     decode loop ``step_params`` (the same weights, per layer when unstacked)."""
     b = ids.shape[0]
@@ -532,10 +556,16 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
         if (owner < 0).all():
             clock.close(state)
             return
+        running = np.flatnonzero(owner >= 0)
+        if not waiting and running.size <= _shrink_at(owner.size):
+            # the last rows would otherwise decode alone in a step sized for every slot
+            keep = np.concatenate([running, np.flatnonzero(owner < 0)[:round_batch(running.size) - running.size]])
+            clock.resize(state, keep.size)
+            state, owner = _keep_slots(state, jnp.asarray(keep, jnp.int32)), owner[keep]
         until = int(state["n"]) + (chunk if stop else n_new)
         window = _window(np.asarray(state["cache"]["index"]), owner >= 0, chunk, cache_len)
         state = _decode(step_params, cfg, state, key, jnp.int32(until), jnp.bool_(bool(waiting)), max_new_j,
-                        **consts, **compiled, window=window)
+                        **consts, shrink_at=jnp.int32(_shrink_at(owner.size)), **compiled, window=window)
         clock.lap("decode_s", state)
         done, out, step = np.array(state["done"]), np.asarray(state["out"]), np.asarray(state["step"])
         if stop:
@@ -558,9 +588,10 @@ class _Clock:
 
     def __init__(self, stats: dict | None, slots: int):
         self.stats, self.t = stats, time.perf_counter()
+        self.slots, self.mark, self.slot_steps = slots, 0, 0  # slot-steps of the decode steps before ``mark``
         if stats is not None:
             stats.update(prefill_s=0.0, decode_s=0.0, host_s=0.0, slots=slots, prefills=0, prefill_tokens=0,
-                         prefill_positions=0)
+                         prefill_positions=0, shrinks=[])
 
     def count(self, **added: int) -> None:
         if self.stats is not None:
@@ -576,11 +607,20 @@ class _Clock:
         self.stats[name] += now - self.t
         self.t = now
 
+    def resize(self, state: dict, slots: int) -> None:
+        """The decode steps from now on run ``slots`` slots."""
+        if self.stats is not None:
+            steps = int(state["n"])
+            self.slot_steps += (steps - self.mark) * self.slots
+            self.mark, self.slots = steps, slots
+            self.stats["shrinks"].append(slots)
+
     def close(self, state: dict) -> None:
         if self.stats is not None:
             steps, busy = int(state["n"]), int(state["busy"])
-            self.stats.update(decode_steps=steps, busy_slot_steps=busy,
-                              occupancy=busy / max(1, steps * self.stats["slots"]))
+            self.slot_steps += (steps - self.mark) * self.slots
+            self.stats.update(decode_steps=steps, busy_slot_steps=busy, slot_steps=self.slot_steps,
+                              occupancy=busy / max(1, self.slot_steps))
 
 
 def _admission(ids, mask, lengths, take, free, n_slots, consts, drafts=None, row_ids=None) -> tuple:

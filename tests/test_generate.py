@@ -156,6 +156,28 @@ def test_continuous_batching_equals_one_batch_and_transformers(tiny_dir):
     np.testing.assert_array_equal(whole.tokens, ref)
 
 
+def test_last_rows_move_to_fewer_slots(tiny_dir):
+    """Once no prompt waits, the rows still running move to a quarter of the slots or fewer: greedy and sampled
+    tokens are those of one batch, and occupancy counts the smaller steps' slots. Nine prompts in 8 slots; EOS
+    ids chosen so that all but the last two stop early, which then decode in 2 slots."""
+    model = pktjax.load_model(tiny_dir("llama2"))
+    ids, mask = _prompts((200, 37, 150, 64, 100, 180, 12, 90, 120), seed=3)
+    new, long = 40, [7, 8]
+    for kw in (dict(pad_id=PAD), dict(pad_id=PAD, temperature=1.5, key=jax.random.key(3))):
+        free = generate(model.params, model.config, ids, mask, new, eos_ids=(), **kw).tokens
+        # (a draw depends on the step and the prompt only, so the rows are these until they stop)
+        eos = tuple({next(int(t) for t in free[r, 2:] if t not in free[long]) for r in range(7)})
+        stats = {}
+        slotted = generate(model.params, model.config, ids, mask, new, slots=8, stats=stats, eos_ids=eos, **kw)
+        whole = generate(model.params, model.config, ids, mask, new, eos_ids=eos, **kw)
+        np.testing.assert_array_equal(slotted.tokens, whole.tokens)
+        assert (slotted.lengths[:7] < 30).all() and (slotted.lengths[long] == new).all()
+        assert stats["shrinks"] == [2]
+        assert stats["slot_steps"] < 8 * stats["decode_steps"]
+        assert stats["occupancy"] == stats["busy_slot_steps"] / stats["slot_steps"]
+        assert stats["busy_slot_steps"] == slotted.lengths.sum() - len(ids)
+
+
 def test_free_slots_are_filled_without_padding_rows(tiny_dir):
     """Three free slots take a group of 2 prompts, then a group of 1 (batch buckets, no padding row), and the
     prefill counts say so; every row's tokens are still those of one batch."""
