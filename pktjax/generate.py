@@ -392,9 +392,10 @@ def generate(params: Params, cfg: ModelConfig, input_ids, attention_mask, max_ne
     ``slots``: how many prompts decode at once (default: all of them, rounded to a batch bucket); prompts are
     admitted in their order, and a stopped row's slot takes the next prompt at once; once no prompt waits, the
     last rows move to fewer slots (a quarter or less), so that they do not decode in a step sized for all. A
-    prompt's tokens do not depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called as prompts finish, with
-    their indices and a :class:`Generation` of those rows (e.g. to save completions as they come). ``stats``: a
-    dict to fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` (at the
+    prompt's tokens do not depend on ``slots`` or on the other prompts. ``on_done(rows, generation)`` is called
+    as prompts finish, with their indices and a :class:`Generation` of those rows (e.g. to save completions as
+    they come). ``stats``: a dict to
+    fill with timings (``prefill_s``, ``decode_s``, ``host_s``), ``decode_steps``, ``slots`` (at the
     start), ``shrinks`` (the slot counts the tail shrank to), ``slot_steps`` (decode steps times their slots),
     ``occupancy`` (running slot-steps / all slot-steps), ``prefills`` (prefill calls), ``prefill_tokens`` (prompt
     and draft tokens prefilled) and ``prefill_positions`` (the same with the length buckets' padding); it waits for
@@ -525,8 +526,8 @@ def _run_slots(params, step_params, cfg, ids, mask, key, n_new, max_new, n_slots
     """Continuous batching over ``n_slots`` decode slots: admit waiting prompts (each with its draft, if any) into
     free slots, decode until a slot stops (or, with stop strings, every ``chunk`` steps to look for them), hand
     finished rows to ``harvest(rows, tokens [n, N])``, repeat until every prompt is done; once none waits, the
-    slots shrink to the running rows' batch bucket whenever that is a ``_SHRINK``-th of them. Prefills read ``params``
-    (stacked layers: a long prompt's products dwarf the slicing, and one compiled layer compiles fast), the
+    slots shrink to the running rows' batch bucket whenever that is a ``_SHRINK``-th of them. Prefills read
+    ``params`` (stacked layers: a long prompt's products dwarf the slicing, and one compiled layer compiles fast), the
     decode loop ``step_params`` (the same weights, per layer when unstacked)."""
     b = ids.shape[0]
     lengths = mask.sum(axis=1) + (np.array([d.size for d in drafts]) if drafts is not None else 0)
